@@ -14,7 +14,7 @@ setup(
         "torchvision",
         "numpy",
         "scipy",
-        "matplotlib",
+        "matplotlib>=3.8",
         "h5py",
         "tqdm",
         "scikit-learn",

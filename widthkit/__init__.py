@@ -11,7 +11,8 @@ figures (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Bett
 
 __version__ = "0.1.0"
 
-from .analysis import Analysis, DataSpec, EvalSettings, line, load, plane, rays  # noqa: E402
+from .analysis import Analysis, DataSpec, EvalSettings, load  # noqa: E402
+from . import line, plane, rays  # noqa: E402  (callable modules: the Python API and the CLIs)
 from .checkpoints import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from .data import Dataset, load_dataset  # noqa: E402
 from .evaluator import EvalConfig, EvalSet, Evaluator  # noqa: E402

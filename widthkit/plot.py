@@ -1,0 +1,39 @@
+"""Render any widthkit analysis file as publication figures.
+
+    python -m widthkit.plot analyses/rays-sgd-swa.h5 [--metric test_err] [--format png,pdf,svg]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m widthkit.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", metavar="FILE.h5", help="analysis files")
+    p.add_argument("--metric", action="append", help="metric(s) to draw (default: test error and train loss)")
+    cli.add_figure_flags(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from .plots import plot_file
+
+        fig_dir = Path(args.figures) if args.figures else Path("figures")
+        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+        for f in args.files:
+            for out in plot_file(f, out_dir=fig_dir, formats=formats, metric=args.metric):
+                print(f"figure: {out}")
+        return 0
+
+    return cli.run(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

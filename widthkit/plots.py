@@ -1,0 +1,1086 @@
+"""Figures of rays, lines and planes in weight space (Izmailov et al. 2018, "Averaging Weights Leads to Wider
+Optima and Better Generalization", section 3.4, figures 1, 3 and 5).
+
+Two layers:
+
+* Array-level functions (:func:`plot_rays`, :func:`plot_rays_panel`, :func:`plot_line`, :func:`plot_plane`,
+  :func:`plot_plane_surface`) take numpy arrays and an optional ``ax``. They create a figure only when no
+  Axes is given, never call ``plt.show()``, and return the Axes they drew on; closing the figure is the
+  caller's business.
+* File-level helpers (:func:`plot_analysis` for the dict :func:`widthkit.store.read` returns,
+  :func:`plot_file` for an HDF5 path) write PNG/PDF/SVG files and close every figure they open.
+
+Units throughout: distance in weight space is the Euclidean norm of theta - theta_0 over the flat weight
+vector (see :mod:`widthkit.space`); losses in nats (mean cross-entropy); errors in percent (0..100).
+NaN means "not computed yet" and is simply not drawn. Nothing here computes a metric.
+
+>>> import numpy as np
+>>> d = np.linspace(0, 40, 21)
+>>> curves = {"SWA": 5 + (d / 25) ** 2 * np.ones((3, 1)), "SGD": 5 + (d / 15) ** 2 * np.ones((3, 1))}
+>>> ax = plot_rays(d, curves, metric="test_err")
+>>> ax.get_ylabel()
+'test error (%)'
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib import patheffects
+from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
+
+__all__ = [
+    "METRIC_LABELS",
+    "FORMATS",
+    "metric_label",
+    "checkpoint_colors",
+    "contour_levels",
+    "plot_rays",
+    "plot_rays_panel",
+    "plot_line",
+    "plot_plane",
+    "plot_plane_surface",
+    "plot_analysis",
+    "plot_file",
+]
+
+#: Axis label (with units) of every metric the store may hold.
+METRIC_LABELS: dict[str, str] = {
+    "train_loss": "train loss (nats)",
+    "train_loss_l2": "train loss + ½·wd·‖θ‖² (nats)",
+    "test_loss": "test loss (nats)",
+    "train_err": "train error (%)",
+    "test_err": "test error (%)",
+}
+#: Figure file formats the file-level helpers write.
+FORMATS = ("png", "pdf", "svg")
+KINDS = ("rays", "line", "plane")
+PLANE_KINDS = ("contourf", "heatmap")
+LEVEL_SCALES = ("log", "linear")
+
+RAYS_XLABEL = "distance in weight space (‖θ−θ₀‖₂)"
+PLANE_XLABEL = "distance along u (weight-space units)"
+PLANE_YLABEL = "distance along v (weight-space units)"
+PANEL_SIZE = (4.5, 3.5)  # inches per panel
+PLANE_SIZE = (5.0, 4.2)  # 3D surface figures
+PNG_DPI = 150
+# PDF fonts embedded as TrueType (editable text, accepted by publishers) rather than Type 3.
+_SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42}
+
+# SWA blue, SGD green, as in the paper's figures.
+_FIXED_COLORS = {"swa": mcolors.to_hex("tab:blue"), "sgd": mcolors.to_hex("tab:green")}
+_TAB10 = [mcolors.to_hex(c) for c in plt.get_cmap("tab10").colors]
+_POINT_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+# Line plot: colour by unit (matches its y axis), line style by split.
+_LINE_STYLES = {
+    "test_err": ("tab:red", "-"),
+    "train_err": ("tab:red", "--"),
+    "test_loss": ("0.15", "-"),
+    "train_loss": ("0.15", "--"),
+    "train_loss_l2": ("0.15", ":"),
+}
+_BN_TEXT = {
+    "recompute": "BN statistics recomputed at each point",
+    "keep": "BN statistics of the checkpoint",
+    "batch": "BN in batch mode",
+}
+
+
+# --------------------------------------------------------------------------------------------- small helpers
+
+
+def metric_label(metric: str) -> str:
+    """Axis label with units for ``metric``, e.g. ``"test error (%)"`` for ``"test_err"``.
+
+    Raises:
+        ValueError: unknown metric (the message lists the valid ones).
+    """
+    _check_metric(metric)
+    return METRIC_LABELS[metric]
+
+
+def _check_metric(metric) -> None:
+    if metric not in METRIC_LABELS:
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRIC_LABELS)}")
+
+
+def _is_error(metric: str) -> bool:
+    return metric.endswith("_err")
+
+
+def _checkpoint_key(label) -> str:
+    """First word of a label in lower case: "SWA (300 ep)" -> "swa"."""
+    words = [w for w in re.split(r"[^0-9a-z]+", str(label).lower()) if w]
+    return words[0] if words else ""
+
+
+def checkpoint_colors(labels: Sequence[str], colors: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """A colour per checkpoint label: SWA blue, SGD green (by the label's first word, any case), the other
+    labels the remaining tab10 colours in order (never blue or green). Entries of ``colors`` (label -> any
+    matplotlib colour) win.
+
+    >>> checkpoint_colors(["sgd", "SWA", "start"])
+    {'sgd': '#2ca02c', 'SWA': '#1f77b4', 'start': '#ff7f0e'}
+    """
+    colors = dict(colors or {})
+    chosen: dict[str, Any] = {}
+    for label in labels:
+        if label in colors:
+            chosen[label] = colors[label]
+        elif _checkpoint_key(label) in _FIXED_COLORS:
+            chosen[label] = _FIXED_COLORS[_checkpoint_key(label)]
+    # blue and green stay reserved for SWA and SGD even when absent: readers of the paper expect them there
+    used = {mcolors.to_hex(c) for c in chosen.values()} | set(_FIXED_COLORS.values())
+    free = [c for c in _TAB10 if c not in used] or _TAB10
+    others = iter(free * (len(labels) // len(free) + 1))
+    return {label: chosen[label] if label in chosen else next(others) for label in labels}
+
+
+def _new_axes(figsize=PANEL_SIZE) -> Axes:
+    _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+def _vector(name: str, values, min_size: int = 1) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size < min_size:
+        raise ValueError(f"{name} must be a 1-D array with at least {min_size} entries, got shape {v.shape}")
+    return v
+
+
+def _coordinates(name: str, values) -> np.ndarray:
+    v = _vector(name, values, min_size=2)
+    if not (np.isfinite(v).all() and (np.diff(v) > 0).all()):
+        raise ValueError(f"{name} must be finite and strictly increasing (grid coordinates), got {v}")
+    return v
+
+
+def _interp_finite(t: np.ndarray, v: np.ndarray, at: float) -> float:
+    """Linear interpolation of ``v(t)`` at ``at`` over the computed (finite) points; NaN outside them."""
+    ok = np.isfinite(t) & np.isfinite(v)
+    if ok.sum() == 0 or not (t[ok].min() <= at <= t[ok].max()):
+        return float("nan")
+    order = np.argsort(t[ok])
+    return float(np.interp(at, t[ok][order], v[ok][order]))
+
+
+def _outlined(color="white", width=2.5):
+    return [patheffects.withStroke(linewidth=width, foreground=color)]
+
+
+def _describe(n_directions=None, norm=None, bn_mode=None) -> str:
+    """Caption fragments: "10 random directions (unit norm), BN statistics recomputed at each point"."""
+    parts = []
+    if n_directions is not None:
+        noun = "direction" if n_directions == 1 else "directions"
+        parts.append(f"{n_directions} random {noun}" + (f" ({norm} norm)" if norm else ""))
+    elif norm:
+        parts.append(f"{norm}-normalised directions")
+    if bn_mode:
+        parts.append(_BN_TEXT.get(str(bn_mode), f"BN mode {bn_mode}"))
+    return ", ".join(parts)
+
+
+_LEGEND_LOCS = ("upper right", "upper left", "lower right", "lower left", "center right", "center left",
+                "upper center", "lower center", "center")
+
+
+def _display_points(axes) -> tuple[np.ndarray, np.ndarray]:
+    """Display coordinates of what is drawn on ``axes`` and a weight per point: line paths sampled every
+    few pixels (weight 1), markers and scatter points (weight 8)."""
+    pts, weights = [np.zeros((0, 2))], [np.zeros(0)]
+    for a in axes:
+        for line in a.get_lines():
+            xy = line.get_transform().transform(np.asarray(line.get_xydata(), dtype=np.float64))
+            if line.get_marker() not in (None, "None", "none", ""):
+                ok = np.isfinite(xy).all(axis=1)
+                pts.append(xy[ok])
+                weights.append(np.full(ok.sum(), 8.0))
+            if line.get_linestyle() in ("None", "none", "", " "):
+                continue
+            p0, p1 = xy[:-1], xy[1:]
+            ok = np.isfinite(p0).all(axis=1) & np.isfinite(p1).all(axis=1)  # NaN breaks the line
+            for a0, a1 in zip(p0[ok], p1[ok]):
+                n = int(np.clip(np.ceil(np.hypot(*(a1 - a0)) / 4.0), 1, 400))
+                f = np.linspace(0.0, 1.0, n + 1)[:, None]
+                pts.append(a0 + f * (a1 - a0))
+                weights.append(np.ones(n + 1))
+        for coll in a.collections:
+            offsets = np.asarray(coll.get_offsets(), dtype=np.float64)
+            if offsets.size and coll.get_offset_transform() is not None:
+                xy = coll.get_offset_transform().transform(offsets)
+                ok = np.isfinite(xy).all(axis=1)
+                pts.append(xy[ok])
+                weights.append(np.full(ok.sum(), 8.0))
+    return np.concatenate(pts), np.concatenate(weights)
+
+
+def _place_legend(legend, axes) -> None:
+    """Put ``legend`` where it hides the least of every Axes in ``axes`` and none of their texts.
+
+    Matplotlib's loc="best" only sees the legend's own Axes, so on twin axes it happily covers the other
+    curve, and it ignores text labels.
+    """
+    fig = legend.figure
+    fig.draw_without_rendering()  # run the layout so that positions are final
+    renderer = fig.canvas.get_renderer()
+    xy, weight = _display_points(axes)
+    texts = [t.get_window_extent(renderer) for a in axes for t in a.texts if t.get_visible() and t.get_text()]
+    best, best_cost = None, np.inf
+    for loc in _LEGEND_LOCS:
+        legend.set_loc(loc)
+        box = legend.get_window_extent(renderer)
+        inside = (xy[:, 0] >= box.x0) & (xy[:, 0] <= box.x1) & (xy[:, 1] >= box.y0) & (xy[:, 1] <= box.y1)
+        cost = weight[inside].sum() + 1000.0 * sum(box.overlaps(t) for t in texts)
+        if cost < best_cost:
+            best, best_cost = loc, cost
+    legend.set_loc(best)
+
+
+def _add_legend(axes, handles, own_figure: bool, rows: int = 1) -> None:
+    """The legend of ``handles``: under the plot, hiding nothing, when the function made the figure;
+    otherwise inside ``axes[-1]`` (the topmost), where it hides least of ``axes``."""
+    if not handles:
+        return
+    labels = [h.get_label() for h in handles]
+    if own_figure:
+        axes[0].figure.legend(handles, labels, loc="outside lower center", ncols=-(-len(handles) // rows),
+                              fontsize="small", frameon=False, handlelength=1.5)
+    else:
+        box = axes[-1].legend(handles, labels, fontsize="small", frameon=True, framealpha=0.85, edgecolor="none",
+                              handlelength=1.5)
+        _place_legend(box, axes)
+
+
+# --------------------------------------------------------------------------------------------- rays
+
+
+def _check_curves(curves: Mapping[str, Any], n_steps: int, name: str = "curves") -> dict[str, np.ndarray]:
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError(f"{name} must be a non-empty dict {{label: (N, S) array}}, e.g. {{'SWA': ..., 'SGD': ...}}")
+    out = {}
+    for label, c in curves.items():
+        a = np.asarray(c, dtype=np.float64)
+        if a.ndim != 2 or a.shape[1] != n_steps or a.shape[0] == 0:
+            raise ValueError(
+                f"{name}[{label!r}] has shape {a.shape}, expected (N, S={n_steps}): one row per direction, one "
+                "column per distance; wrap a single ray as values[None, :]"
+            )
+        out[label] = a
+    return out
+
+
+def _per_label(name: str, value, labels: Sequence[str]) -> dict:
+    """A dict keyed by curve labels, refusing keys that name no curve."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a dict {{label: ...}} keyed like curves, got {type(value).__name__}")
+    unknown = [k for k in value if k not in labels]
+    if unknown:
+        raise ValueError(f"{name} has labels {unknown} that match no curve; curve labels: {list(labels)}")
+    return dict(value)
+
+
+def _threshold_levels(threshold_level, curves: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """label -> (N,) level per ray (a scalar broadcast to every ray and every label)."""
+    if threshold_level is None:
+        return {}
+    if not isinstance(threshold_level, Mapping):
+        threshold_level = {label: threshold_level for label in curves}
+    levels = {}
+    for label, lv in _per_label("threshold_level", threshold_level, list(curves)).items():
+        n = curves[label].shape[0]
+        a = np.asarray(lv, dtype=np.float64)
+        if a.ndim == 0:
+            a = np.full(n, float(a))
+        if a.shape != (n,):
+            raise ValueError(
+                f"threshold_level[{label!r}] has shape {a.shape}; give one level or one per direction ({n},)"
+            )
+        levels[label] = a
+    return levels
+
+
+def _draw_threshold(ax: Axes, label: str, level: np.ndarray, color, shared: bool, metric: str) -> None:
+    """A dashed line at the level, labelled on the plot (not in the legend: it belongs to this panel)."""
+    finite = level[np.isfinite(level)]
+    # A relative threshold gives each ray its own level: then only the width markers show it.
+    if finite.size == 0 or not np.allclose(finite, finite[0], rtol=1e-12, atol=0):
+        return
+    unit = "%" if _is_error(metric) else " nats"
+    text = f"threshold {finite[0]:.3g}{unit}" if shared else f"{label} threshold {finite[0]:.3g}{unit}"
+    color = "0.3" if shared else color
+    gid = "threshold" if shared else f"threshold:{label}"
+    ax.axhline(finite[0], color=color, ls="--", lw=1.0, label="_nolegend_", zorder=2.5, gid=gid)
+    ax.annotate(text, xy=(1.0, finite[0]), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                textcoords="offset points", ha="right", va="bottom", fontsize="x-small", color=color,
+                path_effects=_outlined(), zorder=6, gid=gid)
+
+
+def _draw_widths(ax, label, d, rays, widths, level, color) -> None:
+    w = np.asarray(widths, dtype=np.float64)
+    if w.shape != (rays.shape[0],):
+        raise ValueError(f"widths[{label!r}] has shape {w.shape}, expected one width per direction ({rays.shape[0]},)")
+    crossed = np.flatnonzero(np.isfinite(w))  # inf: never crossed within the grid; NaN: unknown
+    if crossed.size == 0:
+        return
+    ys = []
+    for i in crossed:
+        y = level[i] if level is not None and np.isfinite(level[i]) else _interp_finite(d, rays[i], w[i])
+        ys.append(y)
+    text = f"{label} width, mean {w[crossed].mean():.3g}"
+    text += "" if crossed.size == w.size else f" ({crossed.size}/{w.size} crossed)"
+    ax.scatter(w[crossed], ys, s=32, facecolors="white", edgecolors=color, linewidths=1.4, zorder=4,
+               label=text, gid=f"widths:{label}")
+
+
+def plot_rays(
+    distances,
+    curves: Mapping[str, Any],
+    ax: Axes | None = None,
+    metric: str = "test_err",
+    widths: Mapping[str, Any] | None = None,
+    threshold_level=None,
+    colors: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    legend: bool = True,
+) -> Axes:
+    """Metric along random rays from each checkpoint (paper fig. 3): one thin, semi-transparent line per
+    direction and a bold mean curve per checkpoint.
+
+    Args:
+        distances: (S,) distances from the checkpoint along each ray, weight-space units.
+        curves: label -> (N, S) metric values, row n along direction n; NaN (not computed) is not drawn.
+            The mean curve is NaN at a distance where any ray is NaN (a mean over fewer rays would be biased).
+        ax: Axes to draw on; when None, a new 4.5 in wide figure with the legend under the plot.
+        metric: which metric the values are (one of :data:`METRIC_LABELS`); sets the y label and its units.
+        widths: optional label -> (N,) width per direction (weight-space units; +inf = never crossed, NaN =
+            unknown, both not drawn), marked with open circles at the threshold level (or on the ray).
+        threshold_level: optional level in the metric's units, one for all checkpoints or label -> level,
+            drawn as a dashed line labelled on the plot (gid ``"threshold"`` or ``"threshold:<label>"``);
+            a level may be (N,) per direction (relative thresholds), then only the width markers show it.
+        colors: label -> colour overrides (default SWA blue, SGD green, others tab10).
+        title: optional Axes title.
+        legend: whether to draw the legend (the mean curves and widths): under the plot in a new figure,
+            inside a given Axes where it hides least.
+
+    Returns:
+        The Axes. Thin lines have gid ``"ray:<label>:<n>"``, mean curves ``"mean:<label>"``.
+    """
+    _check_metric(metric)
+    d = _vector("distances", distances)
+    curves = _check_curves(curves, d.size)
+    labels = list(curves)
+    widths = _per_label("widths", widths, labels)
+    levels = _threshold_levels(threshold_level, curves)
+    palette = checkpoint_colors(labels, colors)
+    own_figure = ax is None
+    ax = ax if ax is not None else _new_axes((PANEL_SIZE[0], PANEL_SIZE[1] + 0.4))
+
+    for label, rays in curves.items():
+        for n, ray in enumerate(rays):
+            (line,) = ax.plot(d, ray, color=palette[label], lw=0.7, alpha=0.35, label="_nolegend_", zorder=2)
+            line.set_gid(f"ray:{label}:{n}")
+    for label, rays in curves.items():
+        (line,) = ax.plot(d, rays.mean(axis=0), color=palette[label], lw=2.2, label=label, zorder=3)
+        line.set_gid(f"mean:{label}")
+    shared = threshold_level is not None and not isinstance(threshold_level, Mapping)
+    for label, level in (list(levels.items())[:1] if shared else levels.items()):
+        _draw_threshold(ax, label, level, palette[label], shared, metric)
+    for label, w in widths.items():
+        _draw_widths(ax, label, d, curves[label], w, levels.get(label), palette[label])
+
+    ax.set_xlabel(RAYS_XLABEL)
+    ax.set_ylabel(metric_label(metric))
+    if d.size > 1:
+        ax.set_xlim(d.min(), d.max())
+    if title:
+        ax.set_title(title)
+    if legend:
+        handles = ax.get_legend_handles_labels()[0]
+        # one row per checkpoint (its mean curve, then its widths), or all curves in one row
+        _add_legend([ax], handles, own_figure, rows=len(labels) if len(handles) > len(labels) else 1)
+    return ax
+
+
+def plot_rays_panel(
+    distances,
+    curves_by_metric: Mapping[str, Mapping[str, Any]],
+    widths_by_metric: Mapping[str, Mapping[str, Any]] | None = None,
+    threshold_by_metric: Mapping[str, Any] | None = None,
+    colors: Mapping[str, Any] | None = None,
+    bn_mode: str | None = None,
+    norm: str | None = None,
+    title: str | None = None,
+    axes: Sequence[Axes] | None = None,
+) -> np.ndarray:
+    """The SWA paper's rays figure: one :func:`plot_rays` panel per metric, side by side (e.g. test error and
+    train loss), caption as the figure's suptitle. The legend goes under the panels in a new figure, into the
+    first panel when ``axes`` are given.
+
+    Args:
+        distances: (S,) weight-space distances along the rays.
+        curves_by_metric: metric -> {label -> (N, S)}, in panel order.
+        widths_by_metric: optional metric -> {label -> (N,) widths}; drawn on that metric's panel.
+        threshold_by_metric: optional metric -> level (float, or {label -> level}, see :func:`plot_rays`).
+        colors: label -> colour overrides, shared by all panels.
+        bn_mode, norm: the analysis' BN mode and direction normalisation, for the caption.
+        title: caption; None builds "<N> random directions (<norm> norm), <BN mode>"; "" for none.
+        axes: one Axes per metric; a new (4.5 * panels) x 3.5 in figure when None.
+
+    Returns:
+        1-D numpy array of the panels' Axes.
+    """
+    if not isinstance(curves_by_metric, Mapping) or not curves_by_metric:
+        raise ValueError("curves_by_metric must be a non-empty dict {metric: {label: (N, S) array}}")
+    metrics = list(curves_by_metric)
+    for m in metrics:
+        _check_metric(m)
+    for name, extra in (("widths_by_metric", widths_by_metric), ("threshold_by_metric", threshold_by_metric)):
+        unknown = [m for m in (extra or {}) if m not in metrics]
+        if unknown:
+            raise ValueError(f"{name} has metrics {unknown} without a panel; panels: {metrics}")
+    own_figure = axes is None
+    if own_figure:
+        _, grid = plt.subplots(1, len(metrics), figsize=(PANEL_SIZE[0] * len(metrics), PANEL_SIZE[1] + 0.6),
+                               layout="constrained", squeeze=False)
+        axes = grid[0]
+    else:
+        axes = np.ravel(np.asarray(axes, dtype=object))
+        if axes.size != len(metrics):
+            raise ValueError(f"got {axes.size} axes for {len(metrics)} metrics {metrics}; pass one Axes per metric")
+    labels = list(dict.fromkeys(label for m in metrics for label in curves_by_metric[m]))
+    palette = checkpoint_colors(labels, colors)
+    for i, (ax, m) in enumerate(zip(axes, metrics)):
+        plot_rays(distances, curves_by_metric[m], ax=ax, metric=m, widths=(widths_by_metric or {}).get(m),
+                  threshold_level=(threshold_by_metric or {}).get(m), colors=palette,
+                  legend=i == 0 and not own_figure)
+    if own_figure:  # one legend for all panels, under them
+        entries = {}
+        for ax in axes:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(text, handle)
+        _add_legend(list(axes), list(entries.values()), True,
+                    rows=len(labels) if len(entries) > len(labels) else 1)
+    if title is None:
+        counts = sorted({np.shape(c)[0] for m in metrics for c in curves_by_metric[m].values()})
+        n = counts[0] if len(counts) == 1 else "/".join(map(str, counts))
+        title = _describe(n, norm, bn_mode)
+    if title:
+        axes[0].figure.suptitle(title, fontsize="medium")
+    return np.asarray(list(axes), dtype=object)
+
+
+# --------------------------------------------------------------------------------------------- line
+
+
+def _line_axes(ax, has_err: bool, has_loss: bool):
+    """(ax_err, ax_loss, host): a twin pair when both units are drawn on one given/new Axes."""
+    if ax is not None and not isinstance(ax, Axes):
+        pair = list(ax)
+        if len(pair) != 2 or not all(isinstance(a, Axes) for a in pair):
+            raise ValueError("ax must be None, one Axes (twin y axes are added) or two Axes (ax_error, ax_loss)")
+        return pair[0], pair[1], pair[0] if has_err else pair[1]
+    host = ax if ax is not None else _new_axes()
+    if has_err and has_loss:
+        return host, host.twinx(), host
+    return (host, None, host) if has_err else (None, host, host)
+
+
+def _add_distance_axis(host: Axes, t: np.ndarray, distances) -> None:
+    """Top x axis in weight-space units, when distance is an affine function of t (else nothing)."""
+    dist = _vector("distances", distances)
+    if dist.shape != t.shape:
+        raise ValueError(f"distances has shape {dist.shape}, expected {t.shape} like t")
+    ok = np.isfinite(t) & np.isfinite(dist)
+    if ok.sum() < 2:
+        return
+    a, b = np.polyfit(t[ok], dist[ok], 1)
+    scale = max(np.abs(dist[ok]).max(), 1e-300)
+    if a == 0 or not np.allclose(a * t[ok] + b, dist[ok], rtol=0, atol=1e-6 * scale):
+        return
+    top = host.secondary_xaxis("top", functions=(lambda x: a * x + b, lambda y: (y - b) / a))
+    top.set_xlabel("distance along the line (weight-space units)")
+
+
+def plot_line(
+    t,
+    values: Mapping[str, Any],
+    points: Mapping[str, float] | None = None,
+    ax=None,
+    xlabel: str | None = None,
+    distances=None,
+    colors: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    legend: bool = True,
+):
+    """Metrics along the line through two checkpoints (paper fig. 5): errors (%) on the left y axis, losses
+    (nats) on the right one, checkpoints marked on every curve (circle for the first, square for the second,
+    in the checkpoint's colour) and labelled at the top; the legend lists the curves.
+
+    Args:
+        t: (S,) line coordinate of each point.
+        values: metric -> (S,) values, e.g. ``{"test_err": ..., "train_loss": ...}``; NaN is not drawn.
+            Test metrics are solid, train metrics dashed (dotted for ``train_loss_l2``).
+        points: label -> t of each checkpoint, e.g. ``{"SWA": 0, "SGD": 1}``.
+        ax: None (new figure, legend under the plot), one Axes (a twin is added when both units are drawn)
+            or two Axes ``(ax_error, ax_loss)``; given Axes get the legend inside, where it hides least.
+        xlabel: x label; None gives "t along the line (SWA at t=0, SGD at t=1)".
+        distances: optional (S,) weight-space distance of each point; when it is affine in t a top axis
+            shows it in weight-space units.
+        colors: checkpoint label -> marker colour overrides (default SWA blue, SGD green).
+        title, legend: optional title; whether to draw the legend.
+
+    Returns:
+        ``(ax_error, ax_loss)``; an entry is None when no metric of that unit was drawn and no Axes given.
+        Curves have gid ``"metric:<name>"``, checkpoint markers ``"marker:<label>:<metric>"``.
+    """
+    t = _vector("t", t)
+    if not isinstance(values, Mapping) or not values:
+        raise ValueError("values must be a non-empty dict {metric: (S,) array}, e.g. {'test_err': ..., 'train_loss': ...}")
+    curves = {}
+    for m, v in values.items():
+        _check_metric(m)
+        v = np.asarray(v, dtype=np.float64)
+        if v.shape != t.shape:
+            raise ValueError(f"values[{m!r}] has shape {v.shape}, expected {t.shape} like t")
+        curves[m] = v
+    points = dict(points or {})
+    for label, tp in points.items():
+        if not np.isfinite(tp):
+            raise ValueError(f"points[{label!r}] = {tp!r}; each checkpoint needs a finite t")
+    errs = [m for m in curves if _is_error(m)]
+    losses = [m for m in curves if not _is_error(m)]
+    ax_err, ax_loss, host = _line_axes(ax, bool(errs), bool(losses))
+
+    handles = []
+    for m, v in curves.items():
+        color, style = _LINE_STYLES[m]
+        (line,) = (ax_err if _is_error(m) else ax_loss).plot(t, v, color=color, ls=style, lw=1.8,
+                                                            label=METRIC_LABELS[m])
+        line.set_gid(f"metric:{m}")
+        handles.append(line)
+    for target, ms, generic in ((ax_err, errs, "error (%)"), (ax_loss, losses, "loss (nats)")):
+        if target is not None and ms:
+            target.set_ylabel(METRIC_LABELS[ms[0]] if len(ms) == 1 else generic)
+            if errs and losses:  # twin axes: colour each y axis like its curves
+                target.yaxis.label.set_color(_LINE_STYLES[ms[0]][0])
+                target.tick_params(axis="y", colors=_LINE_STYLES[ms[0]][0])
+
+    palette = checkpoint_colors(list(points), colors)
+    for k, (label, tp) in enumerate(points.items()):
+        marker = _POINT_MARKERS[k % len(_POINT_MARKERS)]
+        host.axvline(tp, color=palette[label], ls=":", lw=1.0, zorder=1).set_gid(f"point:{label}")
+        for m, v in curves.items():
+            y = _interp_finite(t, v, tp)
+            if np.isfinite(y):
+                (mk,) = (ax_err if _is_error(m) else ax_loss).plot(
+                    [tp], [y], marker=marker, ms=7, ls="none", color=palette[label], mec="black", mew=0.8,
+                    zorder=5, label="_nolegend_")
+                mk.set_gid(f"marker:{label}:{m}")
+        # labelled on the plot, in its colour, above the markers: the legend lists only the curves
+        host.annotate(label, xy=(tp, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                      textcoords="offset points", ha="left", va="top", color=palette[label],
+                      fontweight="bold", path_effects=_outlined(), gid=f"label:{label}")
+
+    if xlabel is None:
+        where = ", ".join(f"{label} at t={tp:g}" for label, tp in points.items())
+        xlabel = f"t along the line ({where})" if where else "t along the line"
+    host.set_xlabel(xlabel)
+    host.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))  # no colliding "−0.25"s
+    if t.size > 1 and np.isfinite(t).all():
+        host.set_xlim(t.min(), t.max())
+    if distances is not None:
+        _add_distance_axis(host, t, distances)
+    if title:
+        host.set_title(title)
+    if legend:
+        drawn = [a for a in (ax_err, ax_loss) if a is not None]
+        if (ax is None or isinstance(ax, Axes)) and len(drawn) == 2:
+            drawn = [host, ax_loss]  # the twin is drawn above its host: a legend there stays visible
+        _add_legend(drawn, handles, ax is None)
+    return ax_err, ax_loss
+
+
+# --------------------------------------------------------------------------------------------- plane
+
+
+def contour_levels(Z, levels="log", n_levels: int = 20, decades: float = 3.0):
+    """Contour boundaries and colour normalisation for a plane of metric values.
+
+    ``"log"`` follows the SWA authors' plots (contours of log(Z - min Z + small)): the boundaries are
+    ``zmin`` and ``zmin + (zmax - zmin) * g`` with ``g`` geometric from ``10**-decades`` to 1, so the bands are
+    narrow near the minimum (where the optima sit) and wide far from it; the colour norm is
+    log(Z - zmin + (zmax - zmin) * 10**-decades), so each band takes an equal share of the colour map.
+    ``"linear"`` spaces ``n_levels`` boundaries evenly; an increasing array is used as given.
+
+    Args:
+        Z: array of metric values (any shape); NaN/inf entries are ignored.
+        levels: "log", "linear" or an increasing 1-D array of boundaries.
+        n_levels: number of boundaries (>= 2) for "log"/"linear".
+        decades: for "log": how far below (zmax - zmin) the first band above the minimum ends, in decades.
+
+    Returns:
+        ``(boundaries (L,), norm)``: ``boundaries[0] == zmin`` and ``boundaries[-1] == zmax`` for the
+        computed kinds; ``norm`` a :class:`matplotlib.colors.Normalize`. A constant Z gets one band around it.
+
+    >>> b, _ = contour_levels(np.array([1.0, 2.0, 11.0]), n_levels=4, decades=2)
+    >>> [round(float(x), 6) for x in b]
+    [1.0, 1.1, 2.0, 11.0]
+    """
+    z = np.asarray(Z, dtype=np.float64)
+    z = z[np.isfinite(z)]
+    if z.size == 0:
+        raise ValueError("Z has no finite value (nothing computed yet?); nothing to draw")
+    if not isinstance(levels, str):
+        bounds = _vector("levels", levels, min_size=2)
+        if not (np.isfinite(bounds).all() and (np.diff(bounds) > 0).all()):
+            raise ValueError(f"levels must be finite and strictly increasing, got {bounds}")
+        return bounds, mcolors.Normalize(bounds[0], bounds[-1])
+    if levels not in LEVEL_SCALES:
+        raise ValueError(f"unknown levels {levels!r}; valid: {', '.join(LEVEL_SCALES)} or an array of boundaries")
+    if isinstance(n_levels, bool) or not isinstance(n_levels, (int, np.integer)) or n_levels < 2:
+        raise ValueError(f"n_levels must be an integer >= 2 (number of contour boundaries), got {n_levels!r}")
+    if not (np.isfinite(decades) and decades > 0):
+        raise ValueError(f"decades must be a positive number, got {decades!r}")
+    zmin, zmax = float(z.min()), float(z.max())
+    span = zmax - zmin
+    if span <= 1e-12 * max(1.0, abs(zmin)):
+        half = max(abs(zmin) * 1e-3, 1e-9)
+        return np.array([zmin - half, zmin + half]), mcolors.Normalize(zmin - half, zmin + half)
+    if levels == "linear":
+        bounds = np.linspace(zmin, zmax, n_levels)
+        norm = mcolors.Normalize(zmin, zmax)
+    else:
+        eps = span * 10.0 ** (-float(decades))
+        bounds = np.concatenate([[zmin], zmin + span * np.geomspace(10.0 ** (-float(decades)), 1.0, n_levels - 1)])
+
+        def forward(v):
+            return np.log(np.maximum(np.asarray(v, dtype=np.float64) - zmin, 0.0) + eps)
+
+        def inverse(v):
+            return np.exp(v) - eps + zmin
+
+        norm = mcolors.FuncNorm((forward, inverse), vmin=zmin, vmax=zmax)
+    bounds[-1] = zmax  # the largest cell must fall inside the last band despite rounding
+    return np.unique(bounds), norm
+
+
+def _plane_figsize(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """A figure whose plot area has the plane's aspect, so the colour bar is as tall as the plot."""
+    aspect = (y[-1] - y[0]) / (x[-1] - x[0])
+    w, h = (3.4, 3.4 * aspect) if aspect <= 1.3 else (4.4 / aspect, 4.4)
+    return (max(w, 1.6) + 1.7, max(h, 1.6) + 1.4)
+
+
+def _colorbar(fig, mappable, ax, metric: str, bounds: np.ndarray, **kw):
+    """Colour bar labelled with the metric and its units, ticks at (at most 8 of) the contour boundaries."""
+    cb = fig.colorbar(mappable, ax=ax, label=metric_label(metric), **kw)
+    cb.set_ticks(bounds[np.unique(np.round(np.linspace(0, bounds.size - 1, min(bounds.size, 8))).astype(int))])
+    cb.ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    cb.ax.yaxis.set_minor_locator(plt.NullLocator())
+    return cb
+
+
+def _check_plane(x, y, Z, points, labels):
+    x = _coordinates("x", x)
+    y = _coordinates("y", y)
+    Z = np.asarray(Z, dtype=np.float64)
+    if Z.shape != (x.size, y.size):
+        hint = " (it looks transposed: planes are indexed Z[ix, iy]; pass Z.T)" if Z.shape == (y.size, x.size) else ""
+        raise ValueError(f"Z has shape {Z.shape}, expected (len(x), len(y)) = ({x.size}, {y.size}){hint}")
+    if points is None:
+        return x, y, Z, np.zeros((0, 2)), []
+    P = np.asarray(points, dtype=np.float64)
+    if P.ndim != 2 or P.shape[1] != 2:
+        raise ValueError(f"points must be (K, 2) plane coordinates, got shape {P.shape}")
+    labels = [f"point {k}" for k in range(len(P))] if labels is None else [str(s) for s in labels]
+    if len(labels) != len(P):
+        raise ValueError(f"got {len(labels)} labels for {len(P)} points; pass one label per point")
+    return x, y, Z, P, labels
+
+
+def _mark_points(ax: Axes, P: np.ndarray, labels, colors, x: np.ndarray, y: np.ndarray) -> None:
+    """Markers at the checkpoints, labels up-right of them, or inwards for points near the top/right edge."""
+    palette = checkpoint_colors(labels, colors)
+    for k, ((px, py), label) in enumerate(zip(P, labels)):
+        ax.plot([px], [py], marker=_POINT_MARKERS[k % len(_POINT_MARKERS)], ms=8, ls="none", color=palette[label],
+                mec="white", mew=1.2, zorder=5, clip_on=False, label="_nolegend_")[0].set_gid(f"point:{label}")
+        right = px > x[0] + 0.8 * (x[-1] - x[0])
+        top = py > y[0] + 0.85 * (y[-1] - y[0])
+        ax.annotate(label, xy=(px, py), xytext=(-6 if right else 6, -6 if top else 6), textcoords="offset points",
+                    ha="right" if right else "left", va="top" if top else "bottom", fontsize="small",
+                    fontweight="bold", color="black", path_effects=_outlined(), zorder=6)
+
+
+def plot_plane(
+    x,
+    y,
+    Z,
+    points=None,
+    labels: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    metric: str = "test_err",
+    levels="log",
+    n_levels: int = 20,
+    kind: str = "contourf",
+    decades: float = 3.0,
+    cmap="viridis",
+    colorbar: bool = True,
+    colors: Mapping[str, Any] | None = None,
+    xlabel: str = PLANE_XLABEL,
+    ylabel: str = PLANE_YLABEL,
+    title: str | None = None,
+) -> Axes:
+    """A metric on the plane through three checkpoints (paper fig. 1): filled contours (or a heatmap) with
+    levels spaced on a log scale above the minimum (see :func:`contour_levels`), a colour bar with the metric
+    and its units, the defining points marked and labelled, NaN cells left blank, equal aspect.
+
+    Args:
+        x: (X,) increasing coordinates along u, weight-space units.
+        y: (Y,) increasing coordinates along v, weight-space units.
+        Z: (X, Y) metric values indexed ``Z[ix, iy]`` = value at (x[ix], y[iy]) (the store's layout).
+        points: optional (K, 2) plane coordinates of the checkpoints; labels: (K,) their names.
+        ax: Axes to draw on; when None a new figure about 5 in wide whose plot area has the plane's aspect.
+        metric: which metric Z holds (sets the colour-bar label).
+        levels, n_levels, decades: see :func:`contour_levels`.
+        kind: "contourf" (filled contours) or "heatmap" (one cell per grid point, continuous colours).
+        cmap, colorbar, colors: colour map; whether to add a colour bar; checkpoint colour overrides.
+        xlabel, ylabel, title: labels.
+
+    Returns:
+        The Axes (the colour bar is a separate Axes of the same figure). The filled contour set or mesh has
+        gid ``"plane:<kind>"``.
+    """
+    _check_metric(metric)
+    if kind not in PLANE_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(PLANE_KINDS)}")
+    x, y, Z, P, labels = _check_plane(x, y, Z, points, labels)
+    bounds, norm = contour_levels(Z, levels, n_levels, decades)
+    ax = ax if ax is not None else _new_axes(_plane_figsize(x, y))
+    Zyx = np.ma.masked_invalid(Z.T)  # matplotlib wants rows = y, columns = x
+    if kind == "contourf":
+        mappable = ax.contourf(x, y, Zyx, levels=bounds, norm=norm, cmap=cmap)
+    else:
+        mappable = ax.pcolormesh(x, y, Zyx, norm=norm, cmap=cmap, shading="nearest")
+    mappable.set_gid(f"plane:{kind}")
+    if colorbar:
+        # uniform spacing: every contour band gets the same height, i.e. a log scale above the minimum
+        _colorbar(ax.figure, mappable, ax, metric, bounds, **({"spacing": "uniform"} if kind == "contourf" else {}))
+    _mark_points(ax, P, labels, colors, x, y)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def _bilinear(x, y, Z, px, py) -> float:
+    """Z interpolated at (px, py) inside the grid (edges clamped); NaN if a neighbouring cell is NaN."""
+    i = int(np.clip(np.searchsorted(x, px) - 1, 0, x.size - 2))
+    j = int(np.clip(np.searchsorted(y, py) - 1, 0, y.size - 2))
+    fx = float(np.clip((px - x[i]) / (x[i + 1] - x[i]), 0, 1))
+    fy = float(np.clip((py - y[j]) / (y[j + 1] - y[j]), 0, 1))
+    return float((1 - fx) * (1 - fy) * Z[i, j] + fx * (1 - fy) * Z[i + 1, j]
+                 + (1 - fx) * fy * Z[i, j + 1] + fx * fy * Z[i + 1, j + 1])
+
+
+def plot_plane_surface(
+    x,
+    y,
+    Z,
+    points=None,
+    labels: Sequence[str] | None = None,
+    ax=None,
+    metric: str = "train_loss",
+    levels="log",
+    decades: float = 3.0,
+    cmap="viridis",
+    colorbar: bool = True,
+    colors: Mapping[str, Any] | None = None,
+    title: str | None = None,
+):
+    """The plane's metric as a 3D surface, coloured like :func:`plot_plane` (log scale above the minimum);
+    checkpoints marked on the surface. Same arguments as :func:`plot_plane`; ``ax`` must be a 3D Axes
+    (``fig.add_subplot(projection="3d")``) or None. NaN cells leave holes. Returns the 3D Axes.
+    """
+    _check_metric(metric)
+    x, y, Z, P, labels = _check_plane(x, y, Z, points, labels)
+    if ax is None:
+        fig = plt.figure(figsize=PLANE_SIZE, layout="constrained")
+        ax = fig.add_subplot(projection="3d")
+    elif getattr(ax, "name", None) != "3d":
+        raise ValueError("ax must be a 3D Axes: create it with fig.add_subplot(projection='3d')")
+    bounds, norm = contour_levels(Z, levels, decades=decades)
+    ax.computed_zorder = False  # mplot3d sorts by depth otherwise and hides the markers behind the surface
+    X, Y = np.meshgrid(x, y)  # (Y, X), like Z.T
+    surface = ax.plot_surface(X, Y, Z.T, cmap=cmap, norm=norm, rstride=1, cstride=1, linewidth=0,
+                              antialiased=False)
+    surface.set_gid("plane:surface")
+    palette = checkpoint_colors(labels, colors)
+    for k, ((px, py), label) in enumerate(zip(P, labels)):
+        pz = _bilinear(x, y, Z, px, py)
+        if np.isfinite(pz):
+            ax.scatter([px], [py], [pz], marker=_POINT_MARKERS[k % len(_POINT_MARKERS)], s=40, color=palette[label],
+                       edgecolors="white", depthshade=False, zorder=5)
+            ax.text(px, py, pz, f" {label}", fontsize="small", fontweight="bold", path_effects=_outlined())
+    if colorbar:
+        _colorbar(ax.figure, surface, ax, metric, bounds, shrink=0.7, pad=0.1)
+    ax.set_xlabel("u (weight-space units)")
+    ax.set_ylabel("v (weight-space units)")
+    ax.set_zlabel(metric_label(metric))
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+# --------------------------------------------------------------------------------------------- file level
+
+
+def _check_formats(formats) -> tuple[str, ...]:
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown figure format(s) {bad}; valid: {', '.join(FORMATS)}")
+    if not formats:
+        raise ValueError(f"formats is empty; name at least one of {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(formats))
+
+
+def _config(data: Mapping) -> dict:
+    config = data.get("config") or data.get("attrs", {}).get("config") or {}
+    if isinstance(config, (str, bytes)):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError:
+            return {}
+    return config if isinstance(config, Mapping) else {}
+
+
+def _config_value(config, key: str):
+    """First value of ``key`` in a possibly nested config (e.g. config["eval"]["bn_mode"])."""
+    if isinstance(config, Mapping):
+        if key in config and not isinstance(config[key], Mapping):
+            return config[key]
+        for value in config.values():
+            found = _config_value(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_data(data) -> str:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"data must be the dict widthkit.store.read(path) returns, got {type(data).__name__}")
+    missing = [k for k in ("kind", "axes", "models") if k not in data]
+    if missing:
+        raise ValueError(f"analysis dict lacks {missing}; pass the dict widthkit.store.read(path) returns")
+    if data["kind"] not in KINDS:
+        raise ValueError(f"unknown analysis kind {data['kind']!r}; valid: {', '.join(KINDS)}")
+    if not data["models"]:
+        raise ValueError("analysis dict has no models (no evaluated checkpoint groups); nothing to plot")
+    return data["kind"]
+
+
+def _axis(data: Mapping, name: str) -> np.ndarray:
+    if name not in data["axes"]:
+        raise ValueError(f"{data['kind']} analysis lacks axes[{name!r}]; axes present: {sorted(data['axes'])}")
+    return np.asarray(data["axes"][name])
+
+
+def _metric_values(model: Mapping, metric: str) -> np.ndarray:
+    """The metric with NaN wherever the done mask says "not computed"."""
+    values = np.asarray(model["metrics"][metric], dtype=np.float64)
+    done = model.get("done")
+    if done is not None and np.shape(done) == values.shape:
+        values = np.where(np.asarray(done, dtype=bool), values, np.nan)
+    return values
+
+
+def _available(models: Mapping) -> list[str]:
+    sets = [set(m["metrics"]) for m in models.values()]
+    return [m for m in METRIC_LABELS if all(m in s for s in sets)]
+
+
+def _metrics_to_plot(models: Mapping, metric) -> list[str]:
+    """Requested metrics, or the paper's pair: test error and train loss (+ L2 term when stored)."""
+    available = _available(models)
+    if metric is None:
+        err = next((m for m in ("test_err", "train_err") if m in available), None)
+        loss = next((m for m in ("train_loss_l2", "train_loss", "test_loss") if m in available), None)
+        chosen = [m for m in (err, loss) if m]
+        if not chosen:
+            raise ValueError(f"the analysis holds no plottable metric; known metrics: {', '.join(METRIC_LABELS)}")
+        return chosen
+    requested = [metric] if isinstance(metric, str) else list(metric)
+    for m in requested:
+        _check_metric(m)
+    absent = [m for m in requested if m not in available]
+    if absent or not requested:
+        raise ValueError(f"metric(s) {absent or requested} not in this analysis; available: {', '.join(available)}")
+    return list(dict.fromkeys(requested))
+
+
+def _model_labels(models: Mapping) -> dict[str, str]:
+    """Group name -> display label (attrs["label"], else the name), made unique."""
+    out: dict[str, str] = {}
+    for name, model in models.items():
+        label = str(model.get("attrs", {}).get("label") or name)
+        out[name] = f"{label} ({name})" if label in out.values() else label
+    return out
+
+
+def _match_label(key: str, names_to_labels: Mapping[str, str]) -> str:
+    for name, label in names_to_labels.items():
+        if key == label or key == name:
+            return label
+    for name, label in names_to_labels.items():
+        if str(key).lower() in (label.lower(), name.lower()):
+            return label
+    raise ValueError(f"widths entry {key!r} matches no model; models: {dict(names_to_labels)}")
+
+
+def _rays_widths(data: Mapping, labels: Mapping[str, str], metrics: Sequence[str]):
+    """data["widths"] -> (widths_by_metric, threshold_by_metric) for the panels shown."""
+    widths_by_metric: dict[str, dict] = {}
+    threshold_by_metric: dict[str, dict] = {}
+    for key, entry in (data.get("widths") or {}).items():
+        metric = entry.get("metric")
+        if metric not in metrics or "widths" not in entry:
+            continue  # widths of a metric without a panel cannot be placed honestly
+        label = _match_label(key, labels)
+        widths_by_metric.setdefault(metric, {})[label] = np.asarray(entry["widths"], dtype=np.float64)
+        if entry.get("level") is not None:
+            threshold_by_metric.setdefault(metric, {})[label] = np.asarray(entry["level"], dtype=np.float64)
+    for metric, levels in threshold_by_metric.items():
+        values = list(levels.values())
+        if len(levels) == len(labels) and all(v.ndim == 0 and v == values[0] for v in values):
+            threshold_by_metric[metric] = float(values[0])  # one shared level: one dashed line
+    return widths_by_metric, threshold_by_metric
+
+
+def _rays_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
+    distances = _axis(data, "distances")
+    labels = _model_labels(data["models"])
+    metrics = _metrics_to_plot(data["models"], metric)
+    curves = {m: {labels[name]: _metric_values(model, m) for name, model in data["models"].items()}
+              for m in metrics}
+    widths, thresholds = _rays_widths(data, labels, metrics)
+    config = _config(data)
+    n_dirs = data["axes"].get("directions_shape", (next(iter(curves[metrics[0]].values())).shape[0],))[0]
+    caption = "Rays from " + " and ".join(labels.values()) + ": " + _describe(
+        int(n_dirs), _config_value(config, "norm"), _config_value(config, "bn_mode"))
+    axes = plot_rays_panel(distances, curves, widths, thresholds, title=caption)
+    return [("", axes[0].figure)]
+
+
+def _single_model(data: Mapping, name: str) -> Mapping:
+    models = data["models"]
+    if name in models:
+        return models[name]
+    if len(models) == 1:
+        return next(iter(models.values()))
+    raise ValueError(f"{data['kind']} analysis should hold one group {name!r}; groups: {sorted(models)}")
+
+
+def _point_labels(data: Mapping, k: int) -> list[str]:
+    labels = data["axes"].get("point_labels")
+    if isinstance(labels, (str, bytes)):
+        labels = json.loads(labels)
+    labels = [str(s) for s in labels] if labels is not None else [f"point {i}" for i in range(k)]
+    if len(labels) != k:
+        raise ValueError(f"analysis has {k} points but {len(labels)} point_labels {labels}")
+    return labels
+
+
+def _line_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
+    t = _axis(data, "t")
+    model = _single_model(data, "line")
+    metrics = _metrics_to_plot({"line": model}, metric)
+    tp = np.ravel(_axis(data, "points")).astype(np.float64)
+    points = dict(zip(_point_labels(data, tp.size), tp))
+    config = _config(data)
+    title = "Line through " + " and ".join(points) if points else "Line in weight space"
+    bn = _describe(bn_mode=_config_value(config, "bn_mode"))
+    ax_err, ax_loss = plot_line(t, {m: _metric_values(model, m) for m in metrics}, points,
+                                distances=data["axes"].get("distances"), title=f"{title}, {bn}" if bn else title)
+    return [("", (ax_err or ax_loss).figure)]
+
+
+def _plane_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
+    x, y = _axis(data, "x"), _axis(data, "y")
+    model = _single_model(data, "plane")
+    metrics = _metrics_to_plot({"plane": model}, metric)
+    P = np.asarray(data["axes"].get("points", np.zeros((0, 2))), dtype=np.float64).reshape(-1, 2)
+    labels = _point_labels(data, len(P))
+    config = _config(data)
+    title = "Plane through " + ", ".join(labels) if labels else "Plane in weight space"
+    bn = _describe(bn_mode=_config_value(config, "bn_mode"))
+    title = f"{title}\n{bn}" if bn else title
+    figures = []
+    for m in metrics:
+        ax = plot_plane(x, y, _metric_values(model, m), P, labels, metric=m, title=title)
+        figures.append((f"_{m}", ax.figure))
+    return figures
+
+
+_BUILDERS = {"rays": _rays_figures, "line": _line_figures, "plane": _plane_figures}
+
+
+def plot_analysis(data: Mapping, out_stem, formats: Sequence[str] = ("png", "pdf"), metric=None) -> list[str]:
+    """Write the figures of one analysis (the dict :func:`widthkit.store.read` returns).
+
+    * rays: one figure, test error and train loss panels side by side (``train_loss_l2`` when stored,
+      else ``train_loss``), widths from ``data["widths"]`` marked on their metric's panel;
+      written to ``<out_stem>.<fmt>``.
+    * line: one figure, test error and train loss on twin y axes; ``<out_stem>.<fmt>``.
+    * plane: one contour figure per metric; ``<out_stem>_<metric>.<fmt>``.
+
+    Titles carry the checkpoints, the direction count, normalisation and BN mode from the stored config.
+
+    Args:
+        data: analysis dict (``kind``, ``config``, ``axes``, ``models``, optional ``widths``).
+        out_stem: path prefix of the files (parent folders are created).
+        formats: any of :data:`FORMATS`; PNG at 150 dpi, all with a tight bounding box.
+        metric: None (the defaults above), a metric name or a list of them.
+
+    Returns:
+        The paths written, as strings. Every figure opened here is closed, also on error.
+    """
+    formats = _check_formats(formats)
+    kind = _check_data(data)
+    out_stem = Path(out_stem)
+    before = set(plt.get_fignums())
+    try:
+        with plt.rc_context(_SAVE_RC):
+            figures = _BUILDERS[kind](data, metric)
+            out_stem.parent.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for suffix, fig in figures:
+                for fmt in formats:
+                    path = out_stem.with_name(f"{out_stem.name}{suffix}.{fmt}")
+                    fig.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
+                    paths.append(str(path))
+    finally:
+        for num in set(plt.get_fignums()) - before:
+            plt.close(num)
+    return paths
+
+
+def plot_file(path, out_dir=None, formats: Sequence[str] = ("png", "pdf"), metric=None) -> list[str]:
+    """Read an analysis HDF5 file and write its figures as ``<out_dir>/<file stem>[_<metric>].<fmt>``
+    (``out_dir`` defaults to the file's folder). See :func:`plot_analysis`. Returns the paths written."""
+    from .store import read
+
+    path = Path(path)
+    out_dir = path.parent if out_dir is None else Path(out_dir)
+    return plot_analysis(read(path), out_dir / path.stem, formats=formats, metric=metric)
