@@ -28,36 +28,9 @@ from widthkit.store import read
 SMALL = ["--train-subset", "160", "--test-subset", "120", "--quiet"]
 
 
-def _train(seed, epochs, arch="digits_cnn"):
-    tr = load_dataset("digits", split="train")
-    x, y = tr.normalized(), tr.labels
-    torch.manual_seed(seed)
-    m = create_model(arch, num_classes=10)
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        m.train()
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(m(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    paths = {}
-    for role, seed, epochs in (("start", 0, 1), ("sgd", 1, 2), ("swa", 2, 2)):
-        paths[role] = str(d / f"{role}.pt")
-        save_checkpoint(paths[role], _train(seed, epochs), arch="digits_cnn", num_classes=10, dataset="digits",
-                        role=role, config={"weight_decay": 5e-4})
-    paths["mlp"] = str(d / "mlp.pt")
-    save_checkpoint(paths["mlp"], _train(3, 1, "digits_mlp"), arch="digits_mlp", num_classes=10, dataset="digits")
-    return paths
+@pytest.fixture
+def ckpts(digits_ckpts):
+    return digits_ckpts
 
 
 def _direct(path, train_subset=160, test_subset=120, bn="recompute"):

@@ -1,0 +1,95 @@
+"""Real multi-process runs under torchrun (gloo on CPU, 127.0.0.1): same file as a single process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from widthkit.store import read
+
+SMALL = ["--train-subset", "160", "--test-subset", "120", "--no-plot", "--quiet"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WIDTHKIT_DIST_TIMEOUT_MIN": "2"}
+
+
+def torchrun(n, module, args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", module, *args]
+
+
+def single(module, args):
+    return [sys.executable, "-m", module, *args]
+
+
+def assert_same_results(a_path, b_path):
+    a, b = read(a_path, load_large=True), read(b_path, load_large=True)
+    assert a["config"] == b["config"]
+    for name in ("distances", "directions", "x", "y", "basis", "points"):
+        if name in a["axes"]:
+            np.testing.assert_array_equal(a["axes"][name], b["axes"][name])
+    for g, m in a["models"].items():
+        assert b["models"][g]["done"].all() and m["done"].all()
+        for metric, values in m["metrics"].items():
+            np.testing.assert_array_equal(b["models"][g]["metrics"][metric], values, err_msg=f"{g}/{metric}")
+
+
+@pytest.mark.parametrize("kind", ["rays", "plane"])
+def test_two_processes_equal_one(digits_ckpts, tmp_path, kind):
+    if kind == "rays":
+        args = ["--ckpt", digits_ckpts["sgd"], "--ckpt", digits_ckpts["swa"], "--dirs", "2", "--steps", "4"]
+    else:
+        args = ["--ckpt", digits_ckpts["start"], "--ckpt", digits_ckpts["sgd"], "--ckpt", digits_ckpts["swa"],
+                "--resolution", "3"]
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    subprocess.run(single(f"widthkit.{kind}", [*args, "--out", str(one), *SMALL]), check=True, env=ENV,
+                   cwd=tmp_path, capture_output=True)
+    run = subprocess.run(torchrun(2, f"widthkit.{kind}", [*args, "--out", str(two), *SMALL]), env=ENV,
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count(f"{kind}: ") == 1  # one rank reports; the other stays quiet
+    assert_same_results(one, two)
+
+
+def _children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:  # no pgrep: read /proc
+        out = open(f"/proc/{pid}/task/{pid}/children").read().replace(" ", "\n")
+    return [int(p) for p in out.split()]
+
+
+def test_killed_rank_then_resume_with_one_process(digits_ckpts, tmp_path):
+    args = ["--ckpt", digits_ckpts["sgd"], "--ckpt", digits_ckpts["swa"], "--dirs", "3", "--steps", "6",
+            "--chunk-size", "1"]
+    full, killed = tmp_path / "full.h5", tmp_path / "killed.h5"
+    subprocess.run(single("widthkit.rays", [*args, "--out", str(full), *SMALL]), check=True, env=ENV, cwd=tmp_path,
+                   capture_output=True)
+    proc = subprocess.Popen(torchrun(2, "widthkit.rays", [*args, "--out", str(killed), *SMALL]), env=ENV,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, n_done = time.time() + 180, 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with h5py.File(killed, "r", locking=False) as f:
+                n_done = int(f["sgd"]["done"][...].sum())
+        except (OSError, KeyError):
+            n_done = 0
+        if n_done >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job ended before a rank could be killed"
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)  # one rank dies mid-run; torchrun stops the job
+    proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    partial = read(killed)
+    done = sum(int(m["done"].sum()) for m in partial["models"].values())
+    assert 4 <= done < 36
+    # finish with a single process: only the missing points are computed, and the file equals a clean run
+    subprocess.run(single("widthkit.rays", [*args, "--out", str(killed), *SMALL]), check=True, env=ENV, cwd=tmp_path,
+                   capture_output=True)
+    assert_same_results(full, killed)
