@@ -6,7 +6,7 @@ setup(
     description="Measure how wide a neural network's optimum is: rays, lines and planes in weight space (SWA vs SGD).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["widthkit", "widthkit.*"]),
     package_data={"widthkit": ["recipes/*.toml"]},
     install_requires=[

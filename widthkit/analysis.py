@@ -387,8 +387,7 @@ class Analysis:
         marks = {label: {"metric": metric, "level": np.asarray(first["levels"][label]).tolist(),
                          "widths": np.asarray(w).tolist(), "threshold": first["threshold"]}
                  for label, w in first["per_direction"].items()}
-        full = [{k: v for k, v in r.items() if k != "table"} for r in reports]
-        _store.update_attrs(self.path, {"widths": marks, "width_report": full})
+        _store.update_attrs(self.path, {"widths": marks, "width_report": list(reports)})
         self.data = _store.read(self.path)
 
     def plot(self, ax=None, metric: str | None = None):
@@ -404,7 +403,9 @@ class Analysis:
             m = next(iter(d["models"].values()))
             metric = metric or "test_err"
             points = dict(zip(d["axes"].get("point_labels", ["A", "B"]), d["axes"]["points"]))
-            return plots.plot_line(d["axes"]["t"], {metric: m["metrics"][metric]}, points, ax=ax)
+            ax_err, ax_loss = plots.plot_line(d["axes"]["t"], {metric: m["metrics"][metric]}, points, ax=ax,
+                                              distances=d["axes"].get("distances"))
+            return ax_err if ax_err is not None else ax_loss
         m = next(iter(d["models"].values()))
         metric = metric or "train_loss"
         return plots.plot_plane(d["axes"]["x"], d["axes"]["y"], m["metrics"][metric], d["axes"]["points"],

@@ -800,6 +800,9 @@ def _atomic_save(obj: Any, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

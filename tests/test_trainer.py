@@ -1,0 +1,466 @@
+"""Tests of widthkit.trainer / widthkit.train on the bundled digits data (tiny runs, CPU, one thread)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from widthkit import trainer
+from widthkit.checkpoints import load_checkpoint
+from widthkit.data import load_dataset
+from widthkit.train import main
+from widthkit.trainer import (
+    LOG_COLUMNS,
+    TrainConfig,
+    list_recipes,
+    load_recipe,
+    lr_at,
+    resolve_device,
+    train,
+    train_branches,
+)
+
+# B = 4 epochs: prefix 0..3 (swa_start = floor(0.75 * 4) = 3), SGD branch 3..4, SWA branch 3..6 (3 averages)
+SMALL = dict(epochs=4, device="cpu", save_iterates=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest (and bit-reproducibly across processes) on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def branches(tmp_path_factory):
+    out = tmp_path_factory.mktemp("branches")
+    cfg = TrainConfig(**SMALL)
+    return cfg, out, train_branches(cfg, out, progress=False)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# schedule
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("branch", ["sgd", "swa"])
+def test_lr_at_matches_the_formula(branch):
+    cfg = TrainConfig(epochs=100, lr=0.1, swa_lr=0.05, swa_start=80)
+    # sgd: t = epoch / B with ratio 0.01; swa (authors' train.py): t = epoch / swa_start with ratio swa_lr / lr
+    horizon, r = (100, 0.01) if branch == "sgd" else (80, 0.5)
+    expected = {0.0: 1.0, 0.5: 1.0, 0.7: (1 + r) / 2, 0.9: r, 1.0: r}  # factor 1 - (1 - r)(t - 0.5)/0.4 between
+    for t, factor in expected.items():
+        assert lr_at(round(t * horizon), cfg, branch) == pytest.approx(0.1 * factor, rel=1e-12), t
+    # linear in between, constant after 0.9
+    assert lr_at(0.6 * horizon, cfg, branch) == pytest.approx(0.1 * (1 - (1 - r) / 4), rel=1e-12)
+    assert lr_at(1.4 * horizon, cfg, branch) == pytest.approx(0.1 * r, rel=1e-12)
+
+
+def test_lr_at_swa_branch_is_sgd_then_constant():
+    cfg = TrainConfig(epochs=100, lr=0.1, swa_lr=0.05, swa_start=75)
+    assert lr_at(74, cfg, "swa_branch") == lr_at(74, cfg, "sgd") == pytest.approx(0.1 * (1 - 0.99 * 24 / 40))
+    assert lr_at(75, cfg, "swa_branch") == lr_at(149, cfg, "swa_branch") == 0.05
+
+
+@pytest.mark.parametrize("epoch, branch, match", [
+    (0, "cyclic", r"branch must be one of \['sgd', 'swa', 'swa_branch'\], got 'cyclic'"),
+    (-1, "sgd", "epoch must be a number >= 0, got -1"),
+])
+def test_lr_at_rejects_bad_arguments(epoch, branch, match):
+    with pytest.raises(ValueError, match=match):
+        lr_at(epoch, TrainConfig(), branch)
+
+
+# --------------------------------------------------------------------------------------------------------
+# config validation, recipes
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"learning_rate": 0.1}, r"unknown training config key\(s\) \['learning_rate'\]; valid keys: \['model'"),
+    ({"lr": 0.0}, "lr must be a positive number, got 0.0"),
+    ({"lr": -0.1}, "lr must be a positive number, got -0.1"),
+    ({"swa_lr": 0}, "swa_lr must be a positive number"),
+    ({"epochs": 4, "swa_start": 5}, r"swa_start=5 is outside the budget: it must be in \[1, epochs=4\]; lower "
+                                    r"swa_start \(or leave it unset for 0.75\*epochs = 3; CLI: --swa-start auto\)"),
+    ({"model": "resnet9000"}, "training config 'model': unknown model 'resnet9000'.*Valid names: .*digits_cnn"),
+    ({"dataset": "mnist"}, r"unknown dataset 'mnist'; valid names: \['cifar10', 'cifar100', 'digits'\]"),
+    ({"device": "tpu"}, r"device must be one of \['auto', 'cpu', 'cuda'\], got 'tpu'"),
+    ({"device": "cpu", "amp": True}, "amp .* runs on CUDA only, but device='cpu'; set amp = false"),
+    ({"epochs": "10"}, r"'epochs' must be of type int, got '10' \(str\)"),
+    ({"augment": 1}, r"'augment' must be of type bool, got 1"),
+    ({"model_kwargs": None}, r"'model_kwargs' must be of type dict, got None"),
+    ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+    ({"epochs": 4, "swa_budget": 1.0, "swa_c": 2}, "SWA would average no model: it runs from epoch swa_start=3 "
+                                                   "to swa_budget\\*epochs=4 and averages every swa_c=2 epochs"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+])
+def test_config_rejects_bad_values_with_a_fix(values, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(values)
+
+
+def test_config_defaults_and_copies():
+    kwargs = {"width": 8}
+    cfg = TrainConfig(model_kwargs=kwargs, lr=1)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.model_kwargs == kwargs and cfg.model_kwargs is not kwargs
+    assert cfg.swa_start_epoch == 22 and cfg.swa_end_epoch == 45  # 0.75 * 30, 1.5 * 30
+    assert cfg.resolved()["swa_start"] == 22 and cfg.swa_start is None
+    assert TrainConfig(epochs=30, swa_budget=1.25).swa_end_epoch == 38  # 37.5 rounded half up
+
+
+def test_recipes_load_and_follow_the_paper():
+    names = list_recipes()
+    for name in ["digits", "vgg16-cifar10", "vgg16-cifar100", "preresnet110-cifar10", "preresnet164-cifar100",
+                 "wrn28x10-cifar10", "wrn28x10-cifar100"]:
+        assert name in names
+    assert load_recipe("digits") == TrainConfig()  # the embedded default
+    for name in names:
+        load_recipe(name)  # every bundled recipe is a valid config
+    vgg = load_recipe("vgg16-cifar100")
+    assert (vgg.model, vgg.lr, vgg.weight_decay, vgg.epochs, vgg.swa_lr, vgg.batch_size, vgg.swa_budget) == \
+        ("vgg16", 0.05, 5e-4, 200, 0.01, 128, 1.5)
+    prn = load_recipe("preresnet164-cifar100")
+    assert (prn.lr, prn.weight_decay, prn.epochs, prn.swa_lr) == (0.1, 3e-4, 150, 0.05)
+    assert load_recipe("preresnet110-cifar10").swa_lr == 0.01
+    wrn = load_recipe("wrn28x10-cifar10")
+    assert (wrn.model, wrn.lr, wrn.weight_decay, wrn.epochs, wrn.swa_lr) == ("wideresnet28x10", 0.1, 5e-4, 200, 0.05)
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown recipe 'vgg19'; bundled recipes: \['digits'"):
+        load_recipe("vgg19")
+    bad_key = tmp_path / "bad.toml"
+    bad_key.write_text('lr = 0.1\nlearning_rate = 0.2\n')
+    with pytest.raises(ValueError, match=r"bad.toml: unknown training config key\(s\) \['learning_rate'\]"):
+        load_recipe(bad_key)
+    bad_value = tmp_path / "neg.toml"
+    bad_value.write_text('lr = -1\n')
+    with pytest.raises(ValueError, match="neg.toml: lr must be a positive number"):
+        load_recipe(bad_value)
+    broken = tmp_path / "broken.toml"
+    broken.write_text('lr = \n')
+    with pytest.raises(ValueError, match="broken.toml is not valid TOML"):
+        load_recipe(broken)
+    with pytest.raises(ValueError, match="recipe file .*missing.toml does not exist"):
+        load_recipe(tmp_path / "missing.toml")
+    good = tmp_path / "good.toml"
+    good.write_text('epochs = 8\nmodel_kwargs = { width = 8 }\n')
+    assert load_recipe(good) == TrainConfig(epochs=8, model_kwargs={"width": 8})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA messages")
+def test_device_errors_without_cuda(tmp_path):
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available here"):
+        resolve_device(TrainConfig(device="cuda"))
+    with pytest.raises(ValueError, match="amp .* runs on CUDA only and this run is on the CPU"):
+        train(TrainConfig(amp=True), tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+# --------------------------------------------------------------------------------------------------------
+# the branch protocol
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_branches_writes_checkpoints_with_metadata(branches):
+    cfg, out, paths = branches
+    assert paths["start"] == str(out / "start.pt") and paths["sgd"] == str(out / "sgd.pt")
+    assert paths["swa"] == str(out / "swa.pt") and len(paths["iterates"]) == 3
+    assert not (out / "branch_state.pt").exists()
+    expected_epoch = {"start": 3, "sgd": 4, "swa": 6}
+    for role in ("start", "sgd", "swa"):
+        ckpt = load_checkpoint(paths[role])
+        meta = ckpt.meta
+        assert (meta["role"], meta["arch"], meta["dataset"], meta["num_classes"]) == (role, "digits_cnn", "digits", 10)
+        assert meta["config"] == cfg.resolved() and meta["config"]["swa_start"] == 3
+        assert meta["extra"]["seed"] == 0 and meta["extra"]["epoch"] == expected_epoch[role]
+        epochs = meta["metrics"]["epochs"]
+        assert [r["phase"] for r in epochs if r["phase"] != "prefix"] == {
+            "start": [], "sgd": ["sgd", "sgd_final"], "swa": ["swa"] * 3 + ["swa_final"]}[role]
+        if role != "start":
+            final = epochs[-1]
+            assert meta["metrics"]["test_err"] == final["test_err"]
+            assert meta["metrics"]["test_acc"] == pytest.approx(100 - final["test_err"])
+            assert meta["metrics"]["test_acc"] > 80  # 4 epochs of digits
+    assert load_checkpoint(paths["swa"]).meta["extra"]["n_averaged"] == 3
+
+
+def test_log_csv_rows_follow_the_schedule(branches):
+    cfg, out, _ = branches
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == LOG_COLUMNS
+    assert [(r["phase"], int(r["epoch"])) for r in rows] == [
+        ("prefix", 1), ("prefix", 2), ("prefix", 3), ("sgd", 4), ("sgd_final", 4),
+        ("swa", 4), ("swa", 5), ("swa", 6), ("swa_final", 6)]
+    for r in rows:
+        if r["phase"] in ("prefix", "sgd"):
+            assert float(r["lr"]) == pytest.approx(lr_at(int(r["epoch"]) - 1, cfg, "sgd"))
+        elif r["phase"] == "swa":
+            assert float(r["lr"]) == cfg.swa_lr
+        else:
+            assert r["lr"] == "" and 0 <= float(r["test_err"]) <= 100
+
+
+def test_swa_weights_are_the_plain_average_of_the_iterates(branches):
+    cfg, out, paths = branches
+    iterates = [load_checkpoint(p) for p in paths["iterates"]]
+    assert [c.meta["extra"]["epoch"] for c in iterates] == [4, 5, 6]
+    assert all(c.meta["role"] == "iterate" for c in iterates)
+    swa = weights(paths["swa"])
+    params = [n for n, _ in iterates[0].model.named_parameters()]
+    for name in params:
+        mean = sum(c.state_dict[name].double() for c in iterates) / len(iterates)
+        torch.testing.assert_close(swa[name].double(), mean, rtol=0, atol=1e-6)
+    # and the average is not any one iterate
+    assert not torch.equal(swa[params[0]], iterates[-1].state_dict[params[0]])
+
+
+def test_swa_batchnorm_stats_come_from_a_pass_over_the_training_data(branches):
+    cfg, out, paths = branches
+    ckpt = load_checkpoint(paths["swa"])
+    model = ckpt.model.double()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert bns
+    seen: dict[str, list] = {n: [] for n in bns}
+    hooks = [m.register_forward_hook(lambda m, inp, o, n=n: seen[n].append(inp[0].detach())) for n, m in bns.items()]
+    model.train()  # batch statistics drive the forward pass, whatever the running stats are
+    x = load_dataset("digits", split="train").normalized(dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(x), cfg.batch_size):
+            model(x[i:i + cfg.batch_size])
+    for h in hooks:
+        h.remove()
+    last_iterate = weights(paths["iterates"][-1])
+    for name in bns:
+        means = torch.stack([a.mean(dim=(0, 2, 3)) for a in seen[name]])
+        variances = torch.stack([a.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for a in seen[name]])
+        rm, rv = ckpt.state_dict[f"{name}.running_mean"], ckpt.state_dict[f"{name}.running_var"]
+        torch.testing.assert_close(rm.double(), means.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rv.double(), variances.mean(0), rtol=1e-5, atol=1e-5)
+        assert int(ckpt.state_dict[f"{name}.num_batches_tracked"]) == len(seen[name]) == 23  # ceil(1437 / 64)
+        assert not torch.allclose(rm, last_iterate[f"{name}.running_mean"])  # not copied from an iterate
+
+
+def test_same_seed_twice_is_bit_identical_and_sgd_mode_equals_the_sgd_branch(branches, tmp_path):
+    cfg, out, paths = branches
+    again = train_branches(cfg, tmp_path / "again", progress=False)
+    for role in ("start", "sgd", "swa"):
+        assert_same_weights(paths[role], again[role])
+    for a, b in zip(paths["iterates"], again["iterates"]):
+        assert_same_weights(a, b)
+    single = train(cfg, tmp_path / "sgd_only", "sgd", progress=False)
+    assert set(single) == {"sgd", "iterates", "log", "state"}
+    assert_same_weights(paths["sgd"], single["sgd"])
+    other_seed = train(cfg.replace(seed=1), tmp_path / "seed1", "sgd", progress=False)
+    assert not torch.equal(weights(other_seed["sgd"])["fc.weight"], weights(paths["sgd"])["fc.weight"])
+
+
+def test_single_swa_run(tmp_path):
+    cfg = TrainConfig(epochs=2, device="cpu", swa_budget=2.0, save_iterates=True)  # swa_start 1, end 4
+    paths = train(cfg, tmp_path, "swa", progress=False)
+    assert set(paths) == {"swa", "iterates", "log", "state"} and len(paths["iterates"]) == 3
+    with open(paths["log"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in rows if r["phase"] == "swa"] == [lr_at(e, cfg, "swa") for e in range(4)]
+    assert rows[-1]["phase"] == "swa_final" and rows[-1]["lr"] == ""
+
+
+def test_augmentation_is_seeded(tmp_path):
+    cfg = TrainConfig(epochs=1, device="cpu", augment=True, pad=1, flip=False)
+    a = train(cfg, tmp_path / "a", "sgd", progress=False)["sgd"]
+    b = train(cfg, tmp_path / "b", "sgd", progress=False)["sgd"]
+    plain = train(cfg.replace(augment=False), tmp_path / "plain", "sgd", progress=False)["sgd"]
+    assert_same_weights(a, b)
+    assert not torch.equal(weights(a)["fc.weight"], weights(plain)["fc.weight"])
+
+
+def test_missing_data_fails_before_writing_anything(tmp_path):
+    cfg = TrainConfig(model="preresnet20", dataset="cifar10", data_root=str(tmp_path / "nothing"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        train(cfg, tmp_path / "out", "sgd", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# output folders: refuse foreign runs, skip finished work, overwrite
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_finished_run_is_skipped(branches):
+    cfg, out, paths = branches
+    stamps = {p: os.stat(p).st_mtime_ns for p in (paths["sgd"], paths["swa"], paths["log"])}
+    assert train_branches(cfg, out, progress=False) == paths
+    assert train_branches(cfg.replace(data_root="/elsewhere"), out, progress=False) == paths  # resume-free field
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+
+
+def test_a_folder_with_another_run_is_refused(branches, tmp_path):
+    cfg, out, _ = branches
+    with pytest.raises(ValueError, match=r"holds a run with a different config \(lr: 0.05 -> 0.1\); use a new "
+                                         r"output folder \(--out\) or pass --overwrite"):
+        train_branches(cfg.replace(lr=0.1), out, progress=False)
+    with pytest.raises(ValueError, match=r"holds a 'branches' run, not a 'sgd' one"):
+        train(cfg, out, "sgd", progress=False)
+    (tmp_path / "sgd.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"already holds training outputs \['sgd.pt'\] but no train_state.pt"):
+        train(cfg, tmp_path, "sgd", progress=False)
+    with pytest.raises(ValueError, match="mode must be 'sgd' or 'swa'"):
+        train(cfg, tmp_path, "branches", progress=False)
+
+
+def test_overwrite_starts_over(tmp_path):
+    cfg = TrainConfig(epochs=1, device="cpu", save_iterates=True)  # swa_start 1, SWA to epoch 2
+    train_branches(cfg, tmp_path, progress=False)
+    (tmp_path / "swa_iter_099.pt").write_bytes(b"stale")
+    (tmp_path / "notes.txt").write_text("mine")
+    paths = train_branches(cfg.replace(lr=0.02), tmp_path, overwrite=True, progress=False)
+    assert load_checkpoint(paths["swa"]).meta["config"]["lr"] == 0.02
+    assert not (tmp_path / "swa_iter_099.pt").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------------------------------------
+# resume after SIGKILL, through the CLI
+# --------------------------------------------------------------------------------------------------------
+
+
+def _cli(out: Path) -> list[str]:
+    return [sys.executable, "-m", "widthkit.train", "--recipe", "digits", "--out", str(out), "--epochs", "4",
+            "--device", "cpu", "--save-iterates", "--no-progress"]  # = SMALL
+
+
+def _run_until(out: Path, done) -> None:
+    """Start the CLI and SIGKILL it as soon as ``done(state)`` holds for its training state."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic as this process (one thread)
+    proc = subprocess.Popen(_cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+            except (FileNotFoundError, EOFError, RuntimeError):
+                state = None
+            if state is not None and done(state):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-2000:]}"
+
+
+def test_resume_after_sigkill_is_bit_identical(branches, tmp_path, capsys):
+    cfg, ref_out, ref = branches  # the uninterrupted reference run
+    out = tmp_path / "killed"
+    _run_until(out, lambda s: s["phase"] == "swa" and s["n_averaged"] >= 1)  # in the SWA branch, mid-average
+    assert main(_cli(out)[3:]) == 0  # the same command, run to completion (in this process: saves a start-up)
+    assert f"swa: {out / 'swa.pt'}" in capsys.readouterr().out
+    _assert_same_run(ref, out)
+
+
+def test_resume_after_a_crash_in_the_sgd_branch(branches, tmp_path, monkeypatch):
+    """Interrupted after the prefix: the rerun finishes the SGD branch, then starts the SWA branch from the
+    branch_state.pt the crashed run wrote."""
+    cfg, _, ref = branches
+    real, calls = trainer.train_epoch, []
+
+    def crash_on_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # epochs 1-3: prefix; 4: the SGD branch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        train_branches(cfg, tmp_path, progress=False)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert (state["phase"], state["epoch"]) == ("sgd", 3) and (tmp_path / "branch_state.pt").is_file()
+    monkeypatch.setattr(trainer, "train_epoch", real)
+    _assert_same_run(ref, tmp_path, train_branches(cfg, tmp_path, progress=False))
+
+
+def _assert_same_run(ref: dict, out: Path, paths: dict | None = None) -> None:
+    for role in ("start", "sgd", "swa"):
+        assert_same_weights(ref[role], out / f"{role}.pt")
+    assert len(ref["iterates"]) == 3
+    for path in ref["iterates"]:
+        assert_same_weights(path, out / Path(path).name)
+    if paths is not None:
+        assert paths["iterates"] == [str(out / Path(p).name) for p in ref["iterates"]]
+    with open(out / "log.csv") as f, open(ref["log"]) as g:
+        strip = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # all but time_s
+        assert strip(f.read().splitlines()) == strip(g.read().splitlines())
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_cli_flags_override_the_recipe_and_config_file(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text("weight_decay = 1e-3\nbatch_size = 32\n")
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--config", str(config), "--mode", "sgd", "--epochs", "1", "--lr", "0.1",
+                 "--swa_lr", "0.02", "--model-kwargs", '{"width": 4}', "--no-augment", "--device", "cpu",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"sgd: {out / 'sgd.pt'}" in printed and f"log: {out / 'log.csv'}" in printed
+    recorded = load_checkpoint(out / "sgd.pt").meta["config"]
+    assert (recorded["epochs"], recorded["lr"], recorded["swa_lr"], recorded["weight_decay"],
+            recorded["batch_size"], recorded["model_kwargs"], recorded["model"]) == \
+        (1, 0.1, 0.02, 1e-3, 32, {"width": 4}, "digits_cnn")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--lr", "-1"], "lr must be a positive number, got -1.0"),
+    (["--recipe", "nope"], "unknown recipe 'nope'; bundled recipes"),
+    (["--model-kwargs", "[1]"], "expected a JSON object"),
+    (["--epochs", "2.5"], "invalid int value: '2.5'"),
+    (["--recipe", "vgg16-cifar10", "--epochs", "4"], r"swa_start=160 is outside the budget.*--swa-start auto"),
+    (["--swa-start", "soon"], "expected an integer or 'auto', got 'soon'"),
+])
+def test_cli_errors_are_messages(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "x"), "--no-progress"])
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_swa_start_auto_resets_the_recipe_value():
+    from widthkit.train import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--recipe", "vgg16-cifar10", "--epochs", "8", "--swa-start", "auto"])
+    cfg = config_from_args(args)
+    assert cfg.swa_start is None and cfg.swa_start_epoch == 6 and cfg.device == "auto"
+
+
+def test_cli_lists_recipes(capsys):
+    assert main(["--list-recipes"]) == 0
+    assert capsys.readouterr().out.split() == list_recipes()
