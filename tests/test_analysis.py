@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import widthkit
-from widthkit import line as line_cli
-from widthkit import plane as plane_cli
-from widthkit import plot as plot_cli
-from widthkit import rays as rays_cli
+import importlib
+
+line_cli = importlib.import_module("widthkit.line")
+plane_cli = importlib.import_module("widthkit.plane")
+plot_cli = importlib.import_module("widthkit.plot")
+rays_cli = importlib.import_module("widthkit.rays")
 from widthkit.checkpoints import load_checkpoint, save_checkpoint
 from widthkit.data import load_dataset
 from widthkit.evaluator import EvalConfig, EvalSet, Evaluator

@@ -127,8 +127,8 @@ def test_config_defaults_and_copies():
     cfg = TrainConfig(model_kwargs=kwargs, lr=1)
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     assert cfg.model_kwargs == kwargs and cfg.model_kwargs is not kwargs
-    assert cfg.swa_start_epoch == 22 and cfg.swa_end_epoch == 45  # 0.75 * 30, 1.5 * 30
-    assert cfg.resolved()["swa_start"] == 22 and cfg.swa_start is None
+    assert cfg.swa_start_epoch == 15 and cfg.swa_end_epoch == 30  # 0.75 * 20, 1.5 * 20
+    assert cfg.resolved()["swa_start"] == 15 and cfg.swa_start is None
     assert TrainConfig(epochs=30, swa_budget=1.25).swa_end_epoch == 38  # 37.5 rounded half up
 
 
@@ -321,9 +321,9 @@ def test_finished_run_is_skipped(branches):
 
 def test_a_folder_with_another_run_is_refused(branches, tmp_path):
     cfg, out, _ = branches
-    with pytest.raises(ValueError, match=r"holds a run with a different config \(lr: 0.05 -> 0.1\); use a new "
+    with pytest.raises(ValueError, match=r"holds a run with a different config \(lr: 0.1 -> 0.2\); use a new "
                                          r"output folder \(--out\) or pass --overwrite"):
-        train_branches(cfg.replace(lr=0.1), out, progress=False)
+        train_branches(cfg.replace(lr=0.2), out, progress=False)
     with pytest.raises(ValueError, match=r"holds a 'branches' run, not a 'sgd' one"):
         train(cfg, out, "sgd", progress=False)
     (tmp_path / "sgd.pt").write_bytes(b"")

@@ -11,8 +11,9 @@ figures (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Bett
 
 __version__ = "0.1.0"
 
-from .analysis import Analysis, DataSpec, EvalSettings, load  # noqa: E402
-from . import line, plane, rays  # noqa: E402  (callable modules: the Python API and the CLIs)
+# The analysis functions. The command modules of the same names (python -m widthkit.rays) are callable too, so
+# widthkit.rays(...) keeps working after `import widthkit.rays` rebinds the attribute to the module.
+from .analysis import Analysis, DataSpec, EvalSettings, line, load, plane, rays  # noqa: E402
 from .checkpoints import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from .data import Dataset, load_dataset  # noqa: E402
 from .evaluator import EvalConfig, EvalSet, Evaluator  # noqa: E402
