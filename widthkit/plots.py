@@ -685,7 +685,9 @@ def _colorbar(fig, mappable, ax, metric: str, bounds: np.ndarray, **kw):
     """Colour bar labelled with the metric and its units, ticks at (at most 8 of) the contour boundaries."""
     cb = fig.colorbar(mappable, ax=ax, label=metric_label(metric), **kw)
     cb.set_ticks(bounds[np.unique(np.round(np.linspace(0, bounds.size - 1, min(bounds.size, 8))).astype(int))])
-    cb.ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ticks = np.asarray(cb.get_ticks(), dtype=np.float64)
+    digits = next((d for d in range(3, 9) if len({f"{t:.{d}g}" for t in ticks}) == len(ticks)), 9)
+    cb.ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.{digits}g}"))
     cb.ax.yaxis.set_minor_locator(plt.NullLocator())
     return cb
 
@@ -963,8 +965,10 @@ def _rays_widths(data: Mapping, labels: Mapping[str, str], metrics: Sequence[str
             threshold_by_metric.setdefault(metric, {})[label] = np.asarray(entry["level"], dtype=np.float64)
     for metric, levels in threshold_by_metric.items():
         values = list(levels.values())
-        if len(levels) == len(labels) and all(v.ndim == 0 and v == values[0] for v in values):
-            threshold_by_metric[metric] = float(values[0])  # one shared level: one dashed line
+        flat = np.concatenate([np.ravel(v) for v in values])
+        flat = flat[np.isfinite(flat)]
+        if len(levels) == len(labels) and flat.size and np.allclose(flat, flat[0], rtol=1e-12, atol=0):
+            threshold_by_metric[metric] = float(flat[0])  # one shared level: one dashed line
     return widths_by_metric, threshold_by_metric
 
 
