@@ -1,10 +1,12 @@
 import os
+import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import h5py  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -47,3 +49,18 @@ def digits_ckpts(tmp_path_factory):
     save_checkpoint(paths["mlp"], train_digits(3, 1, "digits_mlp"), arch="digits_mlp", num_classes=10,
                     dataset="digits")
     return paths
+
+
+def wait_for_done(path, group, n, proc, timeout=180.0) -> int:
+    """Poll an analysis file until ``group`` has ``n`` finished points (or ``proc`` ended); returns the count."""
+    deadline, n_done = time.time() + timeout, 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                n_done = int(f[group]["done"][...].sum())
+        except (OSError, KeyError):  # not created yet
+            n_done = 0
+        if n_done >= n:
+            break
+        time.sleep(0.05)
+    return n_done

@@ -5,13 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import h5py
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import widthkit
 import importlib
@@ -20,10 +17,11 @@ line_cli = importlib.import_module("widthkit.line")
 plane_cli = importlib.import_module("widthkit.plane")
 plot_cli = importlib.import_module("widthkit.plot")
 rays_cli = importlib.import_module("widthkit.rays")
-from widthkit.checkpoints import load_checkpoint, save_checkpoint
+from widthkit.checkpoints import load_checkpoint
 from widthkit.data import load_dataset
-from widthkit.evaluator import EvalConfig, EvalSet, Evaluator
+from widthkit.evaluator import EvalConfig, Evaluator
 from widthkit.models import create_model
+from conftest import wait_for_done
 from widthkit.store import read
 
 # small evaluation sets keep every point cheap; the numbers are still real
@@ -201,17 +199,7 @@ def test_sigkill_then_resume_equals_uninterrupted(ckpts, tmp_path):
     subprocess.run(_rays_cmd(ckpts, full), check=True, capture_output=True, cwd=tmp_path)
     killed = tmp_path / "killed.h5"
     proc = subprocess.Popen(_rays_cmd(ckpts, killed), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    n_done = 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with h5py.File(killed, "r", locking=False) as f:
-                n_done = int(f["sgd"]["done"][...].sum())
-        except (OSError, KeyError):
-            n_done = 0
-        if n_done >= 5:
-            break
-        time.sleep(0.05)
+    wait_for_done(killed, "sgd", 5, proc)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -4,12 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import h5py
 import numpy as np
 import pytest
 
+from conftest import wait_for_done
 from widthkit.store import read
 
 SMALL = ["--train-subset", "160", "--test-subset", "120", "--no-plot", "--quiet"]
@@ -70,16 +69,7 @@ def test_killed_rank_then_resume_with_one_process(digits_ckpts, tmp_path):
                    capture_output=True)
     proc = subprocess.Popen(torchrun(2, "widthkit.rays", [*args, "--out", str(killed), *SMALL]), env=ENV,
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline, n_done = time.time() + 180, 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with h5py.File(killed, "r", locking=False) as f:
-                n_done = int(f["sgd"]["done"][...].sum())
-        except (OSError, KeyError):
-            n_done = 0
-        if n_done >= 4:
-            break
-        time.sleep(0.05)
+    wait_for_done(killed, "sgd", 4, proc)
     assert proc.poll() is None, "the job ended before a rank could be killed"
     workers = _children(proc.pid)
     assert len(workers) == 2

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,6 @@ from .directions import (
     line_basis, plane_basis, random_directions, validate_exclude, validate_norm,
 )
 from .evaluator import BN_MODES, EvalConfig, EvalSet, Evaluator
-from .space import ThetaLayout
 
 ProgressFn = Callable[[int, int], None]  # (points done, points in total)
 
@@ -376,6 +375,12 @@ class Analysis:
                                     out.get("comparison"), title=f"width at {th} ({how}), {len(distances)} steps "
                                     f"to {max_d:.4g}, {len(next(iter(grids.values()))[0])} directions")
         return out
+
+    def default_thresholds(self) -> list[str]:
+        """The paper's two width questions: test error 5 points above the start, and train loss (with the L2
+        term when the weight decay is known) 0.5 nats above it."""
+        has_l2 = "train_loss_l2" in next(iter(self.models.values()))["metrics"]
+        return ["test_err=+5", "train_loss_l2=+0.5" if has_l2 else "train_loss=+0.5"]
 
     def record_widths(self, reports: Sequence[dict]) -> None:
         """Store width reports in the file (root attributes ``widths`` — the first threshold, drawn on the

@@ -725,7 +725,7 @@ def _cpu_state_dict(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, 
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad or not sd:
         raise CheckpointError(
-            f"cannot save: the state dict must map names to tensors; "
+            "cannot save: the state dict must map names to tensors; "
             + (f"non-tensor entries: {_few(bad)}" if bad else "it is empty")
         )
     return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}

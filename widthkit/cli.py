@@ -100,6 +100,39 @@ def progress_bar(enabled: bool, desc: str):
     return progress, close
 
 
+def run_analysis(kind: str, args, call: Callable, out_kind: str | None = None):
+    """The shared body of rays/line/plane: default output path, progress bar, timing, report, figures.
+
+    ``call(models, common)`` runs the analysis, where ``common`` holds the keyword arguments every analysis
+    takes (settings, data, output, progress, ...). Returns the :class:`~widthkit.analysis.Analysis`, or None
+    on a rank that does not write.
+    """
+    log = log_fn()
+    out = default_out(out_kind or kind, args.ckpt) if args.out is None else args.out
+    progress, close = progress_bar(not args.quiet, kind)
+    timer = Timer()
+    common = dict(settings=settings_from(args), data_spec=data_spec_from(args), out=out, overwrite=args.overwrite,
+                  progress=progress, chunk_size=args.chunk_size, arch=args.arch, which=args.which)
+    try:
+        res = call(models_from(args), common)
+    finally:
+        close()
+    if res is not None:
+        log(f"{kind}: {res.path} ({timer})")
+    return res
+
+
+def report_widths(res, reports, log) -> Path:
+    """Print the width tables and write them as JSON next to the HDF5 file (``*.widths.json``)."""
+    for r in reports:
+        log("")
+        log(r["table"])
+    json_path = res.path.with_suffix(".widths.json")
+    write_json(json_path, [{k: v for k, v in r.items() if k != "table"} for r in reports])
+    log(f"\nwidths: {json_path}")
+    return json_path
+
+
 def render(path: Path, args, log) -> list[str]:
     from .plots import plot_file
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import os
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch

@@ -26,21 +26,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        log = cli.log_fn()
-        out = cli.default_out("line", args.ckpt) if args.out is None else args.out
-        progress, close = cli.progress_bar(not args.quiet, "line")
-        timer = cli.Timer()
-        try:
-            res = line(cli.models_from(args), t_min=args.t_min, t_max=args.t_max, steps=args.steps,
-                       settings=cli.settings_from(args), data_spec=cli.data_spec_from(args), out=out,
-                       overwrite=args.overwrite, progress=progress, chunk_size=args.chunk_size, arch=args.arch,
-                       which=args.which)
-        finally:
-            close()
-        if res is None:
-            return 0
-        log(f"line: {res.path} ({timer})")
-        cli.render(res.path, args, log)
+        res = cli.run_analysis("line", args, lambda models, common: line(
+            models, t_min=args.t_min, t_max=args.t_max, steps=args.steps, **common))
+        if res is not None:
+            cli.render(res.path, args, cli.log_fn())
         return 0
 
     return cli.run(body)

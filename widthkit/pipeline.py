@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import cli
-from .analysis import DataSpec, EvalSettings, line, load, plane, rays
+from .analysis import DataSpec, EvalSettings, line, plane, rays
 from .evaluator import BN_MODES
 from .train import add_config_flags, config_from_args
 from .trainer import list_recipes, train_branches
@@ -115,8 +115,7 @@ def main(argv=None) -> int:
         reports = []
         if "rays" in results:
             res = results["rays"]
-            specs = args.threshold or ["test_err=+5", "train_loss_l2=+0.5"
-                                       if "train_loss_l2" in res.models["sgd"]["metrics"] else "train_loss=+0.5"]
+            specs = args.threshold or res.default_thresholds()
             stored = res.data["attrs"].get("width_report") or []
             if not args.overwrite and [r.get("threshold") for r in stored] == specs and \
                     all(r.get("refined") == args.refine for r in stored):
@@ -126,9 +125,7 @@ def main(argv=None) -> int:
                 reports = [res.widths(s, refine=args.refine) for s in specs]
                 res.record_widths(reports)
                 timings["widths"] = time.perf_counter() - t
-            cli.write_json(an_dir / "rays.widths.json", [{k: v for k, v in r.items() if k != "table"} for r in reports])
-            for r in reports:
-                print(r["table"], flush=True)
+            cli.report_widths(res, reports, print)
         stage(3, "line", line, models={"SWA": paths["swa"], "SGD": paths["sgd"]}, steps=args.line_steps)
         stage(4, "plane", plane, models={"start": paths["start"], "SGD": paths["sgd"], "SWA": paths["swa"]},
               resolution=(args.resolution, args.resolution))

@@ -34,23 +34,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        log = cli.log_fn()
-        out = cli.default_out("plane-random" if args.random else "plane", args.ckpt) if args.out is None else args.out
         res_xy = args.resolution * 2 if len(args.resolution) == 1 else args.resolution
-        progress, close = cli.progress_bar(not args.quiet, "plane")
-        timer = cli.Timer()
-        try:
-            res = plane(cli.models_from(args), resolution=tuple(res_xy), margin=args.margin, random=args.random,
-                        span=args.span, norm=args.norm, exclude=() if args.exclude == "none" else args.exclude,
-                        settings=cli.settings_from(args), data_spec=cli.data_spec_from(args), out=out,
-                        overwrite=args.overwrite, progress=progress, chunk_size=args.chunk_size, arch=args.arch,
-                        which=args.which)
-        finally:
-            close()
-        if res is None:
-            return 0
-        log(f"plane: {res.path} ({timer})")
-        cli.render(res.path, args, log)
+        exclude = () if args.exclude == "none" else args.exclude
+        res = cli.run_analysis("plane", args, lambda models, common: plane(
+            models, resolution=tuple(res_xy), margin=args.margin, random=args.random, span=args.span,
+            norm=args.norm, exclude=exclude, **common), out_kind="plane-random" if args.random else "plane")
+        if res is not None:
+            cli.render(res.path, args, cli.log_fn())
         return 0
 
     return cli.run(body)

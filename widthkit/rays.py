@@ -40,31 +40,15 @@ def main(argv=None) -> int:
 
     def body() -> int:
         log = cli.log_fn()
-        out = cli.default_out("rays", args.ckpt) if args.out is None else args.out
-        progress, close = cli.progress_bar(not args.quiet, "rays")
-        timer = cli.Timer()
-        try:
-            res = rays(cli.models_from(args), data=None, dirs=args.dirs, max_dist=args.max_dist, steps=args.steps,
-                       two_sided=args.two_sided, norm=args.norm, exclude=args.exclude or (),
-                       settings=cli.settings_from(args), data_spec=cli.data_spec_from(args), out=out,
-                       overwrite=args.overwrite, progress=progress, chunk_size=args.chunk_size, arch=args.arch,
-                       which=args.which)
-        finally:
-            close()
+        res = cli.run_analysis("rays", args, lambda models, common: rays(
+            models, dirs=args.dirs, max_dist=args.max_dist, steps=args.steps, two_sided=args.two_sided,
+            norm=args.norm, exclude=args.exclude or (), **common))
         if res is None:  # a non-writing rank under torchrun
             return 0
-        log(f"rays: {res.path} ({timer})")
         if not args.two_sided:
-            has_l2 = "train_loss_l2" in next(iter(res.models.values()))["metrics"]
-            specs = args.threshold or ["test_err=+5", "train_loss_l2=+0.5" if has_l2 else "train_loss=+0.5"]
-            reports = [res.widths(s, refine=args.refine, tol=args.tol) for s in specs]
+            reports = [res.widths(s, refine=args.refine, tol=args.tol) for s in args.threshold or res.default_thresholds()]
             res.record_widths(reports)
-            for r in reports:
-                log("")
-                log(r["table"])
-            json_path = res.path.with_suffix(".widths.json")
-            cli.write_json(json_path, [{k: v for k, v in r.items() if k != "table"} for r in reports])
-            log(f"\nwidths: {json_path}")
+            cli.report_widths(res, reports, log)
         cli.render(res.path, args, log)
         return 0
 

@@ -916,7 +916,7 @@ def _remove_outputs(out: Path) -> None:
 
 
 def _check_same_run(state: dict | None, cfg: TrainConfig, mode: str, out: Path) -> None:
-    fix = f"use a new output folder (--out) or pass --overwrite (overwrite=True) to replace it"
+    fix = "use a new output folder (--out) or pass --overwrite (overwrite=True) to replace it"
     if state is None:
         found = [p.name for p in _output_files(out)]
         if found:
