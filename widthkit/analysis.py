@@ -457,7 +457,7 @@ class RaysSpec:
     """Rays from each model along the same random directions (Izmailov et al. 2018, section 3.4)."""
 
     dirs: int = 10  # number of random directions
-    max_dist: float | None = None  # furthest distance along each ray (None: half the norm of θ of the first model)
+    max_dist: float | None = None  # furthest distance (None: ‖θ‖/2 of the first model for unit directions, else 1)
     steps: int = 31  # grid points along each ray, distance 0 included
     two_sided: bool = False  # rays from -max_dist to +max_dist
     norm: str = "unit"  # unit | filter | layer | adaptive (unit: uniform on the sphere, absolute distances)
@@ -513,7 +513,9 @@ def rays(models, data=None, *, dirs: int = 10, max_dist: float | None = None, st
     layout = evs[0].layout
     thetas = [ev.theta0 for ev in evs]
     if spec.max_dist is None:
-        spec.max_dist = _nice(0.5 * float(torch.linalg.vector_norm(thetas[0].double())))
+        # unit directions: half the weight norm; weight-scaled directions (filter, layer, adaptive) are about as
+        # long as θ itself, so one unit along them is already a large step
+        spec.max_dist = _nice(0.5 * float(torch.linalg.vector_norm(thetas[0].double()))) if spec.norm == "unit" else 1.0
     # the directions are drawn once, relative to the first model's θ (matters only for filter/layer norms)
     directions = random_directions(layout, thetas[0], spec.dirs, seed=settings.seed, norm=spec.norm,
                                    exclude=spec.exclude)

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_analysis_flags(p, "one or more; all share the same directions")
     p.add_argument("--dirs", type=int, default=10, help="number of random directions (default 10)")
     p.add_argument("--max-dist", type=float, help="largest distance along a ray (default: ‖θ‖/2 of the first "
-                                                  "checkpoint, rounded up to 1, 2 or 5·10^k)")
+                                                  "checkpoint, rounded up to 1, 2 or 5·10^k; 1 for --norm other than unit)")
     p.add_argument("--steps", type=int, default=31, help="grid points per ray, distance 0 included (default 31)")
     p.add_argument("--two-sided", action="store_true", help="rays from -max-dist to +max-dist (no widths)")
     p.add_argument("--norm", choices=NORMS, default="unit",
