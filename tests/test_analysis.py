@@ -79,14 +79,34 @@ def test_refined_width_is_a_crossing(ckpts, tmp_path):
     res = widthkit.rays({"SWA": ckpts["swa"]}, dirs=2, steps=5, max_dist=10.0, bn="keep",
                         data_spec=widthkit.DataSpec(train_subset=160, test_subset=120))
     w = res.widths("train_loss=+0.3", refine=True, tol=0.02)
-    ev, theta = res.evaluators["SWA"]
+    ev, theta, dirs = res.evaluators["SWA"]
     for i, width in enumerate(w["per_direction"]["SWA"]):
         assert np.isfinite(width)
         level = w["levels"]["SWA"][i]
         coords = np.zeros((2, 2))
         coords[:, i] = [width - 0.02, width]
-        vals = ev.evaluate(theta, res.directions, coords)["train_loss"]
+        vals = ev.evaluate(theta, dirs, coords)["train_loss"]
         assert vals[0] < level <= vals[1]
+
+
+def test_filter_rays_scale_to_each_model(ckpts, tmp_path):
+    """Weight-scaled directions: the same draws, each scaled to its own model's filters (Li et al. 2018)."""
+    out = tmp_path / "filter.h5"
+    assert rays_cli.main(["--ckpt", ckpts["sgd"], "--ckpt", ckpts["swa"], "--norm", "filter", "--exclude", "biasbn",
+                          "--dirs", "2", "--steps", "2", "--out", str(out), "--no-plot", *SMALL]) == 0
+    data = read(out, load_large=True)
+    assert data["axes"]["distances"][-1] == 1.0  # default max distance for weight-scaled directions
+    for key, role in (("directions", "sgd"), ("directions_swa", "swa")):
+        theta = _direct(ckpts[role])[1]
+        d = torch.as_tensor(data["axes"][key][0])
+        model = load_checkpoint(ckpts[role]).model
+        off = 0
+        for name, p in model.named_parameters():
+            n = p.numel()
+            if p.dim() > 1:  # every filter of the direction as long as the model's own filter
+                df, wf = d[off:off + n].view(p.shape[0], -1), theta[off:off + n].view(p.shape[0], -1)
+                torch.testing.assert_close(df.norm(dim=1), wf.norm(dim=1), rtol=1e-4, atol=1e-6)
+            off += n
 
 
 def test_line_cli(ckpts, tmp_path):

@@ -350,12 +350,12 @@ class Analysis:
             gw = width_at(th, distances, m["metrics"])
             widths = gw.widths
             if refine:
-                ev, theta = self.evaluators[label]
+                ev, theta, dirs = self.evaluators[label]
 
-                def f_batch(rays, dists, ev=ev, theta=theta):
-                    coords = np.zeros((len(rays), len(self.directions)))
+                def f_batch(rays, dists, ev=ev, theta=theta, dirs=dirs):
+                    coords = np.zeros((len(rays), len(dirs)))
                     coords[np.arange(len(rays)), rays] = dists
-                    return ev.evaluate(theta, self.directions, coords)[th.metric]
+                    return ev.evaluate(theta, dirs, coords)[th.metric]
 
                 widths, n_evals = refine_widths(f_batch, gw.bracket, gw.level, tol=tol)
                 out["evaluations"][label] = int(np.sum(n_evals))
@@ -516,16 +516,20 @@ def rays(models, data=None, *, dirs: int = 10, max_dist: float | None = None, st
         # unit directions: half the weight norm; weight-scaled directions (filter, layer, adaptive) are about as
         # long as θ itself, so one unit along them is already a large step
         spec.max_dist = _nice(0.5 * float(torch.linalg.vector_norm(thetas[0].double()))) if spec.norm == "unit" else 1.0
-    # the directions are drawn once, relative to the first model's θ (matters only for filter/layer norms)
-    directions = random_directions(layout, thetas[0], spec.dirs, seed=settings.seed, norm=spec.norm,
-                                   exclude=spec.exclude)
+    # The same Gaussian draws (same seed) for every model. Unit directions are then literally the same vectors;
+    # weight-scaled ones (filter, layer, adaptive) are scaled to each model's own weights, as Li et al. do, so
+    # that a model with smaller weights is not perturbed relatively more (BatchNorm makes that matter).
+    directions = [random_directions(layout, thetas[0] if spec.norm == "unit" else th, spec.dirs,
+                                    seed=settings.seed, norm=spec.norm, exclude=spec.exclude) for th in thetas]
     lo = -spec.max_dist if spec.two_sided else 0.0
     distances = np.linspace(lo, spec.max_dist, spec.steps)
     config = _base_config("rays", settings, evs[0], data_desc, subjects, {"rays": dataclasses.asdict(spec)})
     path, tmp = _out_path(out, "rays.h5")
     af = _open(path, "rays", config, {
         "distances": (distances, ["step"]),
-        "directions": (directions.cpu().numpy(), ["direction", "theta"]),
+        "directions": (directions[0].cpu().numpy(), ["direction", "theta"]),
+        **({f"directions_{s.group}": (d.cpu().numpy(), ["direction", "theta"]) for s, d in zip(subjects[1:], directions[1:])}
+           if spec.norm != "unit" else {}),
     }, {s.group: s.attrs() for s in subjects}, (spec.dirs, spec.steps), evs[0].config.metrics(),
         {"theta_layout": layout.describe(), "units": {"distances": "weight-space L2 (unit directions)"
                                                       if spec.norm == "unit" else f"multiples of {spec.norm}-normalised directions"}},
@@ -538,15 +542,15 @@ def rays(models, data=None, *, dirs: int = 10, max_dist: float | None = None, st
         return c
 
     try:
-        _run_grid(af, [(s.group, ev, th, directions, coords_of) for s, ev, th in zip(subjects, evs, thetas)],
+        _run_grid(af, [(s.group, ev, th, d, coords_of) for s, ev, th, d in zip(subjects, evs, thetas, directions)],
                   progress)
     except BaseException:
         af.close()
         raise
     result = _finish(af, tmp)
     if result is not None:
-        result.evaluators = dict(zip([s.label for s in subjects], zip(evs, thetas)))
-        result.directions = directions
+        # kept for bisection along the rays (Analysis.widths(refine=True)): label -> (evaluator, θ, directions)
+        result.evaluators = {s.label: (ev, th, d) for s, ev, th, d in zip(subjects, evs, thetas, directions)}
     return result
 
 

@@ -33,7 +33,8 @@ import numpy as np
 
 SCHEMA = 1
 KINDS = ("rays", "line", "plane")
-# Root datasets that can be huge (one row per direction over all of θ): read() loads them only on request.
+# Root datasets that can be huge (one row per direction over all of θ; also "directions_<group>" when each
+# model has its own scaled directions): read() loads them only on request.
 LARGE_DATASETS = ("directions", "basis")
 
 
@@ -393,7 +394,7 @@ def read(path, load_large: bool = False) -> dict:
                "models": {}, "path": str(path)}
         for name, obj in f.items():
             if isinstance(obj, h5py.Dataset):
-                if name in LARGE_DATASETS and not load_large:
+                if name.split("_")[0] in LARGE_DATASETS and not load_large:
                     out["axes"][f"{name}_shape"] = tuple(obj.shape)
                 else:
                     out["axes"][name] = obj[...]
