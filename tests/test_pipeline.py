@@ -1,0 +1,50 @@
+"""The train-then-analyze pipeline on the digits recipe, shrunk to two epochs and tiny grids."""
+
+import os
+
+import numpy as np
+
+from widthkit import pipeline
+from widthkit.checkpoints import load_checkpoint
+from widthkit.store import read
+
+TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--resolution", "3",
+        "--train-subset", "200", "--no-progress", "--format", "png,pdf"]
+
+
+def test_two_epoch_pipeline_writes_every_promised_file(tmp_path, capsys):
+    assert pipeline.main(["--root", str(tmp_path), "--run", "tiny", *TINY]) == 0
+    printed = capsys.readouterr().out
+    ck, an, fig = tmp_path / "checkpoints" / "tiny", tmp_path / "analyses" / "tiny", tmp_path / "figures" / "tiny"
+    for name in ("start.pt", "sgd.pt", "swa.pt", "log.csv"):
+        assert (ck / name).stat().st_size > 0, name
+    roles = {r: load_checkpoint(ck / f"{r}.pt").meta["role"] for r in ("start", "sgd", "swa")}
+    assert roles == {"start": "start", "sgd": "sgd", "swa": "swa"}
+    for name in ("rays", "line", "plane"):
+        data = read(an / f"{name}.h5")
+        assert all(m["done"].all() for m in data["models"].values()), name
+        assert all(np.isfinite(v).all() for m in data["models"].values() for v in m["metrics"].values())
+    assert read(an / "rays.h5")["models"]["swa"]["metrics"]["test_err"].shape == (2, 3)
+    assert read(an / "plane.h5")["axes"]["point_labels"] == ["start", "SGD", "SWA"]
+    assert (an / "rays.widths.json").exists()
+    for stem in ("rays", "line", "plane_test_err", "plane_train_loss_l2"):
+        assert (fig / f"{stem}.png").stat().st_size > 5000 and (fig / f"{stem}.pdf").exists(), stem
+    report = (an / "report.md").read_text()
+    assert "## Test accuracy" in report and "| SWA |" in report and "width at test_err=+5" in report
+    for link in ("../../figures/tiny/rays.png", "../../figures/tiny/plane_test_err.png"):
+        assert link in report and (an / link).resolve().exists()
+    assert f"report:      {an / 'report.md'}" in printed
+
+    # re-running skips what is finished: no checkpoint or analysis is rewritten
+    stamps = {p: os.stat(p).st_mtime_ns for p in [*ck.glob("*.pt"), *an.glob("*.h5")]}
+    assert pipeline.main(["--root", str(tmp_path), "--run", "tiny", *TINY]) == 0
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+
+
+def test_pipeline_refuses_bad_input_before_training(tmp_path, capsys):
+    assert pipeline.main(["--root", str(tmp_path), "--skip", "rays,contour", *TINY]) == 2
+    assert "unknown stage(s) ['contour']" in capsys.readouterr().err
+    assert pipeline.main(["--root", str(tmp_path), "--model", "resnet9000", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "resnet9000" in err and "digits_cnn" in err
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("*.pt"))
