@@ -231,3 +231,18 @@ def test_sigkill_then_resume_equals_uninterrupted(ckpts, tmp_path):
         assert b["models"][g]["done"].all()
         for m, v in a["models"][g]["metrics"].items():
             np.testing.assert_array_equal(b["models"][g]["metrics"][m], v)
+
+
+def test_both_models_of_an_swa_authors_file(ckpts, tmp_path):
+    """--ckpt file.pt#sgd --ckpt file.pt#swa analyses the two models a training checkpoint of the SWA authors holds."""
+    sgd, swa = load_checkpoint(ckpts["sgd"]), load_checkpoint(ckpts["swa"])
+    path = tmp_path / "checkpoint-30.pt"
+    torch.save({"epoch": 30, "state_dict": sgd.state_dict, "swa_state_dict": swa.state_dict, "swa_n": 8,
+                "optimizer": {}}, path)
+    assert rays_cli.main(["--ckpt", f"{path}#sgd", "--ckpt", f"{path}#swa", "--data", "digits", "--bn", "keep",
+                          "--dirs", "1", "--steps", "2", "--out", str(tmp_path / "r.h5"), "--no-plot", *SMALL]) == 0
+    data = read(tmp_path / "r.h5")
+    assert {g: m["attrs"]["label"] for g, m in data["models"].items()} == {"sgd": "SGD", "swa": "SWA"}
+    for group, role in (("sgd", "sgd"), ("swa", "swa")):
+        direct, _ = _direct(ckpts[role], bn="keep")
+        assert data["models"][group]["metrics"]["test_loss"][0, 0] == pytest.approx(direct["test_loss"], rel=1e-6)

@@ -86,7 +86,10 @@ def as_subjects(models, arch: str | None = None, which: str | None = None) -> li
     subjects = []
     for i, (label, item) in enumerate(items):
         if isinstance(item, (str, os.PathLike)):
-            item = load_checkpoint(item, arch=arch, which=which)
+            # "file.pt#swa" / "file.pt#sgd" pick one model of a file holding both (the SWA authors' layout),
+            # so both can be analysed side by side: --ckpt ckpt.pt#sgd --ckpt ckpt.pt#swa
+            path, _, pick = str(item).rpartition("#") if str(item).endswith(("#swa", "#sgd")) else (str(item), "", None)
+            item = load_checkpoint(path, arch=arch, which=pick or which)
         if isinstance(item, Checkpoint):
             meta = dict(item.meta)
             role = meta.get("role") or (meta.get("which") if meta.get("which") in ("sgd", "swa") else None)

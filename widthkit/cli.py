@@ -16,7 +16,8 @@ from .evaluator import BN_MODES
 def add_analysis_flags(p: argparse.ArgumentParser, n_ckpt: str) -> None:
     """Flags of every analysis command (rays, line, plane)."""
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
-                   help=f"checkpoint file ({n_ckpt}); repeat the flag for several. LABEL=PATH sets the label")
+                   help=f"checkpoint file ({n_ckpt}); repeat the flag for several. LABEL=PATH sets the label; "
+                        "PATH#swa / PATH#sgd picks one model of a file that holds both")
     p.add_argument("--arch", help="architecture for bare state dicts (default: recorded in the file, or detected)")
     p.add_argument("--which", choices=("swa", "sgd"), help="pick the SWA or SGD weights of a file holding both")
     p.add_argument("--data", help="dataset: digits, cifar10, cifar100, imagefolder:PATH (default: the checkpoint's)")
@@ -73,7 +74,7 @@ def default_out(kind: str, ckpts: list[str]) -> Path:
     stems = []
     for c in ckpts:
         label, _, path = c.partition("=") if ("=" in c and not Path(c).exists()) else ("", "", c)
-        stems.append(label or Path(path).stem)
+        stems.append(label or Path(path).stem + (f"-{path.rpartition('#')[2]}" if path.endswith(("#swa", "#sgd")) else ""))
     return Path("analyses") / f"{kind}-{'-'.join(stems)}.h5"
 
 
