@@ -205,7 +205,7 @@ class EvalSettings:
 
     bn: str = "recompute"  # BatchNorm statistics at each point: keep | recompute | batch
     bn_subset: int | None = None  # training images for recomputing BN (None: all)
-    batch_size: int | None = None  # evaluation batch (None: 256 on CPU, 4096 on CUDA)
+    batch_size: int | None = None  # evaluation batch (None: 64 on CPU, 4096 on CUDA)
     weight_decay: float | None = None  # for train_loss_l2; None: the checkpoint's recorded weight decay, else 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast (CUDA only)

@@ -28,7 +28,7 @@ def add_analysis_flags(p: argparse.ArgumentParser, n_ckpt: str) -> None:
                    help="BatchNorm statistics at each point: recompute from training data (paper), keep the "
                         "checkpoint's, or per batch (default: recompute)")
     p.add_argument("--bn-subset", type=int, help="recompute BN statistics from N random training images (default: all)")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size (default: 256 on CPU, 4096 on CUDA)")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size (default: 64 on CPU, 4096 on CUDA)")
     p.add_argument("--weight-decay", type=float,
                    help="adds train_loss_l2 = CE + wd/2·||θ||² (default: the weight decay recorded in the checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
@@ -147,11 +147,34 @@ def render(path: Path, args, log) -> list[str]:
     return files
 
 
+def tune_allocator() -> bool:
+    """Keep glibc from returning large activation buffers to the OS after every op (and faulting them back in).
+
+    A process-wide setting, so only entry points (the commands, the benchmarks) call it, never the library.
+    Measured on 2 CPU cores: ResNet-56 evaluation at batch 64 went from 134 to 213-249 images/s
+    (benchmarks/RESULTS.md). ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set by the user take
+    precedence. Returns False where glibc's ``mallopt`` is not available.
+    """
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # buffers below 32 MiB (glibc's maximum) come from the heap; keep up to 1 GiB of freed heap
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+
+
 def run(main_fn: Callable[[], int]) -> int:
     """Run a command body: join torchrun's process group, turn user errors into one clear line."""
     from . import distributed
     from .store import StoreError
 
+    tune_allocator()
     try:
         distributed.init()
         code = main_fn()

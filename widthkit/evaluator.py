@@ -45,9 +45,10 @@ BASE_METRICS: tuple[str, ...] = ("train_loss", "train_err", "test_loss", "test_e
 
 
 def default_batch_size(device: torch.device) -> int:
-    # On CPU, batches of 64-256 avoid glibc returning activation buffers to the OS after every op
-    # (see PERF-NOTES); on a GPU, big batches keep it busy.
-    return 4096 if device.type == "cuda" else 256
+    # On CPU, glibc hands large activation buffers back to the OS after every op and page-faults them in again;
+    # batches of 64 stay under that threshold and were at or near the best for ResNet-20/56 and VGG16 here
+    # (benchmarks/RESULTS.md: 1.3-2.1x faster than 256). On a GPU, big batches keep it busy.
+    return 4096 if device.type == "cuda" else 64
 
 
 @dataclass
@@ -57,7 +58,7 @@ class EvalConfig:
     bn_mode: BNMode = "recompute"  # "keep" | "recompute" | "batch"
     bn_subset: int | None = None  # training images used to recompute BN statistics (None: all of them)
     bn_batch_size: int | None = None  # batch size of the BN pass (None: same as batch_size)
-    batch_size: int | None = None  # evaluation batch size (None: 256 on CPU, 4096 on CUDA)
+    batch_size: int | None = None  # evaluation batch size (None: 64 on CPU, 4096 on CUDA)
     weight_decay: float = 0.0  # > 0 adds the metric train_loss_l2 = CE + ½·wd·‖θ‖²
     amp: bool = False  # bf16 autocast for the forward passes (CUDA only; weights stay float32)
     seed: int = 0  # picks the BN subset

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bn", choices=BN_MODES, default="recompute", help="BN statistics at each point (default recompute)")
     a.add_argument("--bn-subset", type=int, help="recompute BN from N training images (default: all)")
     a.add_argument("--train-subset", type=int, help="train metrics on N random training images (default: all)")
-    a.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default: 256 CPU, 4096 CUDA)")
+    a.add_argument("--eval-batch-size", type=int, help="evaluation batch size (default: 64 CPU, 4096 CUDA)")
     a.add_argument("--format", default="png,pdf", help="figure formats (default png,pdf)")
     add_config_flags(p)
     return p
