@@ -81,10 +81,13 @@ def main(argv=None) -> int:
         seconds = _time([*cmd, *base, "--out", str(out)], env, work)
         files[name] = out
         rows.append((name, seconds))
-    ref = _values(next(iter(files.values())))
-    identical = all(
-        all(np.array_equal(v, _values(f)[k]) for k, v in ref.items()) for f in files.values()
-    )
+    # the same thread count gives the same float reduction order: 1-thread single process vs torchrun must be
+    # identical; all threads vs 1 thread may differ in the last bits (reported, not required)
+    names = list(files)
+    one, dist_run = _values(files[names[1]]), _values(files[names[2]])
+    identical = all(np.array_equal(v, dist_run[k]) for k, v in one.items())
+    many = _values(files[names[0]])
+    max_rel = max(float(np.max(np.abs(many[k] - v) / np.maximum(np.abs(v), 1e-12))) for k, v in one.items())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "?"
     lines = [
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
     t0 = rows[0][1]
     for name, s in rows:
         lines.append(f"| {name} | {s:.1f} | {n_points / s:.2f} | {t0 / s:.2f}x |")
-    lines += ["", f"Result files identical value for value: {identical}"]
+    lines += ["", f"torchrun file identical, value for value, to the 1-process 1-thread file: {identical}; "
+                  f"largest relative difference between the all-threads and 1-thread files: {max_rel:.1e}"]
     text = "\n".join(lines)
     print(text)
     if args.out:
