@@ -183,7 +183,7 @@ def run(main_fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: every finished chunk is saved; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, StoreError, TypeError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, StoreError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not isinstance(e, StoreError) and "out of memory" not in str(e).lower() \
                 and "ranks disagree" not in str(e):
             raise
