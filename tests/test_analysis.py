@@ -246,3 +246,18 @@ def test_both_models_of_an_swa_authors_file(ckpts, tmp_path):
     for group, role in (("sgd", "sgd"), ("swa", "swa")):
         direct, _ = _direct(ckpts[role], bn="keep")
         assert data["models"][group]["metrics"]["test_loss"][0, 0] == pytest.approx(direct["test_loss"], rel=1e-6)
+
+
+def test_two_sided_rays_report_asymmetry(ckpts, tmp_path, capsys):
+    out = tmp_path / "two.h5"
+    assert rays_cli.main(["--ckpt", ckpts["swa"], "--two-sided", "--dirs", "2", "--steps", "5", "--max-dist", "10",
+                          "--bn", "keep", "--out", str(out), "--figures", str(tmp_path), *SMALL]) == 0
+    assert "asymmetry at test_err=+5" in capsys.readouterr().out
+    data = read(out)
+    np.testing.assert_allclose(data["axes"]["distances"], [-10, -5, 0, 5, 10])
+    reports = json.loads((tmp_path / "two.asymmetry.json").read_text())
+    swa = reports[0]["SWA"]
+    assert len(swa["plus"]) == len(swa["minus"]) == 2
+    err = data["models"]["swa"]["metrics"]["test_err"]
+    assert np.all(err[:, 2] == err[0, 2])  # distance 0 is the checkpoint itself on every ray
+    assert list(tmp_path.glob("two*.png"))

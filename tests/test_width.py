@@ -504,3 +504,26 @@ def test_format_table_errors_and_unknown_iqr():
     assert "> 5" in table and "? [> 5, > 5]" in table
     with pytest.raises(ValueError, match="summaries is empty"):
         format_table({})
+
+
+def test_asymmetry_against_closed_form():
+    """values = a·d² on the positive side, b·d² on the negative: widths √(L/a) and √(L/b), exactly on the grid
+    refinement limit; checked within one grid step and the asymmetry against its closed form."""
+    from widthkit.width import asymmetry
+
+    d = np.linspace(-4, 4, 801)
+    a = np.array([1.0, 4.0, 1.0])
+    b = np.array([4.0, 1.0, 1.0])
+    values = np.where(d >= 0, a[:, None] * d ** 2, b[:, None] * d ** 2) + 1.0
+    r = asymmetry("train_loss=+1", d, {"train_loss": values})
+    wp, wm = np.sqrt(1 / a), np.sqrt(1 / b)
+    np.testing.assert_allclose(r["plus"], wp, atol=0.01)
+    np.testing.assert_allclose(r["minus"], wm, atol=0.01)
+    np.testing.assert_allclose(r["asymmetry"], (wp - wm) / (wp + wm), atol=0.01)
+    assert r["median_abs_asymmetry"] == pytest.approx(1 / 3, abs=0.01) and r["n_defined"] == 3
+    # a side that never crosses: width "inf", asymmetry undefined
+    flat = np.where(d >= 0, d ** 2, 0.0)[None, :]
+    r = asymmetry("train_loss=+1", d, {"train_loss": flat})
+    assert r["minus"] == ["inf"] and r["asymmetry"] == [None] and r["n_defined"] == 0
+    with pytest.raises(ValueError, match="two-sided rays with a grid point at distance 0"):
+        asymmetry("train_loss=+1", np.linspace(-1, 1, 4), {"train_loss": np.zeros((1, 4))})

@@ -379,6 +379,22 @@ class Analysis:
                                     f"to {max_d:.4g}, {len(next(iter(grids.values()))[0])} directions")
         return out
 
+    def asymmetry(self, threshold: str = "test_err=+5") -> dict:
+        """Two-sided rays: per model, the width on each side of θ₀ and ``(w₊ − w₋)/(w₊ + w₋)`` per direction
+        (see :func:`widthkit.width.asymmetry`). Returns ``{label: report}`` plus a printable ``"table"``."""
+        from .width import asymmetry
+
+        if self.kind != "rays":
+            raise ValueError(f"asymmetry is measured along rays; this is a {self.kind!r} analysis")
+        out = {m["attrs"].get("label", g): asymmetry(threshold, self.data["axes"]["distances"], m["metrics"])
+               for g, m in self.models.items()}
+        rows = [f"asymmetry at {threshold}: (w+ - w-)/(w+ + w-) per direction, 0 = symmetric"]
+        for label, r in out.items():
+            med = r["median_abs_asymmetry"]
+            rows.append(f"{label:<10} median |asymmetry| {'n/a' if med is None else f'{med:.3g}'}  "
+                        f"(defined on {r['n_defined']}/{len(r['plus'])} directions)")
+        return {**out, "table": "\n".join(rows)}
+
     def default_thresholds(self) -> list[str]:
         """The paper's two width questions: test error 5 points above the start, and train loss (with the L2
         term when the weight decay is known) 0.5 nats above it."""

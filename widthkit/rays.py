@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dist", type=float, help="largest distance along a ray (default: ‖θ‖/2 of the first "
                                                   "checkpoint, rounded up to 1, 2 or 5·10^k; 1 for --norm other than unit)")
     p.add_argument("--steps", type=int, default=31, help="grid points per ray, distance 0 included (default 31)")
-    p.add_argument("--two-sided", action="store_true", help="rays from -max-dist to +max-dist (no widths)")
+    p.add_argument("--two-sided", action="store_true",
+                   help="rays from -max-dist to +max-dist: reports each side's width and their asymmetry")
     p.add_argument("--norm", choices=NORMS, default="unit",
                    help="direction normalisation (default unit: uniform on the sphere, absolute distances)")
     p.add_argument("--exclude", default="", help="leave parameters out of the directions: bias, norm, biasbn")
@@ -49,6 +50,14 @@ def main(argv=None) -> int:
             reports = [res.widths(s, refine=args.refine, tol=args.tol) for s in args.threshold or res.default_thresholds()]
             res.record_widths(reports)
             cli.report_widths(res, reports, log)
+        else:
+            reports = [res.asymmetry(s) for s in args.threshold or res.default_thresholds()]
+            for r in reports:
+                log("")
+                log(r["table"])
+            json_path = res.path.with_suffix(".asymmetry.json")
+            cli.write_json(json_path, [{k: v for k, v in r.items() if k != "table"} for r in reports])
+            log(f"\nasymmetry: {json_path}")
         cli.render(res.path, args, log)
         return 0
 

@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_recipes:
         print("\n".join(list_recipes()))
         return 0
+    from widthkit.cli import tune_allocator
+
+    tune_allocator()  # the BN-update and evaluation passes allocate like the evaluator does
     try:
         cfg = config_from_args(args)
         out = args.out or _default_out(args.recipe)

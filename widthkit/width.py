@@ -734,3 +734,50 @@ def _comparison_line(comparison: dict) -> str:
         if test["n_nonzero"] < _WILCOXON_MIN_N:
             parts.append(f"min possible p {test['min_possible_pvalue']:.3g}")
     return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- asymmetry
+
+
+def asymmetry(threshold, distances, metrics: Mapping[str, np.ndarray]) -> dict:
+    """How lopsided each ray's basin is: the width on the positive and on the negative side of θ₀.
+
+    For two-sided rays (distances from −max to +max, with a grid point at 0), the width is measured outwards
+    on each side, and ``asymmetry = (w₊ − w₋) / (w₊ + w₋)`` per direction: 0 for a symmetric basin, ±1 when
+    one side is flat and the other a wall (Izmailov et al. 2018 observe SGD solutions near the edge of wide,
+    flat regions; He et al. 2019 call such directions asymmetric valleys).
+
+    Args:
+        threshold: a :class:`Threshold` or spec; relative levels use the value at distance 0.
+        distances: (S,) increasing, containing 0 (an odd number of symmetric steps).
+        metrics: metric name -> (N, S) array.
+
+    Returns:
+        JSON-serialisable dict: ``plus``, ``minus`` (N widths; ``inf`` where that side never crosses),
+        ``asymmetry`` (N; NaN where a side never crosses or is unknown), ``median_abs_asymmetry`` over the
+        directions where it is defined, ``n_defined``, ``threshold``.
+    """
+    threshold = parse_threshold(threshold)
+    d = np.asarray(distances, dtype=np.float64)
+    zero = np.flatnonzero(d == 0)
+    if d.ndim != 1 or zero.size != 1 or d[0] >= 0:
+        raise ValueError("asymmetry needs two-sided rays with a grid point at distance 0 (e.g. --two-sided with "
+                         "an odd --steps)")
+    i0 = int(zero[0])
+    if threshold.metric not in metrics:
+        raise ValueError(f"threshold needs metric {threshold.metric!r}; the results hold {sorted(metrics)}")
+    values = np.asarray(metrics[threshold.metric], dtype=np.float64)
+    plus = width_at(threshold, d[i0:], {threshold.metric: values[:, i0:]})
+    minus = width_at(threshold, -d[i0::-1], {threshold.metric: values[:, i0::-1]})
+    wp, wm = plus.widths, minus.widths
+    defined = plus.crossed & minus.crossed & plus.complete & minus.complete
+    with np.errstate(invalid="ignore", divide="ignore"):
+        asym = np.where(defined & (wp + wm > 0), (wp - wm) / (wp + wm), np.where(defined, 0.0, np.nan))
+    return {
+        "threshold": str(threshold),
+        "plus": [_json_float(x) for x in wp],
+        "minus": [_json_float(x) for x in wm],
+        "asymmetry": [_json_float(x) for x in asym],
+        "median_abs_asymmetry": _json_float(float(np.median(np.abs(asym[defined])))) if defined.any() else None,
+        "n_defined": int(defined.sum()),
+    }
