@@ -169,6 +169,9 @@ def test_random_plane_and_plot_cli(ckpts, tmp_path):
     figs = tmp_path / "f"
     assert plot_cli.main([str(out), "--figures", str(figs), "--format", "png,svg"]) == 0
     assert list(figs.glob("*.svg")) and list(figs.glob("*.png"))
+    for kind in ("heatmap", "surface"):
+        assert plot_cli.main([str(out), "--figures", str(figs), "--format", "png", "--plane", kind]) == 0
+        assert (figs / f"rp_test_err_{kind}.png").stat().st_size > 5000
 
 
 def test_bad_inputs_give_clear_errors(ckpts, tmp_path, capsys):

@@ -15,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m widthkit.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", metavar="FILE.h5", help="analysis files")
     p.add_argument("--metric", action="append", help="metric(s) to draw (default: test error and train loss)")
+    p.add_argument("--plane", choices=("contour", "heatmap", "surface"), default="contour",
+                   help="how to draw planes: log-level filled contours (default), a heatmap, or a 3D surface")
     cli.add_figure_flags(p)
     return p
 
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
         fig_dir = Path(args.figures) if args.figures else Path("figures")
         formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
         for f in args.files:
-            for out in plot_file(f, out_dir=fig_dir, formats=formats, metric=args.metric):
+            for out in plot_file(f, out_dir=fig_dir, formats=formats, metric=args.metric, plane_kind=args.plane):
                 print(f"figure: {out}")
         return 0
 

@@ -1020,7 +1020,10 @@ def _line_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
     return [("", (ax_err or ax_loss).figure)]
 
 
-def _plane_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
+PLANE_FIGURES = ("contour", "heatmap", "surface")
+
+
+def _plane_figures(data: Mapping, metric, plane_kind: str = "contour") -> list[tuple[str, Any]]:
     x, y = _axis(data, "x"), _axis(data, "y")
     model = _single_model(data, "plane")
     metrics = _metrics_to_plot({"plane": model}, metric)
@@ -1032,15 +1035,21 @@ def _plane_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
     title = f"{title}\n{bn}" if bn else title
     figures = []
     for m in metrics:
-        ax = plot_plane(x, y, _metric_values(model, m), P, labels, metric=m, title=title)
-        figures.append((f"_{m}", ax.figure))
+        if plane_kind == "surface":
+            ax = plot_plane_surface(x, y, _metric_values(model, m), P, labels, metric=m, title=title)
+        else:
+            kind = "contourf" if plane_kind == "contour" else "heatmap"
+            ax = plot_plane(x, y, _metric_values(model, m), P, labels, metric=m, title=title, kind=kind)
+        suffix = f"_{m}" if plane_kind == "contour" else f"_{m}_{plane_kind}"
+        figures.append((suffix, ax.figure))
     return figures
 
 
 _BUILDERS = {"rays": _rays_figures, "line": _line_figures, "plane": _plane_figures}
 
 
-def plot_analysis(data: Mapping, out_stem, formats: Sequence[str] = ("png", "pdf"), metric=None) -> list[str]:
+def plot_analysis(data: Mapping, out_stem, formats: Sequence[str] = ("png", "pdf"), metric=None,
+                  plane_kind: str = "contour") -> list[str]:
     """Write the figures of one analysis (the dict :func:`widthkit.store.read` returns).
 
     * rays: one figure, test error and train loss panels side by side (``train_loss_l2`` when stored,
@@ -1056,17 +1065,21 @@ def plot_analysis(data: Mapping, out_stem, formats: Sequence[str] = ("png", "pdf
         out_stem: path prefix of the files (parent folders are created).
         formats: any of :data:`FORMATS`; PNG at 150 dpi, all with a tight bounding box.
         metric: None (the defaults above), a metric name or a list of them.
+        plane_kind: planes as ``"contour"`` (log-spaced filled contours), ``"heatmap"`` or ``"surface"`` (3D);
+            the last two are written to ``<out_stem>_<metric>_<kind>.<fmt>``.
 
     Returns:
         The paths written, as strings. Every figure opened here is closed, also on error.
     """
     formats = _check_formats(formats)
     kind = _check_data(data)
+    if plane_kind not in PLANE_FIGURES:
+        raise ValueError(f"unknown plane figure {plane_kind!r}; valid: {', '.join(PLANE_FIGURES)}")
     out_stem = Path(out_stem)
     before = set(plt.get_fignums())
     try:
         with plt.rc_context(_SAVE_RC):
-            figures = _BUILDERS[kind](data, metric)
+            figures = _plane_figures(data, metric, plane_kind) if kind == "plane" else _BUILDERS[kind](data, metric)
             out_stem.parent.mkdir(parents=True, exist_ok=True)
             paths = []
             for suffix, fig in figures:
@@ -1080,11 +1093,12 @@ def plot_analysis(data: Mapping, out_stem, formats: Sequence[str] = ("png", "pdf
     return paths
 
 
-def plot_file(path, out_dir=None, formats: Sequence[str] = ("png", "pdf"), metric=None) -> list[str]:
+def plot_file(path, out_dir=None, formats: Sequence[str] = ("png", "pdf"), metric=None,
+              plane_kind: str = "contour") -> list[str]:
     """Read an analysis HDF5 file and write its figures as ``<out_dir>/<file stem>[_<metric>].<fmt>``
     (``out_dir`` defaults to the file's folder). See :func:`plot_analysis`. Returns the paths written."""
     from .store import read
 
     path = Path(path)
     out_dir = path.parent if out_dir is None else Path(out_dir)
-    return plot_analysis(read(path), out_dir / path.stem, formats=formats, metric=metric)
+    return plot_analysis(read(path), out_dir / path.stem, formats=formats, metric=metric, plane_kind=plane_kind)
