@@ -108,7 +108,8 @@ def as_subjects(models, arch: str | None = None, which: str | None = None) -> li
                 s.label = f"{s.label} ({Path(s.path).stem})" if s.path else f"{s.label} #{i}"
         groups = [s.group for s in subjects]
         if len(set(groups)) != len(groups):
-            raise ValueError(f"models need distinct labels, got {labels}; pass a dict {{label: model}}")
+            raise ValueError(f"models need distinct labels, got {labels}; name them: --ckpt LABEL=PATH on the "
+                             "command line, a dict {label: model} in Python")
     _check_same_architecture(subjects)
     return subjects
 
