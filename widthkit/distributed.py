@@ -73,8 +73,9 @@ def init(device: str | None = None) -> None:
 
 
 def shutdown() -> None:
+    # No barrier: after the grid, rank 0 alone refines widths and draws figures, which can outlast any timeout;
+    # the other ranks simply leave (every chunk they computed was collected before evaluate_shared returned).
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
     _STATE["store"] = None
 
