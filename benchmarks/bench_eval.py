@@ -89,6 +89,7 @@ class BenchConfig:
     bn_subset: int | None = None  # images for BN recomputation (N // 10, capped at 5,000)
     eval_batch_size: int | None = None  # evaluator batch (None: widthkit's default, 256 CPU / 4096 CUDA)
     extra_eval_batch_sizes: tuple[int, ...] = ()  # more evaluator contestants at these batch sizes (timing only)
+    points_in_flight: tuple[int, ...] = ()  # BN keep: evaluator contestants with K points per forward pass (vmap)
     bn_batch_size: int | None = None  # evaluator's and loop's BN-pass batch (None: the evaluator's batch)
     loop_batch_size: int = 128  # the reference loop's DataLoader batch
     ceiling_batch_sizes: tuple[int, ...] | None = None  # CPU 64,128,256; CUDA 512..8192
@@ -138,7 +139,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
             raise ValueError(f"{name} must be >= 1 (or left unset), got {getattr(cfg, name)}")
     if cfg.warmup_rounds < 0:
         raise ValueError(f"warmup_rounds must be >= 0, got {cfg.warmup_rounds}")
-    for what in ("ceiling_batch_sizes", "extra_eval_batch_sizes"):
+    for what in ("ceiling_batch_sizes", "extra_eval_batch_sizes", "points_in_flight"):
         if any(b < 1 for b in getattr(cfg, what)):
             raise ValueError(f"{what} must all be >= 1, got {getattr(cfg, what)}")
     if not cfg.radius > 0:
@@ -337,6 +338,11 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict
                                           cfg.points))
             if not cfg.quick:
                 _warm_up(xev.model, x_dev, [b])
+        for k in cfg.points_in_flight if mode == "keep" else ():  # several points per pass: measure, then choose
+            kcfg = EvalConfig(**{**ecfg.to_dict(), "points_in_flight": k, "splits": ("test",)})
+            kev = Evaluator(model, test=data, config=kcfg)
+            contestants.append(Contestant(f"evaluator/keep/k{k}", make_evaluator_run(kev, theta0, basis, coords),
+                                          cfg.points))
         if not cfg.quick:
             _warm_up(ev.model, x_dev, [ev.batch_size, ev.bn_batch_size])
             _warm_up(loop_model, x_dev, [cfg.loop_batch_size])
@@ -544,6 +550,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--eval-batch-size", type=int, help="evaluator batch (default: widthkit's, 256 CPU/4096 CUDA)")
     p.add_argument("--extra-eval-batch-sizes", type=_csv(int), default=(),
                    help="comma list: also time the evaluator at these batch sizes (detail table only)")
+    p.add_argument("--points-in-flight", type=_csv(int), default=(),
+                   help="comma list K: BN keep only, also time the evaluator with K points per forward pass "
+                        "(torch.func.vmap over stacked weights; detail table only). Use --points >= K")
     p.add_argument("--bn-batch-size", type=int, help="BN-pass batch of evaluator and loop (default: eval batch)")
     p.add_argument("--loop-batch-size", type=int, default=128)
     p.add_argument("--ceiling-batch-sizes", type=_csv(int),
@@ -568,6 +577,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, str | None]:
     cfg = BenchConfig(device=a.device, models=models, bn_modes=a.bn, n_images=a.n_images, points=a.points,
                       rounds=a.rounds, warmup_rounds=a.warmup_rounds, bn_subset=a.bn_subset,
                       eval_batch_size=a.eval_batch_size, extra_eval_batch_sizes=a.extra_eval_batch_sizes,
+                      points_in_flight=a.points_in_flight,
                       bn_batch_size=a.bn_batch_size, loop_batch_size=a.loop_batch_size,
                       ceiling_batch_sizes=a.ceiling_batch_sizes, radius=a.radius, seed=a.seed,
                       amp_check=a.amp_check, bf16_ceiling=a.bf16_ceiling, cudnn_benchmark=a.cudnn_benchmark,

@@ -296,3 +296,22 @@ def test_store_refuses_foreign_file(tmp_path):
     path.write_bytes(b"not hdf5 at all")
     with pytest.raises(StoreError, match="not a readable HDF5 file"):
         _open(path)
+
+
+def test_points_in_flight_equal_one_at_a_time(net):
+    """Several points per forward pass (vmap over stacked weights) give the per-point loop's numbers."""
+    train, test = make_data(40, 1), make_data(30, 2)
+    layout = ThetaLayout.from_model(net)
+    theta0 = layout.flatten(net)
+    dirs = random_directions(layout, theta0, 2, seed=1)
+    coords = np.array([[0.0, 0.0], [0.4, -1.0], [1.5, 0.2], [-1.0, 1.0], [2.0, 2.0]])
+    cfg = dict(bn_mode="keep", batch_size=16, weight_decay=1e-3, chunk_size=4)
+    stacked = Evaluator(net, train=train, test=test, config=EvalConfig(points_in_flight=3, **cfg))
+    res = stacked.evaluate(theta0, dirs, coords)
+    for p, c in enumerate(coords):
+        theta = theta0 + torch.as_tensor(c, dtype=torch.float32) @ dirs
+        ref = reference_point(net, theta, train, test, "keep", wd=1e-3)
+        for m, v in ref.items():
+            assert res[m][p] == pytest.approx(v, rel=1e-5, abs=1e-6), (m, p)
+    with pytest.raises(ValueError, match="points_in_flight > 1 needs bn_mode='keep'"):
+        EvalConfig(points_in_flight=2, bn_mode="recompute")

@@ -211,6 +211,7 @@ class EvalSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bf16 autocast (CUDA only)
     seed: int = 0  # directions and subsets
+    points_in_flight: int = 1  # points per forward pass (vmap over stacked weights; BN keep only)
 
     def __post_init__(self):
         if self.bn not in BN_MODES:
@@ -239,13 +240,15 @@ def _recorded_weight_decay(subjects: Sequence[Subject]) -> float:
 def _make_evaluator(model, train, test, settings: EvalSettings, subjects, device, chunk_size):
     wd = settings.weight_decay if settings.weight_decay is not None else _recorded_weight_decay(subjects)
     cfg = EvalConfig(bn_mode=settings.bn, bn_subset=settings.bn_subset, batch_size=settings.batch_size,
-                     weight_decay=wd, amp=settings.amp, seed=settings.seed, chunk_size=chunk_size)
+                     weight_decay=wd, amp=settings.amp, seed=settings.seed, chunk_size=chunk_size,
+                     points_in_flight=settings.points_in_flight)
     return Evaluator(model, train=train, test=test, config=cfg, device=device)
 
 
 def _base_config(kind: str, settings: EvalSettings, ev: Evaluator, data_desc: dict, subjects, extra: dict) -> dict:
     ecfg = ev.config.to_dict()
-    ecfg.pop("chunk_size")  # how results are batched, not what they are
+    for how in ("chunk_size", "points_in_flight"):  # how results are batched, not what they are
+        ecfg.pop(how)
     ecfg["batch_size"] = ev.batch_size if ev.config.bn_mode == "batch" else None  # matters only in batch mode
     ecfg["bn_batch_size"] = ev.bn_batch_size if ev.config.bn_mode == "recompute" else None
     return {

@@ -33,6 +33,9 @@ def add_analysis_flags(p: argparse.ArgumentParser, n_ckpt: str) -> None:
                    help="adds train_loss_l2 = CE + wd/2·||θ||² (default: the weight decay recorded in the checkpoint)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for forward passes (CUDA only)")
+    p.add_argument("--points-in-flight", type=int, default=1,
+                   help="evaluate K points per forward pass (torch.func.vmap; --bn keep only). Slower on CPU; "
+                        "measure on your GPU with benchmarks/bench_eval.py --points-in-flight (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions and subsets (default 0)")
     p.add_argument("--chunk-size", type=int, default=4, help="points evaluated between two saves (default 4)")
     p.add_argument("--out", help="HDF5 file to write (default: analyses/<kind>-<labels>.h5)")
@@ -63,7 +66,7 @@ def settings_from(args) -> EvalSettings:
 
     return EvalSettings(bn=args.bn, bn_subset=args.bn_subset, batch_size=args.batch_size,
                         weight_decay=args.weight_decay, device=distributed.local_device(args.device),
-                        amp=args.amp, seed=args.seed)
+                        amp=args.amp, seed=args.seed, points_in_flight=args.points_in_flight)
 
 
 def data_spec_from(args) -> DataSpec:

@@ -63,6 +63,7 @@ class EvalConfig:
     amp: bool = False  # bf16 autocast for the forward passes (CUDA only; weights stay float32)
     seed: int = 0  # picks the BN subset
     chunk_size: int = 4  # points per on_chunk callback (and per host synchronisation)
+    points_in_flight: int = 1  # > 1: evaluate this many points per forward pass (torch.func.vmap; bn_mode "keep")
     splits: tuple[str, ...] = SPLITS  # which splits to evaluate
 
     def __post_init__(self):
@@ -74,6 +75,13 @@ class EvalConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
         if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.points_in_flight, (int, np.integer)) or self.points_in_flight < 1:
+            raise ValueError(f"points_in_flight must be a positive integer, got {self.points_in_flight!r}")
+        if self.points_in_flight > 1 and self.bn_mode != "keep":
+            raise ValueError(
+                f"points_in_flight > 1 needs bn_mode='keep' (got {self.bn_mode!r}): recompute and batch modes update "
+                "BatchNorm statistics point by point; use points_in_flight=1 with them"
+            )
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         self.splits = tuple(self.splits)
@@ -285,6 +293,48 @@ class Evaluator:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
+    # -- several points per forward pass -------------------------------------------------------------
+    def _stacked_sums(self, thetas: torch.Tensor, out: torch.Tensor) -> None:
+        """K points at once (``thetas`` (K, D)): ``torch.func.vmap`` over stacked weights, buffers shared
+        (bn_mode "keep"); convolutions become grouped ones. Writes raw sums into ``out`` (K, 5)."""
+        from torch.func import functional_call, vmap
+
+        k = thetas.shape[0]
+        params = {e.name: thetas[:, e.slice].view(k, *e.shape) for e in self.layout}
+        buffers = dict(self.model.named_buffers())
+
+        def forward(p, x):
+            return functional_call(self.model, (p, buffers), (x,))
+
+        stacked = vmap(forward, in_dims=(0, None))
+        for i, split in enumerate(SPLITS):
+            if split not in self.config.splits:
+                continue
+            data = getattr(self, split)
+            for start in range(0, len(data), self.batch_size):
+                xb = data.x[start:start + self.batch_size]
+                yb = data.y[start:start + self.batch_size]
+                with self._autocast():
+                    logits = stacked(params, xb)  # (K, B, classes)
+                logits = logits.float()
+                loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1)
+                out[:, 2 * i] += loss.sum(dim=1).double()
+                out[:, 2 * i + 1] += (logits.argmax(dim=2) != yb).sum(dim=1).double()
+        out[:, 4] = thetas.double().square().sum(dim=1)
+
+    def _stacked_with_retry(self, thetas: torch.Tensor, out: torch.Tensor) -> None:
+        while True:
+            try:
+                out.zero_()
+                self._stacked_sums(thetas, out)
+                return
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
     # -- many points ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(
@@ -333,12 +383,18 @@ class Evaluator:
         for start in range(0, len(coords), cs):
             stop = min(start + cs, len(coords))
             sums = torch.zeros(stop - start, 5, dtype=torch.float64, device=self.device)
-            for j, p in enumerate(range(start, stop)):
-                # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
-                torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
-                self._point_with_retry(sums[j, :4])
-                if "train_loss_l2" in metrics:
-                    sums[j, 4] = self.flat.double().square().sum()
+            if self.config.points_in_flight > 1:
+                k = self.config.points_in_flight
+                for j in range(start, stop, k):
+                    thetas = torch.addmm(origin, coords_dev[j:min(j + k, stop)], basis)  # (K, D)
+                    self._stacked_with_retry(thetas, sums[j - start:j - start + len(thetas)])
+            else:
+                for j, p in enumerate(range(start, stop)):
+                    # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
+                    torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
+                    self._point_with_retry(sums[j, :4])
+                    if "train_loss_l2" in metrics:
+                        sums[j, 4] = self.flat.double().square().sum()
             host = sums.cpu().numpy()  # the one synchronisation per chunk
             chunk = self._finish(host, sizes, metrics)
             for m in metrics:
