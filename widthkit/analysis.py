@@ -30,7 +30,7 @@ from . import store as _store
 from .directions import (
     line_basis, plane_basis, random_directions, validate_exclude, validate_norm,
 )
-from .evaluator import BN_MODES, EvalConfig, EvalSet, Evaluator
+from .evaluator import BN_MODES, EvalConfig, EvalSet, Evaluator, random_subset, resolve_device
 
 ProgressFn = Callable[[int, int], None]  # (points done, points in total)
 
@@ -190,11 +190,10 @@ def _checksum(es: EvalSet) -> float:
 
 
 def _subset(es: EvalSet, k: int | None, seed: int) -> EvalSet:
-    if k is None or k >= len(es):
+    idx = random_subset(len(es), k, seed)
+    if idx is None:
         return es
-    if k < 1:
-        raise ValueError(f"a subset needs at least one example, got {k}")
-    idx = torch.randperm(len(es), generator=torch.Generator().manual_seed(seed))[:k].sort().values.to(es.device)
+    idx = idx.to(es.device)
     return EvalSet(es.x.index_select(0, idx), es.y.index_select(0, idx))
 
 
@@ -216,15 +215,6 @@ class EvalSettings:
     def __post_init__(self):
         if self.bn not in BN_MODES:
             raise ValueError(f"unknown BN mode {self.bn!r}; valid choices: {', '.join(BN_MODES)}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
-    return dev
 
 
 def _recorded_weight_decay(subjects: Sequence[Subject]) -> float:

@@ -50,15 +50,20 @@ def add_figure_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="do not render figures")
 
 
+def parse_ckpt(spec: str) -> tuple[str | None, str]:
+    """``--ckpt`` value -> (label or None, path): ``LABEL=PATH`` names it, unless the whole text is a file."""
+    if "=" in spec and not Path(spec).exists():
+        label, _, path = spec.partition("=")
+        return label or None, path
+    return None, spec
+
+
 def models_from(args) -> dict | list:
     """``--ckpt LABEL=PATH`` gives labels; plain paths get their labels from the checkpoints' roles."""
-    if any("=" in c and not Path(c).exists() for c in args.ckpt):
-        out = {}
-        for i, c in enumerate(args.ckpt):
-            label, _, path = c.partition("=") if ("=" in c and not Path(c).exists()) else (None, "", c)
-            out[label or Path(path).stem] = path
-        return out
-    return list(args.ckpt)
+    parsed = [parse_ckpt(c) for c in args.ckpt]
+    if any(label for label, _ in parsed):
+        return {label or Path(path).stem: path for label, path in parsed}
+    return [path for _, path in parsed]
 
 
 def settings_from(args) -> EvalSettings:
@@ -75,9 +80,9 @@ def data_spec_from(args) -> DataSpec:
 
 def default_out(kind: str, ckpts: list[str]) -> Path:
     stems = []
-    for c in ckpts:
-        label, _, path = c.partition("=") if ("=" in c and not Path(c).exists()) else ("", "", c)
-        stems.append(label or Path(path).stem + (f"-{path.rpartition('#')[2]}" if path.endswith(("#swa", "#sgd")) else ""))
+    for label, path in map(parse_ckpt, ckpts):
+        pick = f"-{path.rpartition('#')[2]}" if path.endswith(("#swa", "#sgd")) else ""
+        stems.append(label or Path(path).stem + pick)
     return Path("analyses") / f"{kind}-{'-'.join(stems)}.h5"
 
 

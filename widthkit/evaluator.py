@@ -26,6 +26,7 @@ cross-entropy + ½·wd·‖θ‖², the regularised objective the SWA paper plot
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass
@@ -42,6 +43,49 @@ BNMode = Literal["keep", "recompute", "batch"]
 BN_MODES: tuple[str, ...] = ("keep", "recompute", "batch")
 SPLITS: tuple[str, ...] = ("train", "test")
 BASE_METRICS: tuple[str, ...] = ("train_loss", "train_err", "test_loss", "test_err")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; a CUDA device asked for without CUDA is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device 'cpu' or 'auto'")
+    return dev
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast for forward passes when ``amp`` (callers check it is CUDA), else nothing."""
+    if amp:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def split_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, out: torch.Tensor,
+               amp: bool = False) -> None:
+    """Add the cross-entropy sum and the error count of ``model`` over ``(x, y)`` to ``out`` (2,) float64.
+
+    Batches of ``batch_size``; everything stays on the device (no host synchronisation). The model is
+    called as it is (its train/eval mode is the caller's business).
+    """
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        with autocast(x.device, amp):
+            logits = model(xb)
+        logits = logits.float()
+        out[0] += F.cross_entropy(logits, yb, reduction="sum").double()
+        out[1] += (logits.argmax(dim=1) != yb).sum().double()
+
+
+def random_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of a fixed random subset of ``k`` of ``n`` items (CPU generator: the same on any
+    device), or None when ``k`` is None or covers everything."""
+    if k is None or k >= n:
+        return None
+    if k < 1:
+        raise ValueError(f"a subset needs at least one example, got {k}")
+    return torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(int(seed)))[:k].sort().values
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -217,13 +261,8 @@ class Evaluator:
         """Indices of the training images used to recompute BN statistics (fixed for the whole run)."""
         if self.config.bn_mode != "recompute" or not self.bn:
             return None
-        n = len(self.train)
-        k = self.config.bn_subset
-        if k is None or k >= n:
-            return None  # all of them, in order
-        gen = torch.Generator(device="cpu").manual_seed(int(self.config.seed))
-        idx = torch.randperm(n, generator=gen)[:k].sort().values
-        return idx.to(self.device)
+        idx = random_subset(len(self.train), self.config.bn_subset, self.config.seed)
+        return None if idx is None else idx.to(self.device)
 
     @property
     def theta0(self) -> torch.Tensor:
@@ -248,20 +287,11 @@ class Evaluator:
                 m.eval()
 
     def _autocast(self):
-        if self.config.amp:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return torch.autocast(device_type=self.device.type, enabled=False)
+        return autocast(self.device, self.config.amp)
 
     def _split_sums(self, data: EvalSet, out: torch.Tensor) -> None:
         """Accumulate (loss sum, error count) over a split into ``out`` (2,) float64, on the device."""
-        for start in range(0, len(data), self.batch_size):
-            xb = data.x[start:start + self.batch_size]
-            yb = data.y[start:start + self.batch_size]
-            with self._autocast():
-                logits = self.model(xb)
-            logits = logits.float()
-            out[0] += F.cross_entropy(logits, yb, reduction="sum").double()
-            out[1] += (logits.argmax(dim=1) != yb).sum().double()
+        split_sums(self.model, data.x, data.y, self.batch_size, out, self.config.amp)
 
     def _point(self, out: torch.Tensor) -> None:
         """Evaluate the point currently in ``self.flat``; write raw sums into ``out`` (4,) float64."""

@@ -32,7 +32,6 @@ different configuration is refused (use a new folder or ``overwrite=True`` / ``-
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -55,6 +54,8 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from widthkit.checkpoints import save_checkpoint
 from widthkit.data import IMAGEFOLDER_PREFIX, augment, list_datasets, load_dataset
+from widthkit.evaluator import autocast, split_sums
+from widthkit.evaluator import resolve_device as evaluator_device
 from widthkit.models import create_model, model_input_shape
 
 if sys.version_info >= (3, 11):
@@ -443,12 +444,6 @@ def ordered_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield x[i:i + batch_size]
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
                 generator: torch.Generator, on_batch: Callable[[], None] | None = None) -> tuple[float, float]:
     """One pass of SGD over the training set in shuffled minibatches (augmented when ``cfg.augment``).
@@ -466,7 +461,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
         xb, yb = data.x_train[idx], data.y_train[idx]
         if cfg.augment:
             xb = augment(xb, generator=generator, pad=cfg.pad, flip=cfg.flip, fill=data.fill)
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
@@ -492,15 +487,11 @@ def evaluate(model: nn.Module, x: torch.Tensor | None, y: torch.Tensor | None, b
         return math.nan, math.nan
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    wrong = torch.zeros((), dtype=torch.int64, device=x.device)
-    for xb, yb in zip(ordered_batches(x, batch_size), ordered_batches(y, batch_size)):
-        with _autocast(x.device, amp):
-            logits = model(xb).float()
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-        wrong += (logits.argmax(1) != yb).sum()
+    sums = torch.zeros(2, dtype=torch.float64, device=x.device)
+    split_sums(model, x, y, batch_size, sums, amp)
     model.train(was_training)
-    return loss_sum.item() / len(y), 100.0 * wrong.item() / len(y)
+    loss_sum, wrong = sums.tolist()
+    return loss_sum / len(y), 100.0 * wrong / len(y)
 
 
 def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int, amp: bool = False) -> None:
@@ -509,7 +500,7 @@ def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int, amp: bool =
     :func:`torch.optim.swa_utils.update_bn` over ``x`` in dataset order, in batches of ``batch_size``: the
     statistics are reset and become the equal-weight average of the per-batch mean and (unbiased) variance.
     """
-    with _autocast(x.device, amp):
+    with autocast(x.device, amp):
         update_bn(ordered_batches(x, batch_size), model)
 
 
@@ -601,10 +592,7 @@ def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, overwrite: b
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     """The device a run uses; ``ValueError`` if CUDA is asked for (or amp on) without CUDA available."""
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise ValueError("device='cuda' but CUDA is not available here; use device 'cpu' or 'auto'")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu")
+    device = evaluator_device(cfg.device)
     if cfg.amp and device.type != "cuda":
         raise ValueError("amp (bf16 autocast) runs on CUDA only and this run is on the CPU; set amp = false")
     return device
