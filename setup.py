@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["widthkit", "widthkit.*"]),
-    package_data={"widthkit": ["recipes/*.toml"]},
+    package_data={"widthkit.training": ["recipes/*.toml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",

@@ -55,11 +55,11 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
-from widthkit.cli import tune_allocator
-from widthkit.directions import random_directions
-from widthkit.evaluator import Evaluator, EvalConfig, EvalSet
+from widthkit.runtime import tune_allocator
+from widthkit.engine.directions import random_directions
+from widthkit import EvalConfig, EvalSet, Evaluator
 from widthkit.models import create_model, model_input_shape
-from widthkit.space import ThetaLayout
+from widthkit.engine.space import ThetaLayout
 
 BENCH_BN_MODES = ("keep", "recompute")
 DEFAULT_MODELS = ("preresnet20", "preresnet56", "vgg16_bn")
@@ -316,7 +316,7 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict
     contestants: list[Contestant] = []
     evaluators: dict[str, Evaluator] = {}
     for mode in modes:
-        ecfg = EvalConfig(bn_mode=mode, bn_subset=cfg.bn_subset, batch_size=cfg.eval_batch_size,
+        ecfg = EvalConfig(bn_mode=mode, bn_subset=cfg.bn_subset, eval_batch_size=cfg.eval_batch_size,
                           bn_batch_size=cfg.bn_batch_size, splits=("test",), seed=cfg.seed,
                           chunk_size=cfg.points)
         ev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=ecfg)

@@ -28,7 +28,7 @@ import torch
 
 
 def _checkpoints(folder: Path) -> list[str]:
-    from widthkit.trainer import load_recipe, train_branches
+    from widthkit.training.trainer import load_recipe, train_branches
 
     if not (folder / "swa.pt").exists():
         cfg = load_recipe("digits").replace(epochs=4)
@@ -45,7 +45,7 @@ def _time(cmd: list[str], env: dict, cwd: Path) -> float:
 
 
 def _values(path: Path) -> dict:
-    from widthkit.store import read
+    from widthkit.report.store import read
 
     data = read(path)
     return {(g, m): v for g, d in data["models"].items() for m, v in d["metrics"].items()}

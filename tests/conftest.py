@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from widthkit.checkpoints import save_checkpoint  # noqa: E402
-from widthkit.data import load_dataset  # noqa: E402
+from widthkit.inputs.checkpoints import save_checkpoint  # noqa: E402
+from widthkit.inputs.data import load_dataset  # noqa: E402
 from widthkit.models import create_model  # noqa: E402
 
 

@@ -17,12 +17,12 @@ line_cli = importlib.import_module("widthkit.line")
 plane_cli = importlib.import_module("widthkit.plane")
 plot_cli = importlib.import_module("widthkit.plot")
 rays_cli = importlib.import_module("widthkit.rays")
-from widthkit.checkpoints import load_checkpoint
-from widthkit.data import load_dataset
-from widthkit.evaluator import EvalConfig, Evaluator
+from widthkit.inputs.checkpoints import load_checkpoint
+from widthkit.inputs.data import load_dataset
+from widthkit import EvalConfig, Evaluator
 from widthkit.models import create_model
 from conftest import wait_for_done
-from widthkit.store import read
+from widthkit.report.store import read
 
 # small evaluation sets keep every point cheap; the numbers are still real
 SMALL = ["--train-subset", "160", "--test-subset", "120", "--quiet"]
@@ -35,10 +35,10 @@ def ckpts(digits_ckpts):
 
 def _direct(path, train_subset=160, test_subset=120, bn="recompute"):
     """Metrics of a checkpoint evaluated on its own (no directions), on the CLI's data subsets."""
-    from widthkit.analysis import DataSpec, _resolve_data
+    from widthkit.analyses.subjects import resolve_data
 
     ck = load_checkpoint(path)
-    train, test, _ = _resolve_data("digits", [], DataSpec(train_subset=train_subset, test_subset=test_subset), "cpu", 0)
+    train, test, _ = resolve_data("digits", [], EvalConfig(train_subset=train_subset, test_subset=test_subset), "cpu")
     ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode=bn, weight_decay=5e-4))
     return ev.evaluate_weights(ev.theta0), ev.theta0
 
@@ -76,8 +76,8 @@ def test_rays_cli_end_to_end(ckpts, tmp_path, capsys):
 
 def test_refined_width_is_a_crossing(ckpts, tmp_path):
     """The bisected width lies within tol of where the metric really crosses its level."""
-    res = widthkit.rays({"SWA": ckpts["swa"]}, dirs=2, steps=5, max_dist=10.0, bn="keep",
-                        data_spec=widthkit.DataSpec(train_subset=160, test_subset=120))
+    res = widthkit.rays({"SWA": ckpts["swa"]}, dirs=2, steps=5, max_dist=10.0, bn_mode="keep",
+                        train_subset=160, test_subset=120)
     w = res.widths("train_loss=+0.3", refine=True, tol=0.02)
     ev, theta, dirs = res.evaluators["SWA"]
     for i, width in enumerate(w["per_direction"]["SWA"]):
@@ -142,9 +142,9 @@ def test_plane_cli_three_points(ckpts, tmp_path):
         np.testing.assert_allclose(thetas[0] + points[k] @ basis, theta, atol=2e-4)
     # the three points evaluated through the plane equal the checkpoints evaluated directly
     ck = load_checkpoint(ckpts["start"])
-    from widthkit.analysis import DataSpec, _resolve_data
+    from widthkit.analyses.subjects import resolve_data
 
-    train, test, _ = _resolve_data("digits", [], DataSpec(train_subset=160, test_subset=120), "cpu", 0)
+    train, test, _ = resolve_data("digits", [], EvalConfig(train_subset=160, test_subset=120), "cpu")
     ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode="recompute"))
     through = ev.evaluate(ev.theta0, torch.as_tensor(basis), points)
     for k, r in enumerate(("start", "sgd", "swa")):

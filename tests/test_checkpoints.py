@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from widthkit import models
-from widthkit.checkpoints import (
+from widthkit.inputs.checkpoints import (
     Checkpoint,
     CheckpointError,
     clean_state_dict,
@@ -114,7 +114,7 @@ def test_own_format_round_trip_with_meta(tmp_path):
     raw = torch.load(path, map_location="cpu", weights_only=True)  # plain types only
     assert raw["widthkit_checkpoint"] == 1
     assert set(raw) == {"widthkit_checkpoint", "arch", "arch_kwargs", "num_classes", "dataset", "role", "config",
-                        "metrics", "extra", "state_dict"}
+                        "metrics", "extra", "provenance", "state_dict"}
     assert type(raw["metrics"]["test_err"]) is float and type(raw["metrics"]["n"]) is int
 
     ckpt = load_checkpoint(path)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from widthkit import data
-from widthkit.data import Dataset, augment, list_datasets, load_dataset
+from widthkit.inputs import data
+from widthkit.inputs.data import Dataset, augment, list_datasets, load_dataset
 
 # --------------------------------------------------------------------------------------------------------
 # helpers: tiny CIFAR folders in the official format

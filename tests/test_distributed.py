@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import wait_for_done
-from widthkit.store import read
+from widthkit.report.store import read
 
 SMALL = ["--train-subset", "160", "--test-subset", "120", "--no-plot", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WIDTHKIT_DIST_TIMEOUT_MIN": "2"}

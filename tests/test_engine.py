@@ -2,18 +2,21 @@
 
 import copy
 import json
+import subprocess
+import sys
 
 import h5py
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from widthkit.directions import line_basis, normalize_direction, plane_basis, random_directions
-from widthkit.evaluator import EvalConfig, EvalSet, Evaluator
-from widthkit.space import ThetaLayout
-from widthkit.store import ConfigMismatch, StoreError, open_analysis, read
+from widthkit.engine.directions import line_basis, normalize_direction, plane_basis, random_directions
+from widthkit import EvalConfig, EvalSet, Evaluator
+from widthkit.engine.space import ThetaLayout
+from widthkit.report.store import ConfigMismatch, StoreError, WriterLock, open_analysis, read
 
 
 class TinyNet(nn.Module):
@@ -179,7 +182,7 @@ def test_plane_basis_orthonormal_and_coords():
 @pytest.mark.parametrize("bn_mode,bn_subset", [("keep", None), ("recompute", None), ("recompute", 20), ("batch", None)])
 def test_evaluator_matches_per_point_loop(net, bn_mode, bn_subset):
     train, test = make_data(50, 1), make_data(30, 2)
-    cfg = EvalConfig(bn_mode=bn_mode, bn_subset=bn_subset, batch_size=16, bn_batch_size=16, weight_decay=1e-3,
+    cfg = EvalConfig(bn_mode=bn_mode, bn_subset=bn_subset, eval_batch_size=16, weight_decay=1e-3,
                      chunk_size=3)
     ev = Evaluator(net, train=train, test=test, config=cfg)
     layout = ThetaLayout.from_model(net)
@@ -228,7 +231,7 @@ def test_evaluator_halves_batch_on_oom(net):
             return self.inner(x)
 
     train, test = make_data(40, 1), make_data(20, 2)
-    ev = Evaluator(Picky(net), train=train, test=test, config=EvalConfig(bn_mode="keep", batch_size=32))
+    ev = Evaluator(Picky(net), train=train, test=test, config=EvalConfig(bn_mode="keep", eval_batch_size=32))
     res = ev.evaluate_weights(ev.theta0)
     assert ev.batch_size == 8
     ref = reference_point(net, ThetaLayout.from_model(net).flatten(net), train, test, "keep")
@@ -236,10 +239,10 @@ def test_evaluator_halves_batch_on_oom(net):
 
 
 def test_evalconfig_validation():
-    with pytest.raises(ValueError, match="valid choices: keep, recompute, batch"):
+    with pytest.raises(ValueError, match="valid choices: recompute, keep, batch"):
         EvalConfig(bn_mode="train")
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        EvalConfig(batch_size=0)
+    with pytest.raises(ValueError, match="eval_batch_size must be an integer >= 1"):
+        EvalConfig(eval_batch_size=0)
     with pytest.raises(ValueError, match="only supported on CUDA"):
         Evaluator(TinyNet(), train=make_data(4, 0), test=make_data(4, 0), config=EvalConfig(amp=True))
 
@@ -287,8 +290,24 @@ def test_store_refuses_changed_config_and_second_writer(tmp_path):
         _open(path, config={"a": 1, "nested": {"b": 3}})
     with _open(path, config={"a": 5}, overwrite=True) as af:
         assert not af.resumed
-        with pytest.raises(StoreError, match="being written by another widthkit process"):
-            _open(path, config={"a": 5})
+        # a second process (a real one: flock is per open file) is refused while the first holds the file
+        code = ("import sys; from widthkit.report.store import WriterLock, StoreError\n"
+                "try:\n    WriterLock(sys.argv[1]).acquire()\nexcept StoreError as e:\n    print(e); sys.exit(3)")
+        other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+        assert other.returncode == 3 and "being written by another widthkit process" in other.stdout
+        assert (tmp_path / ".r.h5.lock").exists()
+    assert not (tmp_path / ".r.h5.lock").exists()  # released on close, and nothing left beside the result
+    other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stdout + other.stderr
+
+
+def test_writer_lock_is_reentrant_in_one_process(tmp_path):
+    path = tmp_path / "r.h5"
+    with WriterLock(path):
+        with WriterLock(path):  # e.g. update_attrs inside a command that holds the lock
+            assert (tmp_path / ".r.h5.lock").exists()
+        assert (tmp_path / ".r.h5.lock").exists()
+    assert not (tmp_path / ".r.h5.lock").exists()
 
 
 def test_store_refuses_foreign_file(tmp_path):
@@ -305,7 +324,7 @@ def test_points_in_flight_equal_one_at_a_time(net):
     theta0 = layout.flatten(net)
     dirs = random_directions(layout, theta0, 2, seed=1)
     coords = np.array([[0.0, 0.0], [0.4, -1.0], [1.5, 0.2], [-1.0, 1.0], [2.0, 2.0]])
-    cfg = dict(bn_mode="keep", batch_size=16, weight_decay=1e-3, chunk_size=4)
+    cfg = dict(bn_mode="keep", eval_batch_size=16, weight_decay=1e-3, chunk_size=4)
     stacked = Evaluator(net, train=train, test=test, config=EvalConfig(points_in_flight=3, **cfg))
     res = stacked.evaluate(theta0, dirs, coords)
     for p, c in enumerate(coords):

@@ -5,10 +5,10 @@ import os
 import numpy as np
 
 from widthkit import pipeline
-from widthkit.checkpoints import load_checkpoint
-from widthkit.store import read
+from widthkit.inputs.checkpoints import load_checkpoint
+from widthkit.report.store import read
 
-TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--resolution", "3",
+TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--plane-resolution", "3",
         "--train-subset", "200", "--no-progress", "--format", "png,pdf"]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from widthkit.width import (
+from widthkit.report.width import (
     METRICS,
     Threshold,
     compare,
@@ -509,7 +509,7 @@ def test_format_table_errors_and_unknown_iqr():
 def test_asymmetry_against_closed_form():
     """values = a·d² on the positive side, b·d² on the negative: widths √(L/a) and √(L/b), exactly on the grid
     refinement limit; checked within one grid step and the asymmetry against its closed form."""
-    from widthkit.width import asymmetry
+    from widthkit.report.width import asymmetry
 
     d = np.linspace(-4, 4, 801)
     a = np.array([1.0, 4.0, 1.0])

@@ -7,20 +7,23 @@ figures (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Bett
 >>> res = widthkit.rays({"SGD": "sgd.pt", "SWA": "swa.pt"}, dirs=10)
 >>> print(res.widths("test_err=+5")["table"])
 >>> res.plot()
+
+Layers (sub-packages): ``inputs`` (data, checkpoints), ``engine`` (θ layout, directions, objectives, the
+evaluator, torchrun), ``analyses`` (rays, line, plane and their skeleton), ``report`` (HDF5 store, widths,
+figures, summaries), ``training`` (the SGD/SWA trainer and recipes); ``runtime`` and ``settings`` are shared.
+The commands ``python -m widthkit.{rays,line,plane,plot,train,pipeline}`` are thin wrappers over them.
 """
 
-__version__ = "0.1.0"
-
-# The analysis functions. The command modules of the same names (python -m widthkit.rays) are callable too, so
-# widthkit.rays(...) keeps working after `import widthkit.rays` rebinds the attribute to the module.
-from .analysis import Analysis, DataSpec, EvalSettings, line, load, plane, rays  # noqa: E402
-from .checkpoints import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from .data import Dataset, load_dataset  # noqa: E402
-from .evaluator import EvalConfig, EvalSet, Evaluator  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
+from ._version import __version__
+from .analyses import Analysis, LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, load, plane, rays
+from .engine.config import EvalConfig
+from .engine.evaluator import EvalSet, Evaluator
+from .inputs.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from .inputs.data import Dataset, load_dataset
+from .models import create_model, list_models
 
 __all__ = [
-    "Analysis", "Checkpoint", "DataSpec", "Dataset", "EvalConfig", "EvalSet", "EvalSettings", "Evaluator",
-    "create_model", "line", "list_models", "load", "load_checkpoint", "load_dataset", "plane", "rays",
-    "save_checkpoint", "__version__",
+    "Analysis", "Checkpoint", "Dataset", "EvalConfig", "EvalSet", "Evaluator", "LineConfig", "PlaneConfig",
+    "RaysConfig", "WidthConfig", "create_model", "line", "list_models", "load", "load_checkpoint", "load_dataset",
+    "plane", "rays", "save_checkpoint", "__version__",
 ]

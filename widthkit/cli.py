@@ -1,53 +1,175 @@
-"""What the analysis commands share: flags (defined once), progress bars, error reporting, output paths."""
+"""What the commands share: flags generated from the typed configs, progress bars, one-line user errors.
+
+Every setting is a dataclass field declared with :func:`widthkit.settings.option`; :func:`add_config_flags`
+turns each field into one flag (``eval_batch_size`` -> ``--eval-batch-size``) with its help text, and
+:func:`config_values` reads them back. The commands therefore cannot disagree on a name or a default, and a
+value is validated once, by the config itself (a bad one becomes ``error: ...`` and exit status 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from .analysis import DataSpec, EvalSettings
-from .evaluator import BN_MODES
+from .settings import base_type, choices_of, field_types
 
 
-def add_analysis_flags(p: argparse.ArgumentParser, n_ckpt: str) -> None:
-    """Flags of every analysis command (rays, line, plane)."""
-    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
-                   help=f"checkpoint file ({n_ckpt}); repeat the flag for several. LABEL=PATH sets the label; "
-                        "PATH#swa / PATH#sgd picks one model of a file that holds both")
-    p.add_argument("--arch", help="architecture for bare state dicts (default: recorded in the file, or detected)")
-    p.add_argument("--which", choices=("swa", "sgd"), help="pick the SWA or SGD weights of a file holding both")
-    p.add_argument("--data", help="dataset: digits, cifar10, cifar100, imagefolder:PATH (default: the checkpoint's)")
-    p.add_argument("--data-root", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default $WIDTHKIT_DATA or ./data)")
-    p.add_argument("--train-subset", type=int, help="evaluate train metrics on a fixed random subset of N images")
-    p.add_argument("--test-subset", type=int, help="evaluate test metrics on a fixed random subset of N images")
-    p.add_argument("--bn", choices=BN_MODES, default="recompute",
-                   help="BatchNorm statistics at each point: recompute from training data (paper), keep the "
-                        "checkpoint's, or per batch (default: recompute)")
-    p.add_argument("--bn-subset", type=int, help="recompute BN statistics from N random training images (default: all)")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size (default: 64 on CPU, 4096 on CUDA)")
-    p.add_argument("--weight-decay", type=float,
-                   help="adds train_loss_l2 = CE + wd/2·||θ||² (default: the weight decay recorded in the checkpoint)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for forward passes (CUDA only)")
-    p.add_argument("--points-in-flight", type=int, default=1,
-                   help="evaluate K points per forward pass (torch.func.vmap; --bn keep only). Slower on CPU; "
-                        "measure on your GPU with benchmarks/bench_eval.py --points-in-flight (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random directions and subsets (default 0)")
-    p.add_argument("--chunk-size", type=int, default=4, help="points evaluated between two saves (default 4)")
-    p.add_argument("--out", help="HDF5 file to write (default: analyses/<kind>-<labels>.h5)")
-    p.add_argument("--overwrite", action="store_true", help="start afresh when --out holds a different run")
-    add_figure_flags(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}); e.g. '{{\"depth\": 56}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 56}}', got {text!r}")
+    return value
+
+
+class _Auto:
+    """An optional int flag given as 'auto': the field goes back to None (its computed default)."""
+
+    def __repr__(self) -> str:
+        return "auto"
+
+
+AUTO = _Auto()
+
+
+def _int_or_auto(text: str):
+    if text.strip().lower() == "auto":
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def flag_name(name: str, prefix: str = "") -> str:
+    return "--" + (prefix + name).replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, *, prefix: str = "",
+                     layered: bool = False, skip=()) -> None:
+    """One flag per field of the config dataclass ``cls``.
+
+    Args:
+        parser: a parser or an argument group.
+        prefix: prepended to every flag and dest (``line_`` -> ``--line-steps``), for commands that hold two
+            configs with a field of the same name.
+        layered: flags default to None (unset) so that a recipe's values stay unless a flag is given; else
+            the field's own default, shown in the help.
+        skip: field names that get no flag.
+    """
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        cli = dict(f.metadata.get("cli", {}))
+        kind, optional = base_type(hints[f.name])
+        choices = choices_of(hints[f.name])
+        names = [cli.pop("flag", flag_name(f.name, prefix)), *cli.pop("aliases", ())]
+        if prefix:
+            names = names[:1]
+        elif "_" in f.name and kind is not bool:  # --swa_lr as well as --swa-lr: the TOML key works as a flag
+            names.append("--" + f.name)
+        default = None if layered else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_text = f.metadata.get("help", "")
+        if choices and not all(str(c) in help_text for c in choices):
+            help_text += f": {', '.join(map(str, choices))}"
+        if not layered and default not in (None, (), False, ""):
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text += f" [default: {shown}]"
+        kw = dict(dest=prefix + f.name, default=default, help=help_text)
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            kw.update(type=_json_dict, metavar="JSON")
+        elif cli.get("action") == "append":
+            kw["default"] = None
+        elif optional and kind is int and layered:  # 'auto' sets it back to None over a recipe's value
+            kw.update(type=_int_or_auto, metavar="INT|auto")
+        elif choices:
+            kw.update(type=type(choices[0]), metavar="|".join(map(str, choices)))
+        elif kind in (int, float, str):
+            kw.update(type=kind, metavar=kind.__name__.upper())
+        kw.update(cli)
+        parser.add_argument(*names, **kw)
+
+
+def config_values(args: argparse.Namespace, cls, *, prefix: str = "", layered: bool = False, skip=()) -> dict:
+    """The values of ``cls``'s flags in ``args`` (with ``layered``, only the flags that were given)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        value = getattr(args, prefix + f.name)
+        if value is AUTO:
+            value = None
+        elif layered and value is None:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        out[f.name] = value
+    return out
 
 
 def add_figure_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures", help="folder for figures (default: figures/)")
     p.add_argument("--format", default="png,pdf", help="figure formats, comma-separated: png,pdf,svg (default png,pdf)")
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """Where an analysis command writes its file and figures."""
+    p.add_argument("--out", help="HDF5 file to write (default: analyses/<kind>-<labels>.h5)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh when --out holds a different run")
+    add_figure_flags(p)
     p.add_argument("--no-plot", action="store_true", help="do not render figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def formats_of(args) -> tuple[str, ...]:
+    return tuple(f.strip() for f in args.format.split(",") if f.strip())
+
+
+def figure_options(args):
+    """The figure flags as :class:`~widthkit.report.summary.FigureOptions`."""
+    from .report.summary import FigureOptions
+
+    return FigureOptions(None if args.no_plot else Path(args.figures or "figures"), formats_of(args))
+
+
+def run_command(analysis: Callable, kind: str, args, geometry_cls, after: Callable | None = None) -> int:
+    """The body of an analysis command: configs built (and validated) from the flags, the analysis run with a
+    progress bar, ``after`` (default: draw the figures) done under the writer lock, the file reported."""
+    from .engine.config import EvalConfig
+    from .report.summary import finish_figures
+
+    geometry = geometry_cls(**config_values(args, geometry_cls))
+    config = EvalConfig(**config_values(args, EvalConfig))
+    out = args.out or default_out(kind, args.ckpt)
+    progress, close = progress_bar(not args.quiet, kind)
+    timer = Timer()
+    try:
+        res = analysis(models_from(args.ckpt), config=config, out=out, overwrite=args.overwrite, progress=progress,
+                       arch=args.arch, which=args.which, after=after or finish_figures(figure_options(args), log),
+                       **dataclasses.asdict(geometry))
+    finally:
+        close()
+    if res is not None:
+        log(f"{kind}: {res.path} ({timer})")
+    return 0
+
+
+def add_ckpt_flags(p: argparse.ArgumentParser, how_many: str) -> None:
+    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+                   help=f"checkpoint file ({how_many}); repeat the flag for several. LABEL=PATH sets the label; "
+                        "PATH#swa / PATH#sgd picks one model of a file that holds both")
+    p.add_argument("--arch", help="architecture for bare state dicts (default: recorded in the file, or detected)")
+    p.add_argument("--which", choices=("swa", "sgd"), help="pick the SWA or SGD weights of a file holding both")
 
 
 def parse_ckpt(spec: str) -> tuple[str | None, str]:
@@ -58,24 +180,12 @@ def parse_ckpt(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def models_from(args) -> dict | list:
+def models_from(ckpts: list[str]) -> dict | list:
     """``--ckpt LABEL=PATH`` gives labels; plain paths get their labels from the checkpoints' roles."""
-    parsed = [parse_ckpt(c) for c in args.ckpt]
+    parsed = [parse_ckpt(c) for c in ckpts]
     if any(label for label, _ in parsed):
         return {label or Path(path).stem: path for label, path in parsed}
     return [path for _, path in parsed]
-
-
-def settings_from(args) -> EvalSettings:
-    from . import distributed
-
-    return EvalSettings(bn=args.bn, bn_subset=args.bn_subset, batch_size=args.batch_size,
-                        weight_decay=args.weight_decay, device=distributed.local_device(args.device),
-                        amp=args.amp, seed=args.seed, points_in_flight=args.points_in_flight)
-
-
-def data_spec_from(args) -> DataSpec:
-    return DataSpec(name=args.data, root=args.data_root, train_subset=args.train_subset, test_subset=args.test_subset)
 
 
 def default_out(kind: str, ckpts: list[str]) -> Path:
@@ -87,8 +197,9 @@ def default_out(kind: str, ckpts: list[str]) -> Path:
 
 
 def progress_bar(enabled: bool, desc: str):
-    """A ``progress(done, total)`` callback drawing a tqdm bar with the time left (writer rank only)."""
-    from . import distributed
+    """A ``progress(done, total)`` callback drawing a tqdm bar with the time left (writer rank only), and a
+    function that closes it."""
+    from .engine import distributed
 
     if not enabled or not distributed.is_writer():
         return None, lambda: None
@@ -109,83 +220,28 @@ def progress_bar(enabled: bool, desc: str):
     return progress, close
 
 
-def run_analysis(kind: str, args, call: Callable, out_kind: str | None = None):
-    """The shared body of rays/line/plane: default output path, progress bar, timing, report, figures.
+def log(msg: str = "") -> None:
+    """Print on the writing process only (rank 0 under torchrun)."""
+    from .engine import distributed
 
-    ``call(models, common)`` runs the analysis, where ``common`` holds the keyword arguments every analysis
-    takes (settings, data, output, progress, ...). Returns the :class:`~widthkit.analysis.Analysis`, or None
-    on a rank that does not write.
+    if distributed.is_writer():
+        print(msg, flush=True)
+
+
+def run(body: Callable[[], int]) -> int:
+    """Run a command body: tune the allocator, join torchrun's process group, turn user errors into one line.
+
+    User errors (bad values, missing files, store refusals, out of memory, ranks that disagree) print
+    ``error: ...`` and return 2; programming errors keep their traceback.
     """
-    log = log_fn()
-    out = default_out(out_kind or kind, args.ckpt) if args.out is None else args.out
-    progress, close = progress_bar(not args.quiet, kind)
-    timer = Timer()
-    common = dict(settings=settings_from(args), data_spec=data_spec_from(args), out=out, overwrite=args.overwrite,
-                  progress=progress, chunk_size=args.chunk_size, arch=args.arch, which=args.which)
-    try:
-        res = call(models_from(args), common)
-    finally:
-        close()
-    if res is not None:
-        log(f"{kind}: {res.path} ({timer})")
-    return res
-
-
-def report_widths(res, reports, log) -> Path:
-    """Print the width tables and write them as JSON next to the HDF5 file (``*.widths.json``)."""
-    for r in reports:
-        log("")
-        log(r["table"])
-    json_path = res.path.with_suffix(".widths.json")
-    write_json(json_path, [{k: v for k, v in r.items() if k != "table"} for r in reports])
-    log(f"\nwidths: {json_path}")
-    return json_path
-
-
-def render(path: Path, args, log) -> list[str]:
-    from .plots import plot_file
-
-    if args.no_plot:
-        return []
-    fig_dir = Path(args.figures) if args.figures else Path("figures")
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    files = plot_file(path, out_dir=fig_dir, formats=formats)
-    for f in files:
-        log(f"figure: {f}")
-    return files
-
-
-def tune_allocator() -> bool:
-    """Keep glibc from returning large activation buffers to the OS after every op (and faulting them back in).
-
-    A process-wide setting, so only entry points (the commands, the benchmarks) call it, never the library.
-    Measured on 2 CPU cores: ResNet-56 evaluation at batch 64 went from 134 to 213-249 images/s
-    (benchmarks/RESULTS.md). ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set by the user take
-    precedence. Returns False where glibc's ``mallopt`` is not available.
-    """
-    import ctypes
-    import os
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        # buffers below 32 MiB (glibc's maximum) come from the heap; keep up to 1 GiB of freed heap
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        return False
-
-
-def run(main_fn: Callable[[], int]) -> int:
-    """Run a command body: join torchrun's process group, turn user errors into one clear line."""
-    from . import distributed
-    from .store import StoreError
+    from .engine import distributed
+    from .report.store import StoreError
+    from .runtime import tune_allocator
 
     tune_allocator()
     try:
         distributed.init()
-        code = main_fn()
+        code = body()
         distributed.shutdown()
         return code
     except KeyboardInterrupt:
@@ -199,29 +255,11 @@ def run(main_fn: Callable[[], int]) -> int:
         return 2
 
 
-def log_fn(quiet: bool = False):
-    from . import distributed
+def callable_module(module_name: str, fn: Callable) -> None:
+    """Let ``widthkit.rays(...)`` call the analysis while ``python -m widthkit.rays`` runs the command.
 
-    def log(msg: str):
-        if distributed.is_writer():
-            print(msg, flush=True)
-
-    return log
-
-
-def write_json(path: Path, obj) -> None:
-    from .store import to_json
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
-    tmp.replace(path)
-
-
-def make_callable(module_name: str, fn: Callable) -> None:
-    """Let ``widthkit.rays(...)`` call the analysis while ``python -m widthkit.rays`` runs the CLI.
-
-    The command modules share their names with the Python API functions; importing a submodule would
-    otherwise replace the package attribute ``widthkit.rays`` (the function) by the module.
+    The command modules share their names with the Python API functions, and importing a submodule rebinds
+    the package attribute (``widthkit.rays``) to the module; a module that forwards calls keeps both working.
     """
     import types
 
@@ -230,12 +268,15 @@ def make_callable(module_name: str, fn: Callable) -> None:
             return fn(*args, **kwargs)
 
     sys.modules[module_name].__class__ = _CallableModule
-    sys.modules[module_name].api = fn
 
 
 class Timer:
     def __init__(self):
         self.t0 = time.perf_counter()
 
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
     def __str__(self):
-        return f"{time.perf_counter() - self.t0:.1f} s"
+        return f"{self.seconds:.1f} s"

@@ -10,32 +10,25 @@ from __future__ import annotations
 import argparse
 
 from . import cli
-from .analysis import line
+from .analyses import LineConfig, line
+from .engine.config import EvalConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m widthkit.line", description=__doc__.split("\n\n")[0])
-    cli.add_analysis_flags(p, "exactly two")
-    p.add_argument("--t-min", type=float, default=-1.0, help="start of the line, in units of the distance (default -1)")
-    p.add_argument("--t-max", type=float, default=2.0, help="end of the line (default 2)")
-    p.add_argument("--steps", type=int, default=61, help="grid points (default 61)")
+    cli.add_ckpt_flags(p, "exactly two")
+    cli.add_config_flags(p.add_argument_group("line"), LineConfig)
+    cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
+    cli.add_output_flags(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-
-    def body() -> int:
-        res = cli.run_analysis("line", args, lambda models, common: line(
-            models, t_min=args.t_min, t_max=args.t_max, steps=args.steps, **common))
-        if res is not None:
-            cli.render(res.path, args, cli.log_fn())
-        return 0
-
-    return cli.run(body)
+    return cli.run(lambda: cli.run_command(line, "line", args, LineConfig))
 
 
-cli.make_callable(__name__, line)  # widthkit.line(...) is the Python API, see widthkit.analysis.line
+cli.callable_module(__name__, line)  # widthkit.line(...) stays the Python API after `import widthkit.line`
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,40 +13,25 @@ from __future__ import annotations
 import argparse
 
 from . import cli
-from .analysis import plane
-from .directions import NORMS
+from .analyses import PlaneConfig, plane
+from .engine.config import EvalConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m widthkit.plane", description=__doc__.split("\n\n")[0])
-    cli.add_analysis_flags(p, "three, or one with --random")
-    p.add_argument("--resolution", type=int, nargs="+", default=[21], metavar="N",
-                   help="grid points along x and y: one number for both, or two (default 21)")
-    p.add_argument("--margin", type=float, default=0.2, help="margin beyond the three points, as a fraction (default 0.2)")
-    p.add_argument("--random", action="store_true", help="random plane around one checkpoint")
-    p.add_argument("--span", type=float, default=1.0, help="random plane: coordinates in [-span, span] (default 1)")
-    p.add_argument("--norm", choices=NORMS, default="filter", help="random plane: direction normalisation (default filter)")
-    p.add_argument("--exclude", default="biasbn", help="random plane: leave out bias, norm or biasbn (default biasbn); 'none' keeps all")
+    cli.add_ckpt_flags(p, "three, or one with --random")
+    cli.add_config_flags(p.add_argument_group("plane"), PlaneConfig)
+    cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
+    cli.add_output_flags(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-
-    def body() -> int:
-        res_xy = args.resolution * 2 if len(args.resolution) == 1 else args.resolution
-        exclude = () if args.exclude == "none" else args.exclude
-        res = cli.run_analysis("plane", args, lambda models, common: plane(
-            models, resolution=tuple(res_xy), margin=args.margin, random=args.random, span=args.span,
-            norm=args.norm, exclude=exclude, **common), out_kind="plane-random" if args.random else "plane")
-        if res is not None:
-            cli.render(res.path, args, cli.log_fn())
-        return 0
-
-    return cli.run(body)
+    return cli.run(lambda: cli.run_command(plane, "plane-random" if args.random else "plane", args, PlaneConfig))
 
 
-cli.make_callable(__name__, plane)  # widthkit.plane(...) is the Python API, see widthkit.analysis.plane
+cli.callable_module(__name__, plane)  # widthkit.plane(...) stays the Python API after `import widthkit.plane`
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,12 +25,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from .plots import plot_file
+        from .report.render import plot_file
 
-        fig_dir = Path(args.figures) if args.figures else Path("figures")
-        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
         for f in args.files:
-            for out in plot_file(f, out_dir=fig_dir, formats=formats, metric=args.metric, plane_kind=args.plane):
+            for out in plot_file(f, out_dir=Path(args.figures or "figures"), formats=cli.formats_of(args),
+                                 metric=args.metric, plane_kind=args.plane):
                 print(f"figure: {out}")
         return 0
 

@@ -41,6 +41,8 @@ def validate_exclude(exclude: Iterable[str] | str | None) -> tuple[str, ...]:
     if exclude is None:
         return ()
     if isinstance(exclude, str):
+        if exclude.strip().lower() in ("", "none"):
+            return ()
         exclude = ("bias", "norm") if exclude in ("biasbn", "bias,norm", "norm,bias") else tuple(
             s for s in exclude.split(",") if s
         )
@@ -49,7 +51,7 @@ def validate_exclude(exclude: Iterable[str] | str | None) -> tuple[str, ...]:
     if bad:
         raise ValueError(
             f"cannot exclude {bad}: valid kinds to leave out of a direction are {', '.join(EXCLUDABLE)} "
-            "(or 'biasbn' for both)"
+            "(or 'biasbn' for both, 'none' for neither)"
         )
     return out
 

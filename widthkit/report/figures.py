@@ -1,17 +1,15 @@
 """Figures of rays, lines and planes in weight space (Izmailov et al. 2018, "Averaging Weights Leads to Wider
-Optima and Better Generalization", section 3.4, figures 1, 3 and 5).
+Optima and Better Generalization", section 3.4, figures 1, 3 and 5), from numpy arrays.
 
-Two layers:
+The functions here (:func:`plot_rays`, :func:`plot_rays_panel`, :func:`plot_line`, :func:`plot_plane`,
+:func:`plot_plane_surface`) take numpy arrays and an optional ``ax``. They create a figure only when no Axes
+is given, never call ``plt.show()``, and return the Axes they drew on; closing the figure is the caller's
+business. Figures of a stored analysis (labels and titles from the file, PNG/PDF/SVG output) are made by
+:mod:`widthkit.report.render`.
 
-* Array-level functions (:func:`plot_rays`, :func:`plot_rays_panel`, :func:`plot_line`, :func:`plot_plane`,
-  :func:`plot_plane_surface`) take numpy arrays and an optional ``ax``. They create a figure only when no
-  Axes is given, never call ``plt.show()``, and return the Axes they drew on; closing the figure is the
-  caller's business.
-* File-level helpers (:func:`plot_analysis` for the dict :func:`widthkit.store.read` returns,
-  :func:`plot_file` for an HDF5 path) write PNG/PDF/SVG files and close every figure they open.
-
-Units throughout: distance in weight space is the Euclidean norm of theta - theta_0 over the flat weight
-vector (see :mod:`widthkit.space`); losses in nats (mean cross-entropy); errors in percent (0..100).
+Units: distances in whatever unit the caller's coordinates have (the default labels say weight-space L2,
+the Euclidean norm of theta - theta_0 over the flat weight vector; pass ``xlabel=`` for other units, e.g.
+multiples of filter-normalised directions); losses in nats (mean cross-entropy); errors in percent (0..100).
 NaN means "not computed yet" and is simply not drawn. Nothing here computes a metric.
 
 >>> import numpy as np
@@ -24,9 +22,8 @@ NaN means "not computed yet" and is simply not drawn. Nothing here computes a me
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -38,8 +35,12 @@ from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "METRIC_LABELS",
-    "FORMATS",
     "metric_label",
+    "check_metric",
+    "is_error",
+    "describe",
+    "wrap_text",
+    "direction_noun",
     "checkpoint_colors",
     "contour_levels",
     "plot_rays",
@@ -47,8 +48,6 @@ __all__ = [
     "plot_line",
     "plot_plane",
     "plot_plane_surface",
-    "plot_analysis",
-    "plot_file",
 ]
 
 #: Axis label (with units) of every metric the store may hold.
@@ -59,20 +58,19 @@ METRIC_LABELS: dict[str, str] = {
     "train_err": "train error (%)",
     "test_err": "test error (%)",
 }
-#: Figure file formats the file-level helpers write.
-FORMATS = ("png", "pdf", "svg")
-KINDS = ("rays", "line", "plane")
 PLANE_KINDS = ("contourf", "heatmap")
 LEVEL_SCALES = ("log", "linear")
 
+# Default axis labels, for coordinates in absolute weight-space distance.
 RAYS_XLABEL = "distance in weight space (‖θ−θ₀‖₂)"
+LINE_DISTANCE_LABEL = "distance along the line (weight-space units)"
 PLANE_XLABEL = "distance along u (weight-space units)"
 PLANE_YLABEL = "distance along v (weight-space units)"
+SURFACE_XLABEL = "u (weight-space units)"
+SURFACE_YLABEL = "v (weight-space units)"
+SURFACE_LABEL_CHARS = 34  # 3D axis labels run diagonally: longer ones are wrapped to this many characters
 PANEL_SIZE = (4.5, 3.5)  # inches per panel
 PLANE_SIZE = (5.0, 4.2)  # 3D surface figures
-PNG_DPI = 150
-# PDF fonts embedded as TrueType (editable text, accepted by publishers) rather than Type 3.
-_SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42}
 
 # SWA blue, SGD green, as in the paper's figures.
 _FIXED_COLORS = {"swa": mcolors.to_hex("tab:blue"), "sgd": mcolors.to_hex("tab:green")}
@@ -102,16 +100,18 @@ def metric_label(metric: str) -> str:
     Raises:
         ValueError: unknown metric (the message lists the valid ones).
     """
-    _check_metric(metric)
+    check_metric(metric)
     return METRIC_LABELS[metric]
 
 
-def _check_metric(metric) -> None:
+def check_metric(metric) -> None:
+    """Raise ValueError unless ``metric`` is one of :data:`METRIC_LABELS` (the message lists them)."""
     if metric not in METRIC_LABELS:
         raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRIC_LABELS)}")
 
 
-def _is_error(metric: str) -> bool:
+def is_error(metric: str) -> bool:
+    """Whether ``metric`` is an error in percent (``*_err``) rather than a loss in nats."""
     return metric.endswith("_err")
 
 
@@ -171,18 +171,87 @@ def _interp_finite(t: np.ndarray, v: np.ndarray, at: float) -> float:
     return float(np.interp(at, t[ok][order], v[ok][order]))
 
 
+def wrap_text(text: str, max_chars: int) -> str:
+    r"""``text`` with its lines broken to at most ``max_chars`` characters where possible: a long line is
+    broken before its last parenthesis (the units of an axis label) or after a comma when both halves then
+    fit, else at spaces (words are never split).
+
+    >>> wrap_text("distance from θ₀ along the ray (multiples of filter-normalised directions)", 45)
+    'distance from θ₀ along the ray\n(multiples of filter-normalised directions)'
+    """
+    out = []
+    for line in text.split("\n"):
+        if len(line) <= max_chars:
+            out.append(line)
+            continue
+        paren, comma = line.rfind(" ("), line.rfind(", ")
+        halves = [(line[:paren], line[paren + 1:])] if paren > 0 else []
+        halves += [(line[:comma + 1], line[comma + 2:])] if comma > 0 else []
+        fits = [h for h in halves if max(map(len, h)) <= max_chars]
+        out.extend(fits[0] if fits else textwrap.wrap(line, max_chars, break_long_words=False, break_on_hyphens=False))
+    return "\n".join(out)
+
+
+def _estimated_length(text) -> float:
+    """Rough length in inches of the longest line of a matplotlib Text (about half an em per character)."""
+    longest = max(len(s) for s in text.get_text().split("\n"))
+    return longest * text.get_fontsize() * 0.5 / 72.0
+
+
+def _fit_texts(ax: Axes, title: bool = True, rounds: int = 3) -> None:
+    """Wrap the x label, y label (and title) of ``ax`` that, once laid out, are longer than the side of the
+    Axes they run along, so that long stored labels ("<name> (<units>)") neither overlap their neighbours
+    nor leave the figure. Wrapping can shrink the Axes, so this is repeated (at most ``rounds`` layouts)
+    until everything fits. A figure is laid out (drawn without rendering) only when a text may not fit."""
+    if getattr(ax, "name", None) == "3d":
+        return
+    items = [(ax.xaxis.label, 0), (ax.yaxis.label, 1)] + ([(ax.title, 0)] if title else [])
+    size = ax.get_position().size * ax.figure.get_size_inches()  # (width, height) in inches before layout
+    suspects = [(t, dim) for t, dim in items if t.get_text() and _estimated_length(t) > 0.8 * size[dim]]
+    for _ in range(rounds if suspects else 0):
+        ax.figure.draw_without_rendering()
+        renderer = ax.figure.canvas.get_renderer()
+        box = ax.get_window_extent(renderer)
+        wrapped = False
+        for text, dim in suspects:
+            extent = text.get_window_extent(renderer)
+            need, have = (extent.width, box.width) if dim == 0 else (extent.height, box.height)
+            longest = max(len(s) for s in text.get_text().split("\n"))
+            if need > have > 0 and longest > 12:
+                text.set_text(wrap_text(text.get_text(), max(12, int(0.95 * longest * have / need))))
+                wrapped = True
+        if not wrapped:
+            return
+
+
 def _outlined(color="white", width=2.5):
     return [patheffects.withStroke(linewidth=width, foreground=color)]
 
 
-def _describe(n_directions=None, norm=None, bn_mode=None) -> str:
-    """Caption fragments: "10 random directions (unit norm), BN statistics recomputed at each point"."""
+def direction_noun(norm: str | None = None, plural: bool = True) -> str:
+    """How directions of normalisation ``norm`` are called in captions: "filter-normalised directions",
+    "unit directions" (uniform on the sphere), or plain "directions" when ``norm`` is None."""
+    noun = "directions" if plural else "direction"
+    if not norm:
+        return noun
+    return f"unit {noun}" if norm == "unit" else f"{norm}-normalised {noun}"
+
+
+def describe(n_directions=None, norm=None, bn_mode=None) -> str:
+    """Caption fragments joined by commas, each only when given: the directions (count and normalisation)
+    and the BN mode, e.g. ``describe(10, "filter", "recompute")`` ->
+    "10 random filter-normalised directions, BN statistics recomputed at each point".
+
+    Args:
+        n_directions: how many random directions (an int, or a text such as "3/4"); None leaves it out.
+        norm: direction normalisation ("unit", "filter", "layer", ...); None leaves it out.
+        bn_mode: "recompute", "keep" or "batch" (other values are named as they are); None leaves it out.
+    """
     parts = []
     if n_directions is not None:
-        noun = "direction" if n_directions == 1 else "directions"
-        parts.append(f"{n_directions} random {noun}" + (f" ({norm} norm)" if norm else ""))
+        parts.append(f"{n_directions} random " + direction_noun(norm, plural=str(n_directions) != "1"))
     elif norm:
-        parts.append(f"{norm}-normalised directions")
+        parts.append(direction_noun(norm))
     if bn_mode:
         parts.append(_BN_TEXT.get(str(bn_mode), f"BN mode {bn_mode}"))
     return ", ".join(parts)
@@ -315,7 +384,7 @@ def _draw_threshold(ax: Axes, label: str, level: np.ndarray, color, shared: bool
     # A relative threshold gives each ray its own level: then only the width markers show it.
     if finite.size == 0 or not np.allclose(finite, finite[0], rtol=1e-12, atol=0):
         return
-    unit = "%" if _is_error(metric) else " nats"
+    unit = "%" if is_error(metric) else " nats"
     text = f"threshold {finite[0]:.3g}{unit}" if shared else f"{label} threshold {finite[0]:.3g}{unit}"
     color = "0.3" if shared else color
     gid = "threshold" if shared else f"threshold:{label}"
@@ -352,17 +421,19 @@ def plot_rays(
     colors: Mapping[str, Any] | None = None,
     title: str | None = None,
     legend: bool = True,
+    xlabel: str = RAYS_XLABEL,
+    ylabel: str | None = None,
 ) -> Axes:
     """Metric along random rays from each checkpoint (paper fig. 3): one thin, semi-transparent line per
     direction and a bold mean curve per checkpoint.
 
     Args:
-        distances: (S,) distances from the checkpoint along each ray, weight-space units.
+        distances: (S,) distances from the checkpoint along each ray, in the unit ``xlabel`` names.
         curves: label -> (N, S) metric values, row n along direction n; NaN (not computed) is not drawn.
             The mean curve is NaN at a distance where any ray is NaN (a mean over fewer rays would be biased).
         ax: Axes to draw on; when None, a new 4.5 in wide figure with the legend under the plot.
         metric: which metric the values are (one of :data:`METRIC_LABELS`); sets the y label and its units.
-        widths: optional label -> (N,) width per direction (weight-space units; +inf = never crossed, NaN =
+        widths: optional label -> (N,) width per direction (units of ``distances``; +inf = never crossed, NaN =
             unknown, both not drawn), marked with open circles at the threshold level (or on the ray).
         threshold_level: optional level in the metric's units, one for all checkpoints or label -> level,
             drawn as a dashed line labelled on the plot (gid ``"threshold"`` or ``"threshold:<label>"``);
@@ -371,11 +442,13 @@ def plot_rays(
         title: optional Axes title.
         legend: whether to draw the legend (the mean curves and widths): under the plot in a new figure,
             inside a given Axes where it hides least.
+        xlabel: x label with units (default: absolute weight-space distance).
+        ylabel: y label; None gives the metric's label with its units (:func:`metric_label`).
 
     Returns:
         The Axes. Thin lines have gid ``"ray:<label>:<n>"``, mean curves ``"mean:<label>"``.
     """
-    _check_metric(metric)
+    check_metric(metric)
     d = _vector("distances", distances)
     curves = _check_curves(curves, d.size)
     labels = list(curves)
@@ -398,8 +471,8 @@ def plot_rays(
     for label, w in widths.items():
         _draw_widths(ax, label, d, curves[label], w, levels.get(label), palette[label])
 
-    ax.set_xlabel(RAYS_XLABEL)
-    ax.set_ylabel(metric_label(metric))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric_label(metric) if ylabel is None else ylabel)
     if d.size > 1:
         ax.set_xlim(d.min(), d.max())
     if title:
@@ -408,6 +481,7 @@ def plot_rays(
         handles = ax.get_legend_handles_labels()[0]
         # one row per checkpoint (its mean curve, then its widths), or all curves in one row
         _add_legend([ax], handles, own_figure, rows=len(labels) if len(handles) > len(labels) else 1)
+    _fit_texts(ax)
     return ax
 
 
@@ -421,20 +495,23 @@ def plot_rays_panel(
     norm: str | None = None,
     title: str | None = None,
     axes: Sequence[Axes] | None = None,
+    xlabel: str = RAYS_XLABEL,
 ) -> np.ndarray:
     """The SWA paper's rays figure: one :func:`plot_rays` panel per metric, side by side (e.g. test error and
     train loss), caption as the figure's suptitle. The legend goes under the panels in a new figure, into the
     first panel when ``axes`` are given.
 
     Args:
-        distances: (S,) weight-space distances along the rays.
+        distances: (S,) distances along the rays, in the unit ``xlabel`` names.
         curves_by_metric: metric -> {label -> (N, S)}, in panel order.
         widths_by_metric: optional metric -> {label -> (N,) widths}; drawn on that metric's panel.
         threshold_by_metric: optional metric -> level (float, or {label -> level}, see :func:`plot_rays`).
         colors: label -> colour overrides, shared by all panels.
         bn_mode, norm: the analysis' BN mode and direction normalisation, for the caption.
-        title: caption; None builds "<N> random directions (<norm> norm), <BN mode>"; "" for none.
+        title: caption; None builds it with :func:`describe` ("<N> random <norm>-normalised directions,
+            <BN mode>"); "" for none.
         axes: one Axes per metric; a new (4.5 * panels) x 3.5 in figure when None.
+        xlabel: x label of every panel, with units (default: absolute weight-space distance).
 
     Returns:
         1-D numpy array of the panels' Axes.
@@ -443,7 +520,7 @@ def plot_rays_panel(
         raise ValueError("curves_by_metric must be a non-empty dict {metric: {label: (N, S) array}}")
     metrics = list(curves_by_metric)
     for m in metrics:
-        _check_metric(m)
+        check_metric(m)
     for name, extra in (("widths_by_metric", widths_by_metric), ("threshold_by_metric", threshold_by_metric)):
         unknown = [m for m in (extra or {}) if m not in metrics]
         if unknown:
@@ -462,7 +539,7 @@ def plot_rays_panel(
     for i, (ax, m) in enumerate(zip(axes, metrics)):
         plot_rays(distances, curves_by_metric[m], ax=ax, metric=m, widths=(widths_by_metric or {}).get(m),
                   threshold_level=(threshold_by_metric or {}).get(m), colors=palette,
-                  legend=i == 0 and not own_figure)
+                  legend=i == 0 and not own_figure, xlabel=xlabel)
     if own_figure:  # one legend for all panels, under them
         entries = {}
         for ax in axes:
@@ -473,9 +550,11 @@ def plot_rays_panel(
     if title is None:
         counts = sorted({np.shape(c)[0] for m in metrics for c in curves_by_metric[m].values()})
         n = counts[0] if len(counts) == 1 else "/".join(map(str, counts))
-        title = _describe(n, norm, bn_mode)
+        title = describe(n, norm, bn_mode)
     if title:
         axes[0].figure.suptitle(title, fontsize="medium")
+    for ax in axes:  # the legend and caption took room from the panels: do their labels still fit?
+        _fit_texts(ax)
     return np.asarray(list(axes), dtype=object)
 
 
@@ -495,8 +574,8 @@ def _line_axes(ax, has_err: bool, has_loss: bool):
     return (host, None, host) if has_err else (None, host, host)
 
 
-def _add_distance_axis(host: Axes, t: np.ndarray, distances) -> None:
-    """Top x axis in weight-space units, when distance is an affine function of t (else nothing)."""
+def _add_distance_axis(host: Axes, t: np.ndarray, distances, label: str) -> None:
+    """Top x axis labelled ``label`` showing ``distances``, when they are an affine function of t (else nothing)."""
     dist = _vector("distances", distances)
     if dist.shape != t.shape:
         raise ValueError(f"distances has shape {dist.shape}, expected {t.shape} like t")
@@ -508,7 +587,7 @@ def _add_distance_axis(host: Axes, t: np.ndarray, distances) -> None:
     if a == 0 or not np.allclose(a * t[ok] + b, dist[ok], rtol=0, atol=1e-6 * scale):
         return
     top = host.secondary_xaxis("top", functions=(lambda x: a * x + b, lambda y: (y - b) / a))
-    top.set_xlabel("distance along the line (weight-space units)")
+    top.set_xlabel(label)
 
 
 def plot_line(
@@ -521,6 +600,7 @@ def plot_line(
     colors: Mapping[str, Any] | None = None,
     title: str | None = None,
     legend: bool = True,
+    distance_label: str = LINE_DISTANCE_LABEL,
 ):
     """Metrics along the line through two checkpoints (paper fig. 5): errors (%) on the left y axis, losses
     (nats) on the right one, checkpoints marked on every curve (circle for the first, square for the second,
@@ -535,9 +615,10 @@ def plot_line(
             or two Axes ``(ax_error, ax_loss)``; given Axes get the legend inside, where it hides least.
         xlabel: x label; None gives "t along the line (SWA at t=0, SGD at t=1)".
         distances: optional (S,) weight-space distance of each point; when it is affine in t a top axis
-            shows it in weight-space units.
+            shows it, labelled ``distance_label``.
         colors: checkpoint label -> marker colour overrides (default SWA blue, SGD green).
         title, legend: optional title; whether to draw the legend.
+        distance_label: label with units of the top distance axis.
 
     Returns:
         ``(ax_error, ax_loss)``; an entry is None when no metric of that unit was drawn and no Axes given.
@@ -548,7 +629,7 @@ def plot_line(
         raise ValueError("values must be a non-empty dict {metric: (S,) array}, e.g. {'test_err': ..., 'train_loss': ...}")
     curves = {}
     for m, v in values.items():
-        _check_metric(m)
+        check_metric(m)
         v = np.asarray(v, dtype=np.float64)
         if v.shape != t.shape:
             raise ValueError(f"values[{m!r}] has shape {v.shape}, expected {t.shape} like t")
@@ -557,14 +638,14 @@ def plot_line(
     for label, tp in points.items():
         if not np.isfinite(tp):
             raise ValueError(f"points[{label!r}] = {tp!r}; each checkpoint needs a finite t")
-    errs = [m for m in curves if _is_error(m)]
-    losses = [m for m in curves if not _is_error(m)]
+    errs = [m for m in curves if is_error(m)]
+    losses = [m for m in curves if not is_error(m)]
     ax_err, ax_loss, host = _line_axes(ax, bool(errs), bool(losses))
 
     handles = []
     for m, v in curves.items():
         color, style = _LINE_STYLES[m]
-        (line,) = (ax_err if _is_error(m) else ax_loss).plot(t, v, color=color, ls=style, lw=1.8,
+        (line,) = (ax_err if is_error(m) else ax_loss).plot(t, v, color=color, ls=style, lw=1.8,
                                                             label=METRIC_LABELS[m])
         line.set_gid(f"metric:{m}")
         handles.append(line)
@@ -582,7 +663,7 @@ def plot_line(
         for m, v in curves.items():
             y = _interp_finite(t, v, tp)
             if np.isfinite(y):
-                (mk,) = (ax_err if _is_error(m) else ax_loss).plot(
+                (mk,) = (ax_err if is_error(m) else ax_loss).plot(
                     [tp], [y], marker=marker, ms=7, ls="none", color=palette[label], mec="black", mew=0.8,
                     zorder=5, label="_nolegend_")
                 mk.set_gid(f"marker:{label}:{m}")
@@ -599,7 +680,7 @@ def plot_line(
     if t.size > 1 and np.isfinite(t).all():
         host.set_xlim(t.min(), t.max())
     if distances is not None:
-        _add_distance_axis(host, t, distances)
+        _add_distance_axis(host, t, distances, distance_label)
     if title:
         host.set_title(title)
     if legend:
@@ -607,6 +688,9 @@ def plot_line(
         if (ax is None or isinstance(ax, Axes)) and len(drawn) == 2:
             drawn = [host, ax_loss]  # the twin is drawn above its host: a legend there stays visible
         _add_legend(drawn, handles, ax is None)
+    _fit_texts(host)
+    if ax_err is not None and ax_loss is not None and ax_loss is not host:
+        _fit_texts(ax_loss, title=False)
     return ax_err, ax_loss
 
 
@@ -747,8 +831,8 @@ def plot_plane(
     and its units, the defining points marked and labelled, NaN cells left blank, equal aspect.
 
     Args:
-        x: (X,) increasing coordinates along u, weight-space units.
-        y: (Y,) increasing coordinates along v, weight-space units.
+        x: (X,) increasing coordinates along u (weight-space units unless ``xlabel`` says otherwise).
+        y: (Y,) increasing coordinates along v (weight-space units unless ``ylabel`` says otherwise).
         Z: (X, Y) metric values indexed ``Z[ix, iy]`` = value at (x[ix], y[iy]) (the store's layout).
         points: optional (K, 2) plane coordinates of the checkpoints; labels: (K,) their names.
         ax: Axes to draw on; when None a new figure about 5 in wide whose plot area has the plane's aspect.
@@ -756,13 +840,14 @@ def plot_plane(
         levels, n_levels, decades: see :func:`contour_levels`.
         kind: "contourf" (filled contours) or "heatmap" (one cell per grid point, continuous colours).
         cmap, colorbar, colors: colour map; whether to add a colour bar; checkpoint colour overrides.
-        xlabel, ylabel, title: labels.
+        xlabel, ylabel, title: axis labels with units (defaults: distances along u and v in weight-space
+            units); optional title.
 
     Returns:
         The Axes (the colour bar is a separate Axes of the same figure). The filled contour set or mesh has
         gid ``"plane:<kind>"``.
     """
-    _check_metric(metric)
+    check_metric(metric)
     if kind not in PLANE_KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(PLANE_KINDS)}")
     x, y, Z, P, labels = _check_plane(x, y, Z, points, labels)
@@ -783,6 +868,7 @@ def plot_plane(
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)
+    _fit_texts(ax)
     return ax
 
 
@@ -810,12 +896,14 @@ def plot_plane_surface(
     colorbar: bool = True,
     colors: Mapping[str, Any] | None = None,
     title: str | None = None,
+    xlabel: str = SURFACE_XLABEL,
+    ylabel: str = SURFACE_YLABEL,
 ):
     """The plane's metric as a 3D surface, coloured like :func:`plot_plane` (log scale above the minimum);
     checkpoints marked on the surface. Same arguments as :func:`plot_plane`; ``ax`` must be a 3D Axes
     (``fig.add_subplot(projection="3d")``) or None. NaN cells leave holes. Returns the 3D Axes.
     """
-    _check_metric(metric)
+    check_metric(metric)
     x, y, Z, P, labels = _check_plane(x, y, Z, points, labels)
     if ax is None:
         fig = plt.figure(figsize=PLANE_SIZE, layout="constrained")
@@ -835,270 +923,13 @@ def plot_plane_surface(
             ax.scatter([px], [py], [pz], marker=_POINT_MARKERS[k % len(_POINT_MARKERS)], s=40, color=palette[label],
                        edgecolors="white", depthshade=False, zorder=5)
             ax.text(px, py, pz, f" {label}", fontsize="small", fontweight="bold", path_effects=_outlined())
-    if colorbar:
-        _colorbar(ax.figure, surface, ax, metric, bounds, shrink=0.7, pad=0.1)
-    ax.set_xlabel("u (weight-space units)")
-    ax.set_ylabel("v (weight-space units)")
+    xlabel, ylabel = wrap_text(xlabel, SURFACE_LABEL_CHARS), wrap_text(ylabel, SURFACE_LABEL_CHARS)
+    # each extra line of a label moves it off the ticks, and the colour bar off the y label
+    ax.set_xlabel(xlabel, labelpad=4 + 12 * xlabel.count("\n"))
+    ax.set_ylabel(ylabel, labelpad=4 + 12 * ylabel.count("\n"))
     ax.set_zlabel(metric_label(metric))
+    if colorbar:
+        _colorbar(ax.figure, surface, ax, metric, bounds, shrink=0.7, pad=0.1 + 0.1 * ylabel.count("\n"))
     if title:
         ax.set_title(title)
     return ax
-
-
-# --------------------------------------------------------------------------------------------- file level
-
-
-def _check_formats(formats) -> tuple[str, ...]:
-    formats = (formats,) if isinstance(formats, str) else tuple(formats)
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise ValueError(f"unknown figure format(s) {bad}; valid: {', '.join(FORMATS)}")
-    if not formats:
-        raise ValueError(f"formats is empty; name at least one of {', '.join(FORMATS)}")
-    return tuple(dict.fromkeys(formats))
-
-
-def _config(data: Mapping) -> dict:
-    config = data.get("config") or data.get("attrs", {}).get("config") or {}
-    if isinstance(config, (str, bytes)):
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError:
-            return {}
-    return config if isinstance(config, Mapping) else {}
-
-
-def _config_value(config, key: str):
-    """First value of ``key`` in a possibly nested config (e.g. config["eval"]["bn_mode"])."""
-    if isinstance(config, Mapping):
-        if key in config and not isinstance(config[key], Mapping):
-            return config[key]
-        for value in config.values():
-            found = _config_value(value, key)
-            if found is not None:
-                return found
-    return None
-
-
-def _check_data(data) -> str:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"data must be the dict widthkit.store.read(path) returns, got {type(data).__name__}")
-    missing = [k for k in ("kind", "axes", "models") if k not in data]
-    if missing:
-        raise ValueError(f"analysis dict lacks {missing}; pass the dict widthkit.store.read(path) returns")
-    if data["kind"] not in KINDS:
-        raise ValueError(f"unknown analysis kind {data['kind']!r}; valid: {', '.join(KINDS)}")
-    if not data["models"]:
-        raise ValueError("analysis dict has no models (no evaluated checkpoint groups); nothing to plot")
-    return data["kind"]
-
-
-def _axis(data: Mapping, name: str) -> np.ndarray:
-    if name not in data["axes"]:
-        raise ValueError(f"{data['kind']} analysis lacks axes[{name!r}]; axes present: {sorted(data['axes'])}")
-    return np.asarray(data["axes"][name])
-
-
-def _metric_values(model: Mapping, metric: str) -> np.ndarray:
-    """The metric with NaN wherever the done mask says "not computed"."""
-    values = np.asarray(model["metrics"][metric], dtype=np.float64)
-    done = model.get("done")
-    if done is not None and np.shape(done) == values.shape:
-        values = np.where(np.asarray(done, dtype=bool), values, np.nan)
-    return values
-
-
-def _available(models: Mapping) -> list[str]:
-    sets = [set(m["metrics"]) for m in models.values()]
-    return [m for m in METRIC_LABELS if all(m in s for s in sets)]
-
-
-def _metrics_to_plot(models: Mapping, metric) -> list[str]:
-    """Requested metrics, or the paper's pair: test error and train loss (+ L2 term when stored)."""
-    available = _available(models)
-    if metric is None:
-        err = next((m for m in ("test_err", "train_err") if m in available), None)
-        loss = next((m for m in ("train_loss_l2", "train_loss", "test_loss") if m in available), None)
-        chosen = [m for m in (err, loss) if m]
-        if not chosen:
-            raise ValueError(f"the analysis holds no plottable metric; known metrics: {', '.join(METRIC_LABELS)}")
-        return chosen
-    requested = [metric] if isinstance(metric, str) else list(metric)
-    for m in requested:
-        _check_metric(m)
-    absent = [m for m in requested if m not in available]
-    if absent or not requested:
-        raise ValueError(f"metric(s) {absent or requested} not in this analysis; available: {', '.join(available)}")
-    return list(dict.fromkeys(requested))
-
-
-def _model_labels(models: Mapping) -> dict[str, str]:
-    """Group name -> display label (attrs["label"], else the name), made unique."""
-    out: dict[str, str] = {}
-    for name, model in models.items():
-        label = str(model.get("attrs", {}).get("label") or name)
-        out[name] = f"{label} ({name})" if label in out.values() else label
-    return out
-
-
-def _match_label(key: str, names_to_labels: Mapping[str, str]) -> str:
-    for name, label in names_to_labels.items():
-        if key == label or key == name:
-            return label
-    for name, label in names_to_labels.items():
-        if str(key).lower() in (label.lower(), name.lower()):
-            return label
-    raise ValueError(f"widths entry {key!r} matches no model; models: {dict(names_to_labels)}")
-
-
-def _rays_widths(data: Mapping, labels: Mapping[str, str], metrics: Sequence[str]):
-    """data["widths"] -> (widths_by_metric, threshold_by_metric) for the panels shown."""
-    widths_by_metric: dict[str, dict] = {}
-    threshold_by_metric: dict[str, dict] = {}
-    for key, entry in (data.get("widths") or {}).items():
-        metric = entry.get("metric")
-        if metric not in metrics or "widths" not in entry:
-            continue  # widths of a metric without a panel cannot be placed honestly
-        label = _match_label(key, labels)
-        widths_by_metric.setdefault(metric, {})[label] = np.asarray(entry["widths"], dtype=np.float64)
-        if entry.get("level") is not None:
-            threshold_by_metric.setdefault(metric, {})[label] = np.asarray(entry["level"], dtype=np.float64)
-    for metric, levels in threshold_by_metric.items():
-        values = list(levels.values())
-        flat = np.concatenate([np.ravel(v) for v in values])
-        flat = flat[np.isfinite(flat)]
-        if len(levels) == len(labels) and flat.size and np.allclose(flat, flat[0], rtol=1e-12, atol=0):
-            threshold_by_metric[metric] = float(flat[0])  # one shared level: one dashed line
-    return widths_by_metric, threshold_by_metric
-
-
-def _rays_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
-    distances = _axis(data, "distances")
-    labels = _model_labels(data["models"])
-    metrics = _metrics_to_plot(data["models"], metric)
-    curves = {m: {labels[name]: _metric_values(model, m) for name, model in data["models"].items()}
-              for m in metrics}
-    widths, thresholds = _rays_widths(data, labels, metrics)
-    config = _config(data)
-    n_dirs = data["axes"].get("directions_shape", (next(iter(curves[metrics[0]].values())).shape[0],))[0]
-    caption = "Rays from " + " and ".join(labels.values()) + ": " + _describe(
-        int(n_dirs), _config_value(config, "norm"), _config_value(config, "bn_mode"))
-    axes = plot_rays_panel(distances, curves, widths, thresholds, title=caption)
-    return [("", axes[0].figure)]
-
-
-def _single_model(data: Mapping, name: str) -> Mapping:
-    models = data["models"]
-    if name in models:
-        return models[name]
-    if len(models) == 1:
-        return next(iter(models.values()))
-    raise ValueError(f"{data['kind']} analysis should hold one group {name!r}; groups: {sorted(models)}")
-
-
-def _point_labels(data: Mapping, k: int) -> list[str]:
-    labels = data["axes"].get("point_labels")
-    if isinstance(labels, (str, bytes)):
-        labels = json.loads(labels)
-    labels = [str(s) for s in labels] if labels is not None else [f"point {i}" for i in range(k)]
-    if len(labels) != k:
-        raise ValueError(f"analysis has {k} points but {len(labels)} point_labels {labels}")
-    return labels
-
-
-def _line_figures(data: Mapping, metric) -> list[tuple[str, Any]]:
-    t = _axis(data, "t")
-    model = _single_model(data, "line")
-    metrics = _metrics_to_plot({"line": model}, metric)
-    tp = np.ravel(_axis(data, "points")).astype(np.float64)
-    points = dict(zip(_point_labels(data, tp.size), tp))
-    config = _config(data)
-    title = "Line through " + " and ".join(points) if points else "Line in weight space"
-    bn = _describe(bn_mode=_config_value(config, "bn_mode"))
-    ax_err, ax_loss = plot_line(t, {m: _metric_values(model, m) for m in metrics}, points,
-                                distances=data["axes"].get("distances"), title=f"{title}, {bn}" if bn else title)
-    return [("", (ax_err or ax_loss).figure)]
-
-
-PLANE_FIGURES = ("contour", "heatmap", "surface")
-
-
-def _plane_figures(data: Mapping, metric, plane_kind: str = "contour") -> list[tuple[str, Any]]:
-    x, y = _axis(data, "x"), _axis(data, "y")
-    model = _single_model(data, "plane")
-    metrics = _metrics_to_plot({"plane": model}, metric)
-    P = np.asarray(data["axes"].get("points", np.zeros((0, 2))), dtype=np.float64).reshape(-1, 2)
-    labels = _point_labels(data, len(P))
-    config = _config(data)
-    title = "Plane through " + ", ".join(labels) if labels else "Plane in weight space"
-    bn = _describe(bn_mode=_config_value(config, "bn_mode"))
-    title = f"{title}\n{bn}" if bn else title
-    figures = []
-    for m in metrics:
-        if plane_kind == "surface":
-            ax = plot_plane_surface(x, y, _metric_values(model, m), P, labels, metric=m, title=title)
-        else:
-            kind = "contourf" if plane_kind == "contour" else "heatmap"
-            ax = plot_plane(x, y, _metric_values(model, m), P, labels, metric=m, title=title, kind=kind)
-        suffix = f"_{m}" if plane_kind == "contour" else f"_{m}_{plane_kind}"
-        figures.append((suffix, ax.figure))
-    return figures
-
-
-_BUILDERS = {"rays": _rays_figures, "line": _line_figures, "plane": _plane_figures}
-
-
-def plot_analysis(data: Mapping, out_stem, formats: Sequence[str] = ("png", "pdf"), metric=None,
-                  plane_kind: str = "contour") -> list[str]:
-    """Write the figures of one analysis (the dict :func:`widthkit.store.read` returns).
-
-    * rays: one figure, test error and train loss panels side by side (``train_loss_l2`` when stored,
-      else ``train_loss``), widths from ``data["widths"]`` marked on their metric's panel;
-      written to ``<out_stem>.<fmt>``.
-    * line: one figure, test error and train loss on twin y axes; ``<out_stem>.<fmt>``.
-    * plane: one contour figure per metric; ``<out_stem>_<metric>.<fmt>``.
-
-    Titles carry the checkpoints, the direction count, normalisation and BN mode from the stored config.
-
-    Args:
-        data: analysis dict (``kind``, ``config``, ``axes``, ``models``, optional ``widths``).
-        out_stem: path prefix of the files (parent folders are created).
-        formats: any of :data:`FORMATS`; PNG at 150 dpi, all with a tight bounding box.
-        metric: None (the defaults above), a metric name or a list of them.
-        plane_kind: planes as ``"contour"`` (log-spaced filled contours), ``"heatmap"`` or ``"surface"`` (3D);
-            the last two are written to ``<out_stem>_<metric>_<kind>.<fmt>``.
-
-    Returns:
-        The paths written, as strings. Every figure opened here is closed, also on error.
-    """
-    formats = _check_formats(formats)
-    kind = _check_data(data)
-    if plane_kind not in PLANE_FIGURES:
-        raise ValueError(f"unknown plane figure {plane_kind!r}; valid: {', '.join(PLANE_FIGURES)}")
-    out_stem = Path(out_stem)
-    before = set(plt.get_fignums())
-    try:
-        with plt.rc_context(_SAVE_RC):
-            figures = _plane_figures(data, metric, plane_kind) if kind == "plane" else _BUILDERS[kind](data, metric)
-            out_stem.parent.mkdir(parents=True, exist_ok=True)
-            paths = []
-            for suffix, fig in figures:
-                for fmt in formats:
-                    path = out_stem.with_name(f"{out_stem.name}{suffix}.{fmt}")
-                    fig.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
-                    paths.append(str(path))
-    finally:
-        for num in set(plt.get_fignums()) - before:
-            plt.close(num)
-    return paths
-
-
-def plot_file(path, out_dir=None, formats: Sequence[str] = ("png", "pdf"), metric=None,
-              plane_kind: str = "contour") -> list[str]:
-    """Read an analysis HDF5 file and write its figures as ``<out_dir>/<file stem>[_<metric>].<fmt>``
-    (``out_dir`` defaults to the file's folder). See :func:`plot_analysis`. Returns the paths written."""
-    from .store import read
-
-    path = Path(path)
-    out_dir = path.parent if out_dir is None else Path(out_dir)
-    return plot_analysis(read(path), out_dir / path.stem, formats=formats, metric=metric, plane_kind=plane_kind)

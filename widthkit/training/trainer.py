@@ -38,11 +38,8 @@ import io
 import math
 import os
 import sys
-import tempfile
 import time
-import types
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -52,11 +49,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from widthkit.checkpoints import save_checkpoint
-from widthkit.data import IMAGEFOLDER_PREFIX, augment, list_datasets, load_dataset
-from widthkit.evaluator import autocast, split_sums
-from widthkit.evaluator import resolve_device as evaluator_device
-from widthkit.models import create_model, model_input_shape
+from ..engine.objectives import split_sums
+from ..fileio import atomic_write
+from ..inputs.checkpoints import atomic_save, safe_load, save_checkpoint
+from ..inputs.data import IMAGEFOLDER_PREFIX, augment, list_datasets, load_dataset
+from ..models import create_model, model_input_shape
+from ..runtime import autocast, check_amp, default_batch_size, provenance
+from ..runtime import resolve_device as runtime_device
+from ..settings import base_type, field_types, from_dict, option
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,19 +93,11 @@ STATE_VERSION = 1
 # config fields that may change between a run and its continuation (they do not change the numbers)
 RESUME_FREE_FIELDS = ("data_root", "device")
 
-_EVAL_BATCH = {"cpu": 256, "cuda": 1024}  # CPU: batches > ~256 thrash glibc's allocator (PERF-NOTES.md)
 
 
 # --------------------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------------------
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A dataclass field whose help text is both its documentation and its CLI help."""
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -117,26 +109,26 @@ class TrainConfig:
     Construction validates every value and raises ``ValueError`` saying what to change.
     """
 
-    model: str = _opt("digits_cnn", "architecture: a name from widthkit.models.list_models() or 'torchvision:NAME'")
-    model_kwargs: dict = _opt({}, "extra create_model arguments, e.g. {\"depth\": 56} (CLI: JSON)")
-    dataset: str = _opt("digits", "dataset: a name from widthkit.data.list_datasets() or 'imagefolder:PATH'")
-    data_root: str | None = _opt(None, "folder holding the CIFAR folders (default: $WIDTHKIT_DATA or ./data)")
-    epochs: int = _opt(20, "budget B: epochs of the SGD run")
-    batch_size: int = _opt(64, "images per SGD step")
-    lr: float = _opt(0.1, "initial learning rate (constant for the first half of the budget)")
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(5e-4, "L2 weight decay of torch.optim.SGD")
-    swa_lr: float = _opt(0.05, "constant learning rate of the SWA phase")
-    swa_start: int | None = _opt(None, "epoch at which SWA branches off / starts averaging (default: 0.75*epochs)")
-    swa_budget: float = _opt(1.5, "SWA ends after swa_budget*epochs epochs (the paper: 1, 1.25 or 1.5)")
-    swa_c: int = _opt(1, "average every swa_c epochs (1: once per epoch)")
-    seed: int = _opt(0, "seed of the model init, the shuffling and the augmentation")
-    device: str = _opt("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
-    amp: bool = _opt(False, "bf16 autocast for forward passes (CUDA only)")
-    augment: bool = _opt(False, "random crop (zero-padded by `pad`, black pixels) and flip of training images")
-    pad: int = _opt(4, "padding of the random crop, pixels per side")
-    flip: bool = _opt(True, "random horizontal flips when augment is on")
-    save_iterates: bool = _opt(False, "also save every averaged SWA iterate as swa_iter_XXX.pt")
+    model: str = option("digits_cnn", "architecture: a name from widthkit.models.list_models() or 'torchvision:NAME'")
+    model_kwargs: dict = option({}, "extra create_model arguments, e.g. {\"depth\": 56} (CLI: JSON)")
+    dataset: str = option("digits", "dataset: a name from widthkit.data.list_datasets() or 'imagefolder:PATH'")
+    data_root: str | None = option(None, "folder holding the CIFAR folders (default: $WIDTHKIT_DATA or ./data)")
+    epochs: int = option(20, "budget B: epochs of the SGD run")
+    batch_size: int = option(64, "images per SGD step")
+    lr: float = option(0.1, "initial learning rate (constant for the first half of the budget)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay of torch.optim.SGD")
+    swa_lr: float = option(0.05, "constant learning rate of the SWA phase")
+    swa_start: int | None = option(None, "epoch at which SWA branches off / starts averaging (default: 0.75*epochs)")
+    swa_budget: float = option(1.5, "SWA ends after swa_budget*epochs epochs (the paper: 1, 1.25 or 1.5)")
+    swa_c: int = option(1, "average every swa_c epochs (1: once per epoch)")
+    seed: int = option(0, "seed of the model init, the shuffling and the augmentation")
+    device: str = option("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
+    amp: bool = option(False, "bf16 autocast for forward passes (CUDA only)")
+    augment: bool = option(False, "random crop (zero-padded by `pad`, black pixels) and flip of training images")
+    pad: int = option(4, "padding of the random crop, pixels per side")
+    flip: bool = option(True, "random horizontal flips when augment is on")
+    save_iterates: bool = option(False, "also save every averaged SWA iterate as swa_iter_XXX.pt")
 
     def __post_init__(self) -> None:
         self.model_kwargs = dict(self.model_kwargs) if isinstance(self.model_kwargs, dict) else self.model_kwargs
@@ -150,13 +142,7 @@ class TrainConfig:
         Raises:
             ValueError: a key that is not a field (the message lists the valid ones) or an invalid value.
         """
-        if not isinstance(values, dict):
-            raise ValueError(f"a training config must be a dict, got {type(values).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ValueError(f"unknown training config key(s) {unknown}; valid keys: {valid}")
-        return cls(**values)
+        return from_dict(cls, values, "training config")
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (``model_kwargs`` copied)."""
@@ -181,22 +167,10 @@ class TrainConfig:
         return {**self.to_dict(), "swa_start": self.swa_start_epoch}
 
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _base_type(hint: Any) -> tuple[type, bool]:
-    """(the non-None type, whether None is allowed) of a field annotation such as ``int | None``."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
-
-
 def _check_types(cfg: TrainConfig) -> None:
-    for name, hint in _field_types().items():
+    for name, hint in field_types(TrainConfig).items():
         value = getattr(cfg, name)
-        kind, optional = _base_type(hint)
+        kind, optional = base_type(hint)
         if value is None and optional:
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -331,11 +305,11 @@ def averages_after(epoch: int, cfg: TrainConfig) -> bool:
 
 
 def _recipe_dir():
-    return resources.files("widthkit") / "recipes"
+    return resources.files("widthkit.training") / "recipes"
 
 
 def list_recipes() -> list[str]:
-    """Names of the bundled recipes (``widthkit/recipes/*.toml``), sorted."""
+    """Names of the bundled recipes (``widthkit/training/recipes/*.toml``), sorted."""
     return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".toml"))
 
 
@@ -372,6 +346,16 @@ def read_config_file(name_or_path: str | os.PathLike) -> tuple[dict, str]:
     if unknown:
         raise ValueError(f"{source}: unknown training config key(s) {unknown}; valid keys: {valid}")
     return values, source
+
+
+def layered_config(recipe: str | os.PathLike, config_file: str | os.PathLike | None = None,
+                   overrides: dict | None = None) -> TrainConfig:
+    """A recipe, then a TOML file's keys over it, then single overrides (the CLI's flags); validated once."""
+    values, _ = read_config_file(recipe)
+    if config_file:
+        values.update(read_config_file(config_file)[0])
+    values.update(overrides or {})
+    return TrainConfig.from_dict(values)
 
 
 def _recipe_text(name_or_path: str | os.PathLike) -> tuple[str, str]:
@@ -592,9 +576,8 @@ def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, overwrite: b
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     """The device a run uses; ``ValueError`` if CUDA is asked for (or amp on) without CUDA available."""
-    device = evaluator_device(cfg.device)
-    if cfg.amp and device.type != "cuda":
-        raise ValueError("amp (bf16 autocast) runs on CUDA only and this run is on the CPU; set amp = false")
+    device = runtime_device(cfg.device)
+    check_amp(device, cfg.amp)
     return device
 
 
@@ -668,7 +651,7 @@ class _Run:
                                                     on_batch=bar.update)
             self.epoch = epoch + 1
             test_loss, test_err = evaluate(self.model, self.data.x_test, self.data.y_test,
-                                           _EVAL_BATCH[self.device.type], self.cfg.amp)
+                                           default_batch_size(self.device), self.cfg.amp)
             self.log.append({"phase": phase.name, "epoch": self.epoch, "lr": lr, "train_loss": train_loss,
                              "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
                              "time_s": time.perf_counter() - tic})
@@ -692,7 +675,7 @@ class _Run:
         """Write the phase's checkpoint (idempotent: a rerun after a kill writes the same file)."""
         if phase.role == "start":
             self._save_model(self.out / phase.output, self.model, "start", self._metrics([]))
-            _atomic_torch_save(self.state_dict(), self.out / BRANCH_FILE)
+            atomic_save(self.state_dict(), self.out / BRANCH_FILE)
             return
         model = self.model
         n_averaged = None
@@ -710,7 +693,7 @@ class _Run:
     def start_phase(self, phase: _Phase) -> None:
         if phase.from_branch_point:
             log, iterates = self.log, self.iterates
-            self.load_state(_torch_load(self.out / BRANCH_FILE))
+            self.load_state(safe_load(self.out / BRANCH_FILE))
             self.log, self.iterates = log, iterates
         self.phase = phase.name
         self.epoch = phase.start
@@ -718,7 +701,7 @@ class _Run:
         self.save_state()
 
     def _final_row(self, phase: _Phase, model: nn.Module) -> dict:
-        bs = _EVAL_BATCH[self.device.type]
+        bs = default_batch_size(self.device)
         train_loss, train_err = evaluate(model, self.data.x_train, self.data.y_train, bs, self.cfg.amp)
         test_loss, test_err = evaluate(model, self.data.x_test, self.data.y_test, bs, self.cfg.amp)
         return {"phase": f"{phase.name}_final", "epoch": phase.end, "lr": math.nan, "train_loss": train_loss,
@@ -742,7 +725,8 @@ class _Run:
             extra["n_averaged"] = n_averaged
         save_checkpoint(path, model, arch=self.cfg.model, num_classes=self.data.num_classes,
                         arch_kwargs=self.cfg.model_kwargs, dataset=self.cfg.dataset, role=role,
-                        config=self.cfg.resolved(), metrics=metrics, extra=extra)
+                        config=self.cfg.resolved(), metrics=metrics, extra=extra,
+                        provenance=provenance(self.device, self.cfg.amp))
 
     # ---- state files ------------------------------------------------------------------------------------
 
@@ -783,7 +767,7 @@ class _Run:
                      if k not in ("model", "optimizer", "averaged", "generator", "torch_rng", "cuda_rng")}
         else:
             state = self.state_dict()
-        _atomic_torch_save(state, self.out / STATE_FILE)
+        atomic_save(state, self.out / STATE_FILE)
         _write_log(self.out / LOG_FILE, self.log)
 
     def paths(self) -> dict[str, Any]:
@@ -836,34 +820,6 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_read_umask()  # what a plain open() would give a new file (mkstemp's files are 0600)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, flushed to disk, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _torch_load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _write_log(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
@@ -871,11 +827,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     for row in rows:
         writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k])
                          for k in LOG_COLUMNS})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(buf.getvalue())
-    os.chmod(tmp, _FILE_MODE)
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
 
 
 def _read_state(out: Path) -> dict | None:
@@ -883,7 +835,7 @@ def _read_state(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = _torch_load(path)
+        state = safe_load(path)
     except Exception as err:
         raise ValueError(f"cannot read the training state {path} ({err}); pass --overwrite (overwrite=True) to "
                          "start over") from None

@@ -14,8 +14,14 @@ How a kill cannot lose finished work: the file is created complete (every datase
 data into those preallocated contiguous datasets — no HDF5 metadata changes — metric values first, flushed,
 then the ``done`` flags. The file is opened for each chunk and closed right after, so between chunks it is
 closed and consistent; a kill during a chunk's write leaves that chunk's ``done`` flags unset and it is
-recomputed on resume. A lock file next to the data (``.NAME.lock``, held with ``flock`` for the whole run)
-turns a second concurrent writer into a clear error instead of corruption.
+recomputed on resume. A lock file next to the data (``.NAME.lock``, held with ``flock`` for the whole command:
+grid, widths and figures; removed when released) turns a second concurrent writer into a clear error instead
+of corruption. Attributes added to a finished file (width tables) are written into a fresh copy that then
+replaces it, so a full disk or a kill at that moment leaves the finished grid as it was.
+
+Every axis dataset carries ``long_name`` and ``units`` attributes saying what its coordinates mean (absolute
+weight-space distance, multiples of filter-normalised directions, t along a line, ...); figures take their
+labels from them.
 """
 
 from __future__ import annotations
@@ -94,48 +100,93 @@ def diff_configs(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
 def _versions() -> dict:
     import torch
 
-    from . import __version__
+    from .._version import __version__
 
     return {"widthkit_version": str(__version__), "torch_version": str(torch.__version__),
             "h5py_version": str(h5py.__version__)}
 
 
-class _Lock:
-    """An exclusive, non-blocking flock on ``.NAME.lock`` beside the data file."""
+class WriterLock:
+    """An exclusive, non-blocking ``flock`` on ``.NAME.lock`` beside a result file, re-entrant within a process.
 
-    def __init__(self, path: Path):
+    A command takes it once for everything it writes to one output (grid, widths, figures); library calls made
+    while it is held (``update_attrs``, a resumed grid) take it again without blocking themselves. The lock
+    file is removed on the last release, so a finished run leaves nothing behind; after ``flock`` succeeds
+    the path is checked to still name the locked file (another process may have removed it in between).
+    """
+
+    _held: dict[str, list] = {}  # resolved lock path -> [fd, depth]
+
+    def __init__(self, path):
+        path = Path(path)
+        self.data_path = path
         self.path = path.with_name(f".{path.name}.lock")
-        self.fd = None
+        self._key = str(self.path.resolve()) if self.path.parent.exists() else str(self.path.absolute())
+        self._acquired = False
 
-    def acquire(self, data_path: Path):
+    def acquire(self) -> "WriterLock":
+        if self._acquired:
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self._key = str(self.path.resolve())
+        held = WriterLock._held.get(self._key)
+        if held is not None:
+            held[1] += 1
+            self._acquired = True
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            finally:
-                os.close(fd)
-            raise StoreError(
-                f"{data_path} is being written by another widthkit process (pid {other}); wait for it to finish, "
-                "or write this analysis elsewhere with --out"
-            ) from None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                finally:
+                    os.close(fd)
+                raise StoreError(
+                    f"{self.data_path} is being written by another widthkit process (pid {other}); wait for it to "
+                    "finish, or write this analysis elsewhere with --out"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous holder removed the file while we waited: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
+        WriterLock._held[self._key] = [fd, 1]
+        self._acquired = True
+        return self
 
-    def release(self):
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+    def release(self) -> None:
+        if not self._acquired:
+            return
+        self._acquired = False
+        held = WriterLock._held[self._key]
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del WriterLock._held[self._key]
+        self.path.unlink(missing_ok=True)  # while still holding it: nobody can be between flock and the check
+        fcntl.flock(held[0], fcntl.LOCK_UN)
+        os.close(held[0])
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class AnalysisFile:
-    """A writable analysis file, created or resumed by :func:`open_analysis`. Holds the lock until closed."""
+    """A writable analysis file, created or resumed by :func:`open_analysis`. Holds the lock until closed.
 
-    def __init__(self, path: Path, lock: _Lock, groups: list[str], metrics: list[str], grid_shape: tuple):
+    Ranks other than the writer under torchrun get one with ``lock=None``: they read its state, never write.
+    """
+
+    def __init__(self, path: Path, lock: WriterLock | None, groups: list[str], metrics: list[str], grid_shape: tuple):
         self.path = path
         self._lock = lock
         self.groups = groups
@@ -181,7 +232,8 @@ class AnalysisFile:
             g["done"][...] = done
 
     def close(self) -> None:
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self):
         return self
@@ -191,17 +243,29 @@ class AnalysisFile:
 
 
 def update_attrs(path, attrs: Mapping[str, Any], group: str | None = None) -> None:
-    """Set attributes of a finished analysis file (e.g. width tables), under the writer lock."""
+    """Set attributes of a finished analysis file (e.g. width tables), under the writer lock.
+
+    The file is copied object by object into a fresh file beside it, the attributes are set there, and the
+    copy replaces the original: a full disk or a kill leaves the original whole, and repeated updates do
+    not grow the file (attributes rewritten in place leave dead space behind).
+    """
     path = Path(path)
-    lock = _Lock(path)
-    lock.acquire(path)
-    try:
-        with h5py.File(path, "r+", locking=False) as f:
-            obj = f if group is None else f[group]
-            for k, v in attrs.items():
-                obj.attrs[k] = _attr_value(v)
-    finally:
-        lock.release()
+    with WriterLock(path):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", track_order=True) as dst:
+                for k, v in src.attrs.items():
+                    dst.attrs[k] = v
+                for name in src:
+                    src.copy(src[name], dst, name=name)
+                obj = dst if group is None else dst[group]
+                for k, v in attrs.items():
+                    obj.attrs[k] = _attr_value(v)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _attr_value(v):
@@ -225,7 +289,9 @@ def open_analysis(
         path: the ``.h5`` file.
         kind: ``"rays"``, ``"line"`` or ``"plane"``.
         config: the resolved configuration (JSON-able). Resuming requires it to be identical.
-        axes: root datasets ``{name: (array, dim_names)}`` (coordinates, directions, basis, ...).
+        axes: root datasets ``{name: (array, dim_names[, attrs])}`` (coordinates, directions, basis, ...);
+            ``attrs`` such as ``{"long_name": "distance along the ray", "units": "weight-space L2"}`` say what
+            the coordinates mean and become the figures' axis labels.
         groups: ``{group_name: attrs}`` — one group per evaluated model.
         grid_shape: shape of every metric dataset, e.g. ``(n_directions, n_steps)`` or ``(nx, ny)``.
         metrics: metric names (one float64 dataset each).
@@ -239,9 +305,7 @@ def open_analysis(
     if kind not in KINDS:
         raise ValueError(f"unknown analysis kind {kind!r}; valid: {KINDS}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _Lock(path)
-    lock.acquire(path)
+    lock = WriterLock(path).acquire()
     try:
         af = AnalysisFile(path, lock, list(groups), list(metrics), tuple(int(s) for s in grid_shape))
         config_json = to_json(config)
@@ -256,6 +320,12 @@ def open_analysis(
         raise
 
 
+def _axis_spec(spec) -> tuple[np.ndarray, list[str], dict]:
+    """``(array, dims)`` or ``(array, dims, {"long_name": ..., "units": ...})`` -> all three."""
+    arr, dims, *rest = spec
+    return arr, list(dims), dict(rest[0]) if rest else {}
+
+
 def _create(path, kind, config_json, axes, groups, grid_shape, metrics, attrs):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -268,10 +338,12 @@ def _create(path, kind, config_json, axes, groups, grid_shape, metrics, attrs):
             f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             for k, v in attrs.items():
                 f.attrs[k] = _attr_value(v)
-            for name, (arr, dims) in axes.items():
-                arr = np.asarray(arr)
-                ds = f.create_dataset(name, data=arr, track_times=False)
+            for name, spec in axes.items():
+                arr, dims, meta = _axis_spec(spec)
+                ds = f.create_dataset(name, data=np.asarray(arr), track_times=False)
                 ds.attrs["dims"] = to_json(list(dims))
+                for k, v in meta.items():
+                    ds.attrs[k] = _attr_value(v)
             for gname, gattrs in groups.items():
                 g = f.create_group(gname, track_order=True)
                 for k, v in gattrs.items():
@@ -329,7 +401,8 @@ def _check_resumable(path, kind, config_json, axes, groups, grid_shape, metrics)
                         f"{path}: the checkpoint behind {gname!r} changed since this file was started (SHA-256 "
                         f"differs); pass --overwrite to start afresh"
                     )
-        for name, (arr, _dims) in axes.items():
+        for name, spec in axes.items():
+            arr = _axis_spec(spec)[0]
             if name not in f:
                 raise ConfigMismatch(f"{path} lacks the dataset {name!r}; pass --overwrite to start afresh")
             stored = f[name][...]
@@ -374,7 +447,8 @@ def _desanitize(obj):
 def read(path, load_large: bool = False) -> dict:
     """Read an analysis file into plain Python/numpy values.
 
-    Returns ``{"kind", "config", "attrs", "axes": {name: array}, "models": {group: {"metrics": {m: arr},
+    Returns ``{"kind", "config", "attrs", "axes": {name: array}, "axis_attrs": {name: {"long_name", "units"}},
+    "models": {group: {"metrics": {m: arr},
     "done": bool arr, "attrs": {...}}}, "path"}``. Large root datasets (``directions``, ``basis``) are
     replaced by ``<name>_shape`` unless ``load_large``. Root attributes ``point_labels`` and ``widths``
     are decoded into ``axes["point_labels"]`` and ``data["widths"]``.
@@ -392,8 +466,10 @@ def read(path, load_large: bool = False) -> dict:
         attrs = {k: _decode(v) for k, v in f.attrs.items()}
         out = {"kind": attrs["kind"], "config": attrs.get("config", {}), "attrs": attrs, "axes": {},
                "models": {}, "path": str(path)}
+        out["axis_attrs"] = {}
         for name, obj in f.items():
             if isinstance(obj, h5py.Dataset):
+                out["axis_attrs"][name] = {k: _decode(v) for k, v in obj.attrs.items() if k != "dims"}
                 if name.split("_")[0] in LARGE_DATASETS and not load_large:
                     out["axes"][f"{name}_shape"] = tuple(obj.shape)
                 else:

@@ -26,123 +26,19 @@ cross-entropy + ½·wd·‖θ‖², the regularised objective the SWA paper plot
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import autocast, check_amp, default_batch_size, random_subset
+from .config import EvalConfig
+from .objectives import L2_METRIC, SPLITS, metric_names, split_sums
 from .space import ThetaLayout, bind_flat_parameters
-
-BNMode = Literal["keep", "recompute", "batch"]
-BN_MODES: tuple[str, ...] = ("keep", "recompute", "batch")
-SPLITS: tuple[str, ...] = ("train", "test")
-BASE_METRICS: tuple[str, ...] = ("train_loss", "train_err", "test_loss", "test_err")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; a CUDA device asked for without CUDA is an error."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device 'cpu' or 'auto'")
-    return dev
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast for forward passes when ``amp`` (callers check it is CUDA), else nothing."""
-    if amp:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def split_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, out: torch.Tensor,
-               amp: bool = False) -> None:
-    """Add the cross-entropy sum and the error count of ``model`` over ``(x, y)`` to ``out`` (2,) float64.
-
-    Batches of ``batch_size``; everything stays on the device (no host synchronisation). The model is
-    called as it is (its train/eval mode is the caller's business).
-    """
-    for start in range(0, len(y), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        with autocast(x.device, amp):
-            logits = model(xb)
-        logits = logits.float()
-        out[0] += F.cross_entropy(logits, yb, reduction="sum").double()
-        out[1] += (logits.argmax(dim=1) != yb).sum().double()
-
-
-def random_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
-    """Sorted indices of a fixed random subset of ``k`` of ``n`` items (CPU generator: the same on any
-    device), or None when ``k`` is None or covers everything."""
-    if k is None or k >= n:
-        return None
-    if k < 1:
-        raise ValueError(f"a subset needs at least one example, got {k}")
-    return torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(int(seed)))[:k].sort().values
-
-
-def default_batch_size(device: torch.device) -> int:
-    # On CPU, glibc hands large activation buffers back to the OS after every op and page-faults them in again;
-    # batches of 64 stay under that threshold and were at or near the best for ResNet-20/56 and VGG16 here
-    # (benchmarks/RESULTS.md: 1.3-2.1x faster than 256). On a GPU, big batches keep it busy.
-    return 4096 if device.type == "cuda" else 64
-
-
-@dataclass
-class EvalConfig:
-    """How points are evaluated. Stored with every result."""
-
-    bn_mode: BNMode = "recompute"  # "keep" | "recompute" | "batch"
-    bn_subset: int | None = None  # training images used to recompute BN statistics (None: all of them)
-    bn_batch_size: int | None = None  # batch size of the BN pass (None: same as batch_size)
-    batch_size: int | None = None  # evaluation batch size (None: 64 on CPU, 4096 on CUDA)
-    weight_decay: float = 0.0  # > 0 adds the metric train_loss_l2 = CE + ½·wd·‖θ‖²
-    amp: bool = False  # bf16 autocast for the forward passes (CUDA only; weights stay float32)
-    seed: int = 0  # picks the BN subset
-    chunk_size: int = 4  # points per on_chunk callback (and per host synchronisation)
-    points_in_flight: int = 1  # > 1: evaluate this many points per forward pass (torch.func.vmap; bn_mode "keep")
-    splits: tuple[str, ...] = SPLITS  # which splits to evaluate
-
-    def __post_init__(self):
-        if self.bn_mode not in BN_MODES:
-            raise ValueError(f"unknown bn_mode {self.bn_mode!r}; valid choices: {', '.join(BN_MODES)}")
-        for name in ("bn_subset", "bn_batch_size", "batch_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
-        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.points_in_flight, (int, np.integer)) or self.points_in_flight < 1:
-            raise ValueError(f"points_in_flight must be a positive integer, got {self.points_in_flight!r}")
-        if self.points_in_flight > 1 and self.bn_mode != "keep":
-            raise ValueError(
-                f"points_in_flight > 1 needs bn_mode='keep' (got {self.bn_mode!r}): recompute and batch modes update "
-                "BatchNorm statistics point by point; use points_in_flight=1 with them"
-            )
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        self.splits = tuple(self.splits)
-        bad = [s for s in self.splits if s not in SPLITS]
-        if bad or not self.splits:
-            raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {self.splits!r}")
-
-    def metrics(self) -> list[str]:
-        names = [m for m in BASE_METRICS if m.split("_")[0] in self.splits]
-        if self.weight_decay > 0 and "train" in self.splits:
-            names.append("train_loss_l2")
-        return names
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["splits"] = list(self.splits)
-        return d
 
 
 @dataclass
@@ -223,21 +119,26 @@ class Evaluator:
         device: where to evaluate (default: the device of ``train``/``test`` tensors, else CPU).
     """
 
-    def __init__(self, model: nn.Module, train=None, test=None, config: EvalConfig | None = None, device=None):
+    def __init__(self, model: nn.Module, train=None, test=None, config: EvalConfig | None = None, device=None,
+                 splits: Sequence[str] = SPLITS):
         self.config = config = config or EvalConfig()
+        self.splits = tuple(splits)
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad or not self.splits:
+            raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {self.splits!r}")
+        self.weight_decay = float(config.weight_decay or 0.0)
         if device is None:
             for s in (train, test):
                 if isinstance(s, EvalSet):
                     device = s.device
                     break
         self.device = torch.device(device or "cpu")
-        if config.amp and self.device.type != "cuda":
-            raise ValueError("amp (bf16 autocast) is only supported on CUDA devices; drop --amp on CPU")
+        check_amp(self.device, config.amp)
         self.train = EvalSet.from_any(train, self.device) if train is not None else None
         self.test = EvalSet.from_any(test, self.device) if test is not None else None
-        for split in config.splits:
+        for split in self.splits:
             if getattr(self, split) is None:
-                raise ValueError(f"the {split} split is needed (config.splits={config.splits}) but none was given")
+                raise ValueError(f"the {split} split is needed (splits={self.splits}) but none was given")
         if config.bn_mode == "recompute" and self.train is None:
             raise ValueError("bn_mode='recompute' needs the training data to recompute BatchNorm statistics")
 
@@ -249,12 +150,16 @@ class Evaluator:
         bind_flat_parameters(self.model, self.layout, self.flat)
         self._theta0 = self.flat.clone()
         self.bn = _bn_modules(self.model)
-        self.batch_size = config.batch_size or default_batch_size(self.device)
-        self.bn_batch_size = config.bn_batch_size or self.batch_size
+        self.batch_size = config.eval_batch_size or default_batch_size(self.device)
         self.bn_index = self._bn_subset_index()
         if config.bn_mode == "batch":
             for m in self.bn:
                 m.momentum = 0.0  # batch statistics are used, running statistics left untouched
+
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics every point gets (see :func:`widthkit.engine.objectives.metric_names`)."""
+        return metric_names(self.splits, self.weight_decay)
 
     # -- set-up --------------------------------------------------------------------------------------
     def _bn_subset_index(self) -> torch.Tensor | None:
@@ -278,9 +183,9 @@ class Evaluator:
             m.momentum = None  # cumulative average over the pass, like update_bn
             m.train()
         try:
-            for start in range(0, x.shape[0], self.bn_batch_size):
+            for start in range(0, x.shape[0], self.batch_size):
                 with self._autocast():
-                    self.model(x[start:start + self.bn_batch_size])
+                    self.model(x[start:start + self.batch_size])
         finally:
             for m, mom in zip(self.bn, momenta):
                 m.momentum = mom
@@ -302,7 +207,7 @@ class Evaluator:
                 m.train()
         try:
             for i, split in enumerate(SPLITS):
-                if split in self.config.splits:
+                if split in self.splits:
                     self._split_sums(getattr(self, split), out[2 * i:2 * i + 2])
         finally:
             for m in self.bn:
@@ -316,10 +221,9 @@ class Evaluator:
                 self._point(out)
                 return
             except torch.OutOfMemoryError:
-                if self.batch_size == 1 and self.bn_batch_size == 1:
+                if self.batch_size == 1:
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
-                self.bn_batch_size = max(1, self.bn_batch_size // 2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -338,7 +242,7 @@ class Evaluator:
 
         stacked = vmap(forward, in_dims=(0, None))
         for i, split in enumerate(SPLITS):
-            if split not in self.config.splits:
+            if split not in self.splits:
                 continue
             data = getattr(self, split)
             for start in range(0, len(data), self.batch_size):
@@ -405,7 +309,7 @@ class Evaluator:
         if len(ids) != len(coords):
             raise ValueError(f"{len(ids)} ids for {len(coords)} points")
         coords_dev = coords.to(device=self.device, dtype=torch.float32)
-        metrics = self.config.metrics()
+        metrics = self.metrics
         results = {m: np.full(len(coords), np.nan) for m in metrics}
         cs = self.config.chunk_size
         sizes = {"train": len(self.train) if self.train is not None else 1,
@@ -423,7 +327,7 @@ class Evaluator:
                     # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
                     torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
                     self._point_with_retry(sums[j, :4])
-                    if "train_loss_l2" in metrics:
+                    if L2_METRIC in metrics:
                         sums[j, 4] = self.flat.double().square().sum()
             host = sums.cpu().numpy()  # the one synchronisation per chunk
             chunk = self._finish(host, sizes, metrics)
@@ -440,7 +344,7 @@ class Evaluator:
             "test_loss": host[:, 2] / sizes["test"],
             "test_err": 100.0 * host[:, 3] / sizes["test"],
         }
-        out["train_loss_l2"] = out["train_loss"] + 0.5 * self.config.weight_decay * host[:, 4]
+        out[L2_METRIC] = out["train_loss"] + 0.5 * self.weight_decay * host[:, 4]
         return {m: out[m] for m in metrics}
 
     def evaluate_weights(self, theta: torch.Tensor) -> dict[str, float]:

@@ -28,7 +28,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from ..fileio import atomic_write
+from ..runtime import provenance as runtime_provenance
 
 FORMAT_VERSION = 1  # value of the "widthkit_checkpoint" key; bump when the layout changes
 ROLES = ("sgd", "swa", "iterate", "start")  # or None
@@ -213,7 +215,7 @@ def _from_widthkit(obj: Mapping, which: str | None, source: str) -> tuple[Mappin
     if not _is_state_dict(obj.get("state_dict")):
         raise CheckpointError(f"{source} is a widthkit checkpoint without weights: its 'state_dict' is empty")
     recorded = {k: obj.get(k) for k in ("arch", "arch_kwargs", "num_classes", "dataset", "role", "config",
-                                        "metrics", "extra")}
+                                        "metrics", "extra", "provenance")}
     role = recorded["role"]
     if which is not None and role is not None and which != role:
         raise CheckpointError(
@@ -332,7 +334,7 @@ def load_checkpoint(
     """
     _check_which(which)
     path = os.fspath(path)
-    obj = _torch_load(path)
+    obj = safe_load(path)
     sd, info = extract_state_dict(obj, which=which, source=path)
     if not allow_nonfinite:
         _check_finite(sd, path)
@@ -373,8 +375,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _torch_load(path: str) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what went wrong."""
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what went wrong
+    (:class:`CheckpointError`). Every file widthkit reads with torch goes through here."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} does not exist (looked in {os.path.abspath(path)})")
     if os.path.isdir(path):
@@ -476,7 +480,7 @@ def _shapes(sd: Mapping[str, torch.Tensor]) -> Shapes:
 
 def _meta_model(arch: str, num_classes: int | None, kwargs: Mapping, cache: dict | None = None) -> nn.Module:
     """``create_model(arch, ...)`` on the meta device: shapes without memory. ``cache`` memoises within a call."""
-    from . import models
+    from .. import models
 
     key = (arch, num_classes, repr(sorted(kwargs.items())))
     if cache is not None and key in cache:
@@ -547,7 +551,7 @@ def _detect_arch(sd: Mapping[str, torch.Tensor], num_classes: int | None, kwargs
             f"{path}: the weights fit several registered models ({names}); pass arch=NAME (CLI: --arch) to "
             f"say which"
         )
-    from . import models
+    from .. import models
 
     tried = f" (tried with arch_kwargs={dict(kwargs)})" if kwargs else ""
     raise CheckpointError(
@@ -560,7 +564,7 @@ def _detect_arch(sd: Mapping[str, torch.Tensor], num_classes: int | None, kwargs
 
 def _matching_models(given: Shapes, num_classes: int | None, kwargs: Mapping,
                      cache: dict | None = None) -> list[tuple[str, int | None]]:
-    from . import models
+    from .. import models
 
     matches = []
     for name in models.list_models():
@@ -599,7 +603,7 @@ def _fingerprint(model: nn.Module) -> list[tuple]:
 def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mapping[str, torch.Tensor],
                   path: str, hint: bool) -> nn.Module:
     """``create_model`` on the CPU, check names and shapes, ``load_state_dict(strict=True)``, ``eval()``."""
-    from . import models
+    from .. import models
 
     nc = {} if num_classes is None else {"num_classes": num_classes}
     try:
@@ -660,6 +664,7 @@ def save_checkpoint(
     config: Any = None,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``model``'s weights and their provenance as a widthkit checkpoint, atomically.
 
@@ -680,6 +685,8 @@ def save_checkpoint(
         config: the resolved run configuration (dict or dataclass).
         metrics: e.g. ``{"test_err": 5.1}`` (errors in %, losses in nats).
         extra: anything else plain (epoch, seed, ...).
+        provenance: where the weights were computed (default: :func:`widthkit.runtime.provenance` of this
+            process on the CPU): device, thread count, precision, torch/CUDA versions.
 
     Returns:
         ``path`` as a string.
@@ -707,9 +714,10 @@ def save_checkpoint(
         "config": _plain(config, "config"),
         "metrics": _plain(metrics, "metrics"),
         "extra": _plain(extra, "extra"),
+        "provenance": _plain(dict(provenance) if provenance is not None else runtime_provenance(), "provenance"),
         "state_dict": sd,
     }
-    _atomic_save(payload, path)
+    atomic_save(payload, path)
     return path
 
 
@@ -790,21 +798,7 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, flushed to disk, then ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any output
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`widthkit.fileio.atomic_write`: a kill or a full disk leaves the old file
+    or the new one, never half of one. Used for checkpoints and training state."""
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,0 +1,165 @@
+"""The one skeleton every analysis runs through: prepare, lay out the grid, evaluate it into its file, finish.
+
+rays, line and plane (:mod:`widthkit.analyses.kinds`) only say which points they want: an origin, a basis and
+the coordinates of every grid point, with what the coordinates mean. Everything else happens here, once:
+models and data resolved (:func:`prepare`), the file opened or resumed under its writer lock, the pending
+points shared out (torchrun), progress reported, the lock held over whatever the caller does with the
+finished result (widths, figures), temporary files removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..engine import distributed
+from ..engine.config import EvalConfig
+from ..engine.evaluator import Evaluator
+from ..report import store
+from ..runtime import provenance, resolve_device
+from ..settings import split_kwargs
+from .result import Analysis
+from .subjects import Subject, as_subjects, recorded_weight_decay, resolve_data
+
+ProgressFn = Callable[[int, int], None]  # (points done, points in total)
+AfterFn = Callable[[Analysis], object]  # runs on the finished result, still under the writer lock
+
+
+def eval_config(config: EvalConfig | None, kwargs: dict) -> EvalConfig:
+    """The evaluation config of an API call: ``config`` (or the defaults) with keyword overrides; an unknown
+    keyword is a ``ValueError`` listing the valid ones."""
+    known, unknown = split_kwargs(EvalConfig, kwargs)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; the evaluation settings are "
+                         f"{sorted(EvalConfig.__dataclass_fields__)} (and the analysis' own, see its docstring)")
+    return (config or EvalConfig()).replace(**known) if known else (config or EvalConfig())
+
+
+@dataclass
+class Setup:
+    """Models, data and device of one analysis, resolved and checked against each other."""
+
+    subjects: list[Subject]
+    cfg: EvalConfig  # weight_decay resolved (the checkpoints' recorded value when not given)
+    device: torch.device
+    train: object
+    test: object
+    data_desc: dict
+    _evaluators: dict = field(default_factory=dict)
+
+    def evaluator(self, i: int = 0) -> Evaluator:
+        """The evaluator of model ``i`` (built on first use: line and plane need only the first)."""
+        if i not in self._evaluators:
+            self._evaluators[i] = Evaluator(self.subjects[i].model, train=self.train, test=self.test,
+                                            config=self.cfg, device=self.device)
+        return self._evaluators[i]
+
+    def theta(self, i: int) -> torch.Tensor:
+        """θ of model ``i`` in the first evaluator's layout, on the device."""
+        return self.evaluator(0).layout.flatten(self.subjects[i].model).to(self.device)
+
+
+def prepare(models, data, cfg: EvalConfig, *, arch=None, which=None, count: Sequence[int] | None = None,
+            what: str = "") -> Setup:
+    """Resolve the models (``count``: allowed numbers of them, ``what`` names the analysis in the error),
+    the device and the data; validate everything before any file is touched."""
+    subjects = as_subjects(models, arch=arch, which=which)
+    if count is not None and len(subjects) not in count:
+        words = {1: "one", 2: "two", 3: "three"}
+        raise ValueError(f"{what} needs exactly {' or '.join(words.get(n, str(n)) for n in count)} checkpoint"
+                         f"{'s' if max(count) > 1 else ''}, got {len(subjects)}")
+    device = resolve_device(distributed.local_device(cfg.device))
+    if cfg.weight_decay is None:
+        cfg = cfg.replace(weight_decay=recorded_weight_decay(subjects))
+    train, test, desc = resolve_data(data, subjects, cfg, device)
+    return Setup(subjects, cfg, device, train, test, desc)
+
+
+@dataclass
+class Grid:
+    """What one analysis evaluates and how its file describes it.
+
+    ``axes``: root datasets ``{name: (array, dims, {"long_name", "units"})}``; ``groups``: result groups and
+    their attributes; ``jobs``: ``(group, evaluator, origin (D,), basis (k, D), coords_of(flat ids) -> (P, k))``;
+    ``geometry``: the analysis' own config section (e.g. ``{"rays": {...}}``); ``attrs``: extra root attributes.
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    axes: dict
+    groups: dict
+    jobs: list
+    geometry: dict
+    attrs: dict = field(default_factory=dict)
+
+
+def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, progress: ProgressFn | None = None,
+             after: AfterFn | None = None) -> Analysis | None:
+    """Evaluate every pending point of ``grid`` into ``out`` (a temporary file when None) and return the
+    :class:`Analysis` (None on torchrun ranks that do not write). ``after(result)`` runs before the writer
+    lock is released, so nothing else can write the file between the grid and, say, its widths."""
+    ev0 = setup.evaluator(0)
+    config = {"kind": grid.kind, **grid.geometry, "eval": setup.cfg.recorded(), "data": setup.data_desc,
+              "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects],
+              "theta_size": ev0.layout.size}
+    attrs = {"theta_layout": ev0.layout.describe(), "provenance": provenance(setup.device, setup.cfg.amp),
+             **grid.attrs}
+    tmpdir = tempfile.mkdtemp(prefix="widthkit-") if out is None else None
+    path = Path(out) if out is not None else Path(tmpdir) / f"{grid.kind}.h5"
+    try:
+        if distributed.is_writer():
+            af = store.open_analysis(path, grid.kind, config, grid.axes, grid.groups, grid.shape, ev0.metrics,
+                                     attrs=attrs, overwrite=overwrite)
+        else:
+            af = store.AnalysisFile(path, None, list(grid.groups), ev0.metrics, grid.shape)
+        distributed.barrier()
+        try:
+            _run(af, grid.jobs, progress)
+            if not distributed.is_writer():
+                return None
+            result = Analysis(path, tmpdir=tmpdir)
+            if after is not None:
+                after(result)
+            return result
+        finally:
+            af.close()
+    except BaseException:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+
+
+def _run(af: store.AnalysisFile, jobs, progress: ProgressFn | None) -> None:
+    """Evaluate every pending point of every group; under torchrun the points are shared out between ranks
+    (see :mod:`widthkit.engine.distributed`)."""
+    total = af.n_points
+    done = af.n_done() if distributed.is_writer() else 0
+    if progress and distributed.is_writer():
+        progress(done, total)
+    for group, ev, origin, basis, coords_of in jobs:
+        pending = distributed.broadcast_object(af.pending(group) if distributed.is_writer() else None)
+        if len(pending) == 0:
+            continue
+
+        def on_results(ids, values, group=group):
+            nonlocal done
+            af.write(group, ids, values)
+            done += len(ids)
+            if progress:
+                progress(done, total)
+
+        distributed.evaluate_shared(ev, origin, basis, coords_of, pending, on_results)
+
+
+def grid_coords(shape: tuple[int, int], columns: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    """``coords_of(flat ids)`` for a 2-D grid: ``columns(i, j)`` -> (P, k) coordinates of points ``[i, j]``."""
+    def coords_of(ids):
+        i, j = np.unravel_index(ids, shape)
+        return columns(i, j)
+    return coords_of

@@ -1,0 +1,176 @@
+"""What an analysis evaluates: the models (labelled, with provenance) and the data splits."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..engine.config import EvalConfig
+from ..engine.evaluator import EvalSet
+from ..inputs.checkpoints import Checkpoint, load_checkpoint
+from ..inputs.data import load_dataset
+from ..runtime import random_subset
+
+
+@dataclass
+class Subject:
+    """One model to evaluate: a label for figures, a group name in the HDF5 file, provenance."""
+
+    label: str
+    model: nn.Module
+    path: str | None = None
+    sha256: str | None = None
+    role: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        return re.sub(r"[^a-z0-9_]+", "_", self.label.lower()).strip("_") or "model"
+
+    def attrs(self) -> dict:
+        return {"label": self.label, "checkpoint": self.path or "", "sha256": self.sha256 or "",
+                "role": self.role or "", "arch": self.meta.get("arch") or ""}
+
+
+def _label_from(path: str | None, role: str | None, index: int) -> str:
+    if role in ("sgd", "swa"):
+        return role.upper()
+    if role:
+        return role
+    if path:
+        return Path(path).stem
+    return f"model{index}"
+
+
+def as_subjects(models, arch: str | None = None, which: str | None = None) -> list[Subject]:
+    """Normalise what a user passes as models into labelled :class:`Subject` s.
+
+    Accepts a single item or a list of items, or a ``{label: item}`` dict, where an item is a checkpoint
+    path, a :class:`~widthkit.checkpoints.Checkpoint`, or an ``nn.Module``.
+    """
+    if isinstance(models, Mapping):
+        items = list(models.items())
+    elif isinstance(models, (list, tuple)):
+        items = [(None, m) for m in models]
+    else:
+        items = [(None, models)]
+    if not items:
+        raise ValueError("no models given: pass at least one checkpoint or nn.Module")
+    subjects = []
+    for i, (label, item) in enumerate(items):
+        if isinstance(item, (str, os.PathLike)):
+            # "file.pt#swa" / "file.pt#sgd" pick one model of a file holding both (the SWA authors' layout),
+            # so both can be analysed side by side: --ckpt ckpt.pt#sgd --ckpt ckpt.pt#swa
+            path, _, pick = str(item).rpartition("#") if str(item).endswith(("#swa", "#sgd")) else (str(item), "", None)
+            item = load_checkpoint(path, arch=arch, which=pick or which)
+        if isinstance(item, Checkpoint):
+            meta = dict(item.meta)
+            role = meta.get("role") or (meta.get("which") if meta.get("which") in ("sgd", "swa") else None)
+            subjects.append(Subject(label or _label_from(item.path, role, i), item.model,
+                                    str(item.path) if item.path else None, item.sha256, role, meta))
+        elif isinstance(item, nn.Module):
+            subjects.append(Subject(label or f"model{i}", item))
+        else:
+            raise TypeError(f"cannot analyse a {type(item).__name__}: pass a checkpoint path, a Checkpoint or an nn.Module")
+    labels = [s.label for s in subjects]
+    groups = [s.group for s in subjects]
+    if len(set(groups)) != len(groups):
+        # the same role twice (e.g. two SGD seeds): fall back to file names, then to indices
+        for i, s in enumerate(subjects):
+            if groups.count(s.group) > 1:
+                s.label = f"{s.label} ({Path(s.path).stem})" if s.path else f"{s.label} #{i}"
+        groups = [s.group for s in subjects]
+        if len(set(groups)) != len(groups):
+            raise ValueError(f"models need distinct labels, got {labels}; name them: --ckpt LABEL=PATH on the "
+                             "command line, a dict {label: model} in Python")
+    _check_same_architecture(subjects)
+    return subjects
+
+
+def _check_same_architecture(subjects: Sequence[Subject]) -> None:
+    ref = subjects[0]
+    ref_shapes = {n: tuple(p.shape) for n, p in ref.model.named_parameters()}
+    for s in subjects[1:]:
+        shapes = {n: tuple(p.shape) for n, p in s.model.named_parameters()}
+        if shapes == ref_shapes:
+            continue
+        only_a = sorted(set(ref_shapes) - set(shapes))[:3]
+        only_b = sorted(set(shapes) - set(ref_shapes))[:3]
+        differ = [f"{n}: {ref_shapes[n]} vs {shapes[n]}" for n in ref_shapes if n in shapes and shapes[n] != ref_shapes[n]][:3]
+        raise ValueError(
+            f"{s.label} ({s.path or 'module'}) does not share the architecture of {ref.label} "
+            f"({ref.path or 'module'}): "
+            + "; ".join(x for x in (f"only in {ref.label}: {only_a}" if only_a else "",
+                                    f"only in {s.label}: {only_b}" if only_b else "",
+                                    f"shapes differ: {differ}" if differ else "") if x)
+            + ". Every model of one analysis must be the same architecture (same parameter names and shapes)."
+        )
+
+
+def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
+    """The evaluation splits: ``data`` (a dataset name, or ``(train, test)`` / ``{"train", "test"}`` data of the
+    user's own), else ``cfg.data``, else the dataset the checkpoints record; subsets applied.
+
+    Returns (train EvalSet, test EvalSet, description dict for the file's config).
+    """
+    if data is None or isinstance(data, str):
+        name = data or cfg.data
+        if name is None:
+            recorded = {s.meta.get("dataset") for s in subjects if s.meta.get("dataset")}
+            if len(recorded) > 1:
+                raise ValueError(f"the checkpoints were trained on different datasets {sorted(recorded)}; pass --data")
+            if not recorded:
+                raise ValueError(
+                    "the checkpoint does not record its dataset; pass --data (e.g. --data digits, --data cifar10 "
+                    "--data-root DIR, --data imagefolder:PATH)"
+                )
+            name = recorded.pop()
+        train = EvalSet.from_dataset(load_dataset(name, root=cfg.data_root, split="train"), device)
+        test = EvalSet.from_dataset(load_dataset(name, root=cfg.data_root, split="test"), device)
+        desc = {"name": name, "root": str(cfg.data_root) if cfg.data_root else None}
+    else:
+        if isinstance(data, Mapping):
+            train_src, test_src = data.get("train"), data.get("test")
+        elif isinstance(data, (tuple, list)) and len(data) == 2 and not torch.is_tensor(data[0]):
+            train_src, test_src = data
+        else:
+            raise TypeError("data must be a dataset name, {'train': ..., 'test': ...}, or a (train, test) pair")
+        if train_src is None or test_src is None:
+            raise ValueError("both a train and a test split are needed")
+        train = EvalSet.from_any(train_src, device)
+        test = EvalSet.from_any(test_src, device)
+        desc = {"name": "user-data", "root": None, "n_train": len(train), "n_test": len(test),
+                "train_checksum": _checksum(train), "test_checksum": _checksum(test)}
+    train = _subset(train, cfg.train_subset, cfg.seed)
+    test = _subset(test, cfg.test_subset, cfg.seed + 1)
+    desc.update(train_subset=cfg.train_subset, test_subset=cfg.test_subset, n_train=len(train), n_test=len(test))
+    return train, test, desc
+
+
+def _checksum(es: EvalSet) -> float:
+    # cheap fingerprint of user-given tensors, so a resume against different data is refused
+    return float(es.x.double().sum()) + 1e-3 * float(es.y.double().sum())
+
+
+def _subset(es: EvalSet, k: int | None, seed: int) -> EvalSet:
+    idx = random_subset(len(es), k, seed)
+    if idx is None:
+        return es
+    idx = idx.to(es.device)
+    return EvalSet(es.x.index_select(0, idx), es.y.index_select(0, idx))
+
+
+def recorded_weight_decay(subjects: Sequence[Subject]) -> float:
+    wds = set()
+    for s in subjects:
+        cfg = s.meta.get("config") or {}
+        wd = cfg.get("weight_decay", cfg.get("wd")) if isinstance(cfg, Mapping) else None
+        if wd is not None:
+            wds.add(float(wd))
+    return wds.pop() if len(wds) == 1 else 0.0

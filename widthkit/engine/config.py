@@ -1,0 +1,81 @@
+"""The one evaluation config: how every point of an analysis is evaluated, and on which data.
+
+Used by the Python API (``widthkit.rays(..., bn_mode="keep")``), by every analysis command and the pipeline
+(their flags are generated from these fields: ``--bn-mode``, ``--eval-batch-size``, ...) and stored in every
+HDF5 file's ``config["eval"]``. Validated once, on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from ..settings import check_choice, check_int, check_number, choices_of, field_types, from_dict, option
+
+BNMode = Literal["recompute", "keep", "batch"]
+BN_MODES: tuple[str, ...] = ("recompute", "keep", "batch")
+
+# Settings that change how fast results come, not what they are: left out of the stored config, so a run
+# resumed with other values continues the same file (the device and thread count go to its provenance).
+HOW_FIELDS = ("device", "eval_batch_size", "points_in_flight", "chunk_size")
+
+
+@dataclass
+class EvalConfig:
+    """How points are evaluated and on which data. Every field is also a flag of every analysis command."""
+
+    bn_mode: BNMode = option(
+        "recompute", "BatchNorm statistics at each point: recompute (from the training data, as the paper), keep "
+        "(the checkpoint's), or batch (each batch's own)", aliases=("--bn",))
+    bn_subset: int | None = option(None, "recompute BN statistics from N fixed random training images (default: all)",
+                                   metavar="N")
+    weight_decay: float | None = option(
+        None, "adds train_loss_l2 = CE + wd/2·‖θ‖² (default: the weight decay the checkpoint records, else none)")
+    data: str | None = option(None, "dataset: digits, cifar10, cifar100, imagefolder:PATH (default: the checkpoint's)")
+    data_root: str | None = option(None, "folder holding cifar-10-batches-py/ or cifar-100-python/ "
+                                         "(default: $WIDTHKIT_DATA or ./data)")
+    train_subset: int | None = option(None, "train metrics on N fixed random training images (default: all)",
+                                      metavar="N")
+    test_subset: int | None = option(None, "test metrics on N fixed random test images (default: all)", metavar="N")
+    seed: int = option(0, "seed of the random directions and subsets")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N")
+    amp: bool = option(False, "bf16 autocast for the forward passes (CUDA only; weights stay float32)")
+    eval_batch_size: int | None = option(None, "images per forward pass (default: 64 on CPU, 4096 on CUDA)")
+    points_in_flight: int = option(1, "evaluate K points per forward pass (torch.func.vmap; bn_mode keep only); "
+                                      "slower on CPU, measure on a GPU with benchmarks/bench_eval.py")
+    chunk_size: int = option(4, "points evaluated between two saves to the file")
+
+    def __post_init__(self):
+        check_choice("bn_mode", self.bn_mode, choices_of(field_types(EvalConfig)["bn_mode"]))
+        for name in ("bn_subset", "train_subset", "test_subset", "eval_batch_size"):
+            check_int(name, getattr(self, name))
+        for name in ("points_in_flight", "chunk_size"):
+            check_int(name, getattr(self, name), optional=False)
+        check_int("seed", self.seed, minimum=0, optional=False)
+        check_number("weight_decay", self.weight_decay, minimum=0)
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"device must be a name such as 'auto', 'cpu', 'cuda:0', got {self.device!r}")
+        if self.points_in_flight > 1 and self.bn_mode != "keep":
+            raise ValueError(
+                f"points_in_flight > 1 needs bn_mode='keep' (got {self.bn_mode!r}): recompute and batch modes update "
+                "BatchNorm statistics point by point; use points_in_flight=1 with them")
+
+    @classmethod
+    def from_dict(cls, values) -> "EvalConfig":
+        return from_dict(cls, values, "evaluation config")
+
+    def replace(self, **changes) -> "EvalConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def recorded(self) -> dict:
+        """What the results depend on (stored in the file, compared on resume); see :data:`HOW_FIELDS`.
+        The batch size counts in ``batch`` mode, where each batch is normalised with its own statistics."""
+        d = {k: v for k, v in self.to_dict().items() if k not in HOW_FIELDS}
+        if self.bn_mode == "batch":
+            d["eval_batch_size"] = self.eval_batch_size
+        return d

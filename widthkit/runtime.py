@@ -1,0 +1,104 @@
+"""Where and how computations run: device, precision, threads, fixed random subsets, provenance.
+
+Shared by the evaluator, the curvature code and the trainer; holds no model or data state.
+
+Reproducibility, stated as it is: results are bit-identical for the same device, the same number of intra-op
+threads (``torch.get_num_threads()``) and the same precision policy; :func:`provenance` records all three in
+every file and checkpoint widthkit writes. Different thread counts sum in a different order, so the last
+bits of a loss (and, over a training run, the weights) differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+
+import torch
+
+from ._version import __version__
+
+# One batch-size policy for every forward pass widthkit makes (evaluation, BN recomputation, the trainer's
+# evaluations). On CPU, glibc hands large activation buffers back to the OS after every op and page-faults
+# them in again; batches of 64 stay under that threshold and were at or near the best for ResNet-20/56 and
+# VGG16 on 2 cores (benchmarks/RESULTS.md: 1.3-2.1x faster than 256). On a GPU, big batches keep it busy.
+DEFAULT_BATCH_SIZE = {"cpu": 64, "cuda": 4096}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; a CUDA device asked for without CUDA is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device 'cpu' or 'auto'")
+    return dev
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Forward-pass batch size when none is given (see :data:`DEFAULT_BATCH_SIZE`)."""
+    return DEFAULT_BATCH_SIZE.get(torch.device(device).type, DEFAULT_BATCH_SIZE["cuda"])
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast for forward passes when ``amp`` (callers check it is CUDA), else nothing."""
+    if amp:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_amp(device: torch.device, amp: bool) -> None:
+    """``ValueError`` when bf16 autocast is asked for off CUDA (the CPU path is float32 only)."""
+    if amp and torch.device(device).type != "cuda":
+        raise ValueError("amp (bf16 autocast) is only supported on CUDA devices; drop --amp (amp=False) on CPU")
+
+
+def random_subset(n: int, k: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of a fixed random subset of ``k`` of ``n`` items (CPU generator: the same on any
+    device), or None when ``k`` is None or covers everything."""
+    if k is None or k >= n:
+        return None
+    if k < 1:
+        raise ValueError(f"a subset needs at least one example, got {k}")
+    return torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(int(seed)))[:k].sort().values
+
+
+def provenance(device: torch.device | str | None = None, amp: bool = False) -> dict:
+    """What a result's last bits depend on: device, intra-op threads, precision policy, library versions."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    out = {
+        "widthkit_version": __version__,
+        "torch_version": str(torch.__version__),
+        "cuda_version": torch.version.cuda or "",
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+        "threads": int(torch.get_num_threads()),
+        "precision": "bf16-autocast" if amp else "fp32",
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+    }
+    return out
+
+
+def tune_allocator() -> bool:
+    """Keep glibc from returning large activation buffers to the OS after every op (and faulting them back in).
+
+    A process-wide setting, so only entry points (the commands, the benchmarks) call it, never the library.
+    Measured on 2 CPU cores: ResNet-56 evaluation at batch 64 went from 134 to 213-249 images/s
+    (benchmarks/RESULTS.md). ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set by the user take
+    precedence. Returns False where glibc's ``mallopt`` is not available.
+    """
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # buffers below 32 MiB (glibc's maximum) come from the heap; keep up to 1 GiB of freed heap
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
