@@ -90,7 +90,6 @@ class BenchConfig:
     eval_batch_size: int | None = None  # evaluator batch (None: widthkit's default, 256 CPU / 4096 CUDA)
     extra_eval_batch_sizes: tuple[int, ...] = ()  # more evaluator contestants at these batch sizes (timing only)
     points_in_flight: tuple[int, ...] = ()  # BN keep: evaluator contestants with K points per forward pass (vmap)
-    bn_batch_size: int | None = None  # evaluator's and loop's BN-pass batch (None: the evaluator's batch)
     loop_batch_size: int = 128  # the reference loop's DataLoader batch
     ceiling_batch_sizes: tuple[int, ...] | None = None  # CPU 64,128,256; CUDA 512..8192
     radius: float = 0.2  # point coordinates drawn uniformly from [-radius, radius]² (filter-normalised units)
@@ -134,7 +133,7 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     for name in ("n_images", "points", "rounds", "bn_subset", "loop_batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("eval_batch_size", "bn_batch_size", "threads"):
+    for name in ("eval_batch_size", "threads"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1 (or left unset), got {getattr(cfg, name)}")
     if cfg.warmup_rounds < 0:
@@ -317,38 +316,36 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict
     evaluators: dict[str, Evaluator] = {}
     for mode in modes:
         ecfg = EvalConfig(bn_mode=mode, bn_subset=cfg.bn_subset, eval_batch_size=cfg.eval_batch_size,
-                          bn_batch_size=cfg.bn_batch_size, splits=("test",), seed=cfg.seed,
-                          chunk_size=cfg.points)
-        ev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=ecfg)
+                          seed=cfg.seed, chunk_size=cfg.points)
+        ev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=ecfg, splits=("test",))
         evaluators[mode] = ev
         contestants.append(Contestant(f"evaluator/{mode}", make_evaluator_run(ev, theta0, basis, coords),
                                       cfg.points))
         bn_loader = None
         if mode == "recompute":  # the evaluator's subset and BN batch size: update_bn depends on both
             idx = ev.bn_index.cpu() if ev.bn_index is not None else torch.arange(cfg.n_images)
-            bn_loader = DataLoader(TensorDataset(x_cpu[idx]), batch_size=ev.bn_batch_size)
+            bn_loader = DataLoader(TensorDataset(x_cpu[idx]), batch_size=ev.batch_size)
         loop_model = copy.deepcopy(model)
         contestants.append(Contestant(f"loop/{mode}", make_loop_run(loop_model, layout, theta0, basis, coords,
                                                                    loader, bn_loader, device), cfg.points))
         for b in cfg.extra_eval_batch_sizes:  # same BN pass, other evaluation batch: what batch size costs
-            xcfg = EvalConfig(**{**ecfg.to_dict(), "batch_size": b, "bn_batch_size": ev.bn_batch_size,
-                                 "splits": ("test",)})
-            xev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=xcfg)
+            xcfg = ecfg.replace(eval_batch_size=b)
+            xev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=xcfg,
+                            splits=("test",))
             contestants.append(Contestant(f"evaluator/{mode}/b{b}", make_evaluator_run(xev, theta0, basis, coords),
                                           cfg.points))
             if not cfg.quick:
                 _warm_up(xev.model, x_dev, [b])
         for k in cfg.points_in_flight if mode == "keep" else ():  # several points per pass: measure, then choose
-            kcfg = EvalConfig(**{**ecfg.to_dict(), "points_in_flight": k, "splits": ("test",)})
-            kev = Evaluator(model, test=data, config=kcfg)
+            kev = Evaluator(model, test=data, config=ecfg.replace(points_in_flight=k), splits=("test",))
             contestants.append(Contestant(f"evaluator/keep/k{k}", make_evaluator_run(kev, theta0, basis, coords),
                                           cfg.points))
         if not cfg.quick:
-            _warm_up(ev.model, x_dev, [ev.batch_size, ev.bn_batch_size])
+            _warm_up(ev.model, x_dev, [ev.batch_size])
             _warm_up(loop_model, x_dev, [cfg.loop_batch_size])
         if cfg.amp_check:
-            acfg = EvalConfig(**{**ecfg.to_dict(), "amp": True, "splits": ("test",)})
-            aev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=acfg)
+            aev = Evaluator(model, train=data if mode == "recompute" else None, test=data,
+                            config=ecfg.replace(amp=True), splits=("test",))
             contestants.append(Contestant(f"evaluator-amp/{mode}", make_evaluator_run(aev, theta0, basis, coords),
                                           cfg.points))
     ceiling_model = copy.deepcopy(model).eval()
@@ -396,7 +393,6 @@ def summarise_model(name: str, D: int, modes: list[str], evaluators: dict, conte
             "evaluator_pts_s": 1 / e.s_per_point(),
             "loop_pts_s": 1 / lp.s_per_point(),
             "eval_batch_size": ev.batch_size,
-            "bn_batch_size": ev.bn_batch_size if mode == "recompute" else None,
             "forward_images_per_point": work,
             "check": compare(e.result, lp.result, N),
             "evaluator_metrics": {k: v.tolist() for k, v in e.result.items()},
@@ -553,7 +549,6 @@ def parse_args(argv=None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--points-in-flight", type=_csv(int), default=(),
                    help="comma list K: BN keep only, also time the evaluator with K points per forward pass "
                         "(torch.func.vmap over stacked weights; detail table only). Use --points >= K")
-    p.add_argument("--bn-batch-size", type=int, help="BN-pass batch of evaluator and loop (default: eval batch)")
     p.add_argument("--loop-batch-size", type=int, default=128)
     p.add_argument("--ceiling-batch-sizes", type=_csv(int),
                    help="comma list (default CPU 64,128,256; CUDA 512,1024,2048,4096,8192)")
@@ -578,7 +573,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, str | None]:
                       rounds=a.rounds, warmup_rounds=a.warmup_rounds, bn_subset=a.bn_subset,
                       eval_batch_size=a.eval_batch_size, extra_eval_batch_sizes=a.extra_eval_batch_sizes,
                       points_in_flight=a.points_in_flight,
-                      bn_batch_size=a.bn_batch_size, loop_batch_size=a.loop_batch_size,
+                      loop_batch_size=a.loop_batch_size,
                       ceiling_batch_sizes=a.ceiling_batch_sizes, radius=a.radius, seed=a.seed,
                       amp_check=a.amp_check, bf16_ceiling=a.bf16_ceiling, cudnn_benchmark=a.cudnn_benchmark,
                       threads=a.threads, tune_malloc=a.tune_malloc, quick=a.quick)

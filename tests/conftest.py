@@ -1,4 +1,7 @@
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import matplotlib
@@ -6,7 +9,6 @@ import matplotlib
 matplotlib.use("Agg")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import h5py  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -51,16 +53,136 @@ def digits_ckpts(tmp_path_factory):
     return paths
 
 
-def wait_for_done(path, group, n, proc, timeout=180.0) -> int:
-    """Poll an analysis file until ``group`` has ``n`` finished points (or ``proc`` ended); returns the count."""
-    deadline, n_done = time.time() + timeout, 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with h5py.File(path, "r", locking=False) as f:
-                n_done = int(f[group]["done"][...].sum())
-        except (OSError, KeyError):  # not created yet
-            n_done = 0
-        if n_done >= n:
-            break
-        time.sleep(0.05)
-    return n_done
+
+# --------------------------------------------------------------------------------------------------------
+# Children that stop at a known point: kill / resume tests without races
+#
+# A child is a small Python script running the same library call as the command under test, with a hook (a
+# progress callback, a wrapped train_epoch) that at a chosen point writes a marker file holding its pid and
+# then blocks. The test waits for the marker (no deadline of its own: pytest-timeout bounds the test), so when
+# it sends SIGKILL the child is certainly alive and has done exactly that much work.
+# --------------------------------------------------------------------------------------------------------
+
+STOP_HERE = '''
+import os, sys, time
+
+
+def stop_here(marker):
+    """Tell the test that this process reached its stop point (the marker appears whole, holding the pid),
+    then wait to be killed."""
+    tmp = f"{marker}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, marker)
+    while True:
+        time.sleep(3600)
+'''
+
+ANALYSIS_CHILD = STOP_HERE + '''
+# argv: MARKER N MODULE ARGS...: `python -m MODULE ARGS...` (an analysis command), except that the writing
+# process stops in its progress callback as soon as N points are in the file (marker MARKER.0); under torchrun
+# every other rank stops just before it evaluates its second chunk (marker MARKER.<rank>)
+import importlib
+
+from widthkit import cli
+from widthkit.engine.evaluator import Evaluator
+
+marker, n, module, args = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+rank = int(os.environ.get("RANK", "0"))
+
+
+def progress(done, total):  # on the writer only: after every chunk written to the file
+    if done >= n:
+        stop_here(f"{marker}.{rank}")
+
+
+cli.progress_bar = lambda enabled, desc: (progress, lambda: None)
+if rank > 0:
+    real, calls = Evaluator.evaluate, []
+
+    def evaluate(self, *a, **kw):  # one call per chunk this rank takes
+        calls.append(1)
+        if len(calls) == 2:
+            stop_here(f"{marker}.{rank}")
+        return real(self, *a, **kw)
+
+    Evaluator.evaluate = evaluate
+sys.exit(importlib.import_module(module).main(args))
+'''
+
+TRAIN_CHILD = STOP_HERE + '''
+# argv: MARKER EPOCH STEP ARGS...: `python -m widthkit.train ARGS...`, except that it stops after STEP SGD
+# steps of the EPOCH-th epoch it trains (counting every call of trainer.train_epoch, in every phase)
+from widthkit.training import trainer
+from widthkit.train import main
+
+marker, epoch, step, args = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+real, epochs = trainer.train_epoch, []
+
+
+def train_epoch(*a, on_batch=None, **kw):
+    epochs.append(1)
+    steps = []
+
+    def counted():
+        if on_batch is not None:
+            on_batch()
+        steps.append(1)
+        if len(epochs) == epoch and len(steps) == step:
+            stop_here(marker)
+
+    return real(*a, on_batch=counted, **kw)
+
+
+trainer.train_epoch = train_epoch
+sys.exit(main(args))
+'''
+
+
+def python_child(code, *args) -> list[str]:
+    """The argv of ``python -c code args...``."""
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def wait_for_marker(marker, proc, log=None) -> int:
+    """Wait until the child ``proc`` wrote ``marker`` and return the pid in it; fail, showing the child's log,
+    if the child ended first. No deadline here: pytest-timeout bounds the test."""
+    marker = str(marker)
+    while not os.path.exists(marker):
+        if proc.poll() is not None:
+            text = open(log, errors="replace").read()[-3000:] if log and os.path.exists(log) else ""
+            pytest.fail(f"the child ended (exit code {proc.returncode}) before it reached its stop point:\n{text}")
+        time.sleep(0.02)
+    with open(marker) as f:
+        return int(f.read())
+
+
+def kill9(proc) -> None:
+    """A real ``kill -9`` of a child that is blocked at its stop point, and its exit collected."""
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """``spawn(argv, **popen_kwargs) -> (proc, log)``: a child writing stdout and stderr to a log file (a pipe
+    nobody reads could fill up and stall it). Whatever still runs when the test ends (after a failure) is
+    stopped: SIGTERM first (torchrun passes it on to its workers), then SIGKILL to its process group."""
+    procs = []
+
+    def start(argv, **kwargs):
+        log = tmp_path / f"child{len(procs)}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        procs.append(proc)
+        return proc, log
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

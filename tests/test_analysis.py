@@ -1,8 +1,6 @@
 """Rays, lines, planes and plots end to end, from the command line and from Python."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -21,7 +19,7 @@ from widthkit.inputs.checkpoints import load_checkpoint
 from widthkit.inputs.data import load_dataset
 from widthkit import EvalConfig, Evaluator
 from widthkit.models import create_model
-from conftest import wait_for_done
+from conftest import ANALYSIS_CHILD, kill9, python_child, wait_for_marker
 from widthkit.report.store import read
 
 # small evaluation sets keep every point cheap; the numbers are still real
@@ -212,23 +210,27 @@ def test_python_api_with_modules_and_tensors(tmp_path):
     assert "comparison" in again.widths("test_err=+1")
 
 
-def _rays_cmd(ckpts, out):
-    return [sys.executable, "-m", "widthkit.rays", "--ckpt", ckpts["sgd"], "--ckpt", ckpts["swa"], "--dirs", "3",
-            "--steps", "6", "--max-dist", "6", "--chunk-size", "1", "--out", str(out), "--no-plot", *SMALL]
+def _rays_args(ckpts, out):
+    return ["--ckpt", ckpts["sgd"], "--ckpt", ckpts["swa"], "--dirs", "3", "--steps", "6", "--max-dist", "6",
+            "--chunk-size", "1", "--out", str(out), "--no-plot", *SMALL]
 
 
-def test_sigkill_then_resume_equals_uninterrupted(ckpts, tmp_path):
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_sigkill_then_resume_equals_uninterrupted(ckpts, tmp_path, spawn):
     full = tmp_path / "full.h5"
-    subprocess.run(_rays_cmd(ckpts, full), check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "widthkit.rays", *_rays_args(ckpts, full)], check=True,
+                   capture_output=True, cwd=tmp_path)
     killed = tmp_path / "killed.h5"
-    proc = subprocess.Popen(_rays_cmd(ckpts, killed), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_done(killed, "sgd", 5, proc)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # the same command in a child that stops (alive, blocked) in its progress callback once 5 points are written
+    proc, log = spawn(python_child(ANALYSIS_CHILD, tmp_path / "stop", 5, "widthkit.rays", *_rays_args(ckpts, killed)),
+                      cwd=tmp_path)
+    wait_for_marker(tmp_path / "stop.0", proc, log)
+    kill9(proc)
     partial = read(killed)
-    assert 5 <= partial["models"]["sgd"]["done"].sum() < 18 and not partial["models"]["swa"]["done"].any()
-    subprocess.run(_rays_cmd(ckpts, killed), check=True, capture_output=True, cwd=tmp_path)
+    assert partial["models"]["sgd"]["done"].sum() == 5 and not partial["models"]["swa"]["done"].any()
+    subprocess.run([sys.executable, "-m", "widthkit.rays", *_rays_args(ckpts, killed)], check=True,
+                   capture_output=True, cwd=tmp_path)
     a, b = read(full), read(killed)
     for g in ("sgd", "swa"):
         assert b["models"][g]["done"].all()

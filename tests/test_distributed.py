@@ -8,11 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import wait_for_done
+from conftest import ANALYSIS_CHILD, wait_for_marker
 from widthkit.report.store import read
 
 SMALL = ["--train-subset", "160", "--test-subset", "120", "--no-plot", "--quiet"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WIDTHKIT_DIST_TIMEOUT_MIN": "2"}
+pytestmark = pytest.mark.subprocess  # every test here starts torchrun
 
 
 def torchrun(n, module, args):
@@ -36,6 +37,7 @@ def assert_same_results(a_path, b_path):
             np.testing.assert_array_equal(b["models"][g]["metrics"][metric], values, err_msg=f"{g}/{metric}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rays", "plane"])
 def test_two_processes_equal_one(digits_ckpts, tmp_path, kind):
     if kind == "rays":
@@ -53,32 +55,26 @@ def test_two_processes_equal_one(digits_ckpts, tmp_path, kind):
     assert_same_results(one, two)
 
 
-def _children(pid):
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    except FileNotFoundError:  # no pgrep: read /proc
-        out = open(f"/proc/{pid}/task/{pid}/children").read().replace(" ", "\n")
-    return [int(p) for p in out.split()]
-
-
-def test_killed_rank_then_resume_with_one_process(digits_ckpts, tmp_path):
+@pytest.mark.slow
+def test_killed_rank_then_resume_with_one_process(digits_ckpts, tmp_path, spawn):
     args = ["--ckpt", digits_ckpts["sgd"], "--ckpt", digits_ckpts["swa"], "--dirs", "3", "--steps", "6",
             "--chunk-size", "1"]
     full, killed = tmp_path / "full.h5", tmp_path / "killed.h5"
     subprocess.run(single("widthkit.rays", [*args, "--out", str(full), *SMALL]), check=True, env=ENV, cwd=tmp_path,
                    capture_output=True)
-    proc = subprocess.Popen(torchrun(2, "widthkit.rays", [*args, "--out", str(killed), *SMALL]), env=ENV,
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_done(killed, "sgd", 4, proc)
-    assert proc.poll() is None, "the job ended before a rank could be killed"
-    workers = _children(proc.pid)
-    assert len(workers) == 2
-    os.kill(workers[-1], signal.SIGKILL)  # one rank dies mid-run; torchrun stops the job
-    proc.communicate(timeout=180)
-    assert proc.returncode != 0
+    # the same command under torchrun, each rank a child that stops at a known point: rank 0 (the writer) once
+    # 4 points are in the file, rank 1 after it computed and posted its first chunk
+    script = tmp_path / "child.py"
+    script.write_text(ANALYSIS_CHILD)
+    proc, log = spawn([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(script), str(tmp_path / "stop"), "4", "widthkit.rays", *args, "--out", str(killed), *SMALL],
+                      env=ENV, cwd=tmp_path)
+    wait_for_marker(tmp_path / "stop.0", proc, log)
+    rank1 = wait_for_marker(tmp_path / "stop.1", proc, log)
+    os.kill(rank1, signal.SIGKILL)  # one rank dies mid-run; torchrun stops the job
+    assert proc.wait() != 0
     partial = read(killed)
-    done = sum(int(m["done"].sum()) for m in partial["models"].values())
-    assert 4 <= done < 36
+    assert int(partial["models"]["sgd"]["done"].sum()) == 4 and not partial["models"]["swa"]["done"].any()
     # finish with a single process: only the missing points are computed, and the file equals a clean run
     subprocess.run(single("widthkit.rays", [*args, "--out", str(killed), *SMALL]), check=True, env=ENV, cwd=tmp_path,
                    capture_output=True)

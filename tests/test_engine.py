@@ -16,7 +16,8 @@ from torch import nn
 from widthkit.engine.directions import line_basis, normalize_direction, plane_basis, random_directions
 from widthkit import EvalConfig, EvalSet, Evaluator
 from widthkit.engine.space import ThetaLayout
-from widthkit.report.store import ConfigMismatch, StoreError, WriterLock, open_analysis, read
+from widthkit.fileio import WriterLock
+from widthkit.report.store import ConfigMismatch, StoreError, open_analysis, read
 
 
 class TinyNet(nn.Module):
@@ -291,8 +292,8 @@ def test_store_refuses_changed_config_and_second_writer(tmp_path):
     with _open(path, config={"a": 5}, overwrite=True) as af:
         assert not af.resumed
         # a second process (a real one: flock is per open file) is refused while the first holds the file
-        code = ("import sys; from widthkit.report.store import WriterLock, StoreError\n"
-                "try:\n    WriterLock(sys.argv[1]).acquire()\nexcept StoreError as e:\n    print(e); sys.exit(3)")
+        code = ("import sys; from widthkit.fileio import WriterLock, OutputBusy\n"
+                "try:\n    WriterLock(sys.argv[1]).acquire()\nexcept OutputBusy as e:\n    print(e); sys.exit(3)")
         other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
         assert other.returncode == 3 and "being written by another widthkit process" in other.stdout
         assert (tmp_path / ".r.h5.lock").exists()

@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import TRAIN_CHILD, kill9, python_child, wait_for_marker
 from widthkit.training import trainer
 from widthkit.inputs.checkpoints import load_checkpoint
 from widthkit.inputs.data import load_dataset
@@ -353,32 +351,20 @@ def _cli(out: Path) -> list[str]:
             "--device", "cpu", "--save-iterates", "--no-progress"]  # = SMALL
 
 
-def _run_until(out: Path, done) -> None:
-    """Start the CLI and SIGKILL it as soon as ``done(state)`` holds for its training state."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic as this process (one thread)
-    proc = subprocess.Popen(_cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
-            except (FileNotFoundError, EOFError, RuntimeError):
-                state = None
-            if state is not None and done(state):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None and time.monotonic() >= deadline:
-            proc.kill()
-        _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {err.decode()[-2000:]}"
-
-
-def test_resume_after_sigkill_is_bit_identical(branches, tmp_path, capsys):
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_resume_after_sigkill_is_bit_identical(branches, tmp_path, spawn, capsys):
     cfg, ref_out, ref = branches  # the uninterrupted reference run
     out = tmp_path / "killed"
-    _run_until(out, lambda s: s["phase"] == "swa" and s["n_averaged"] >= 1)  # in the SWA branch, mid-average
+    # the same command in a child that stops (alive, blocked) after 5 SGD steps of its 6th epoch: epochs 1-3
+    # are the prefix, 4 the SGD branch, 5 the first of the SWA branch (averaged once), 6 the second
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic as this process (one thread)
+    proc, log = spawn(python_child(TRAIN_CHILD, tmp_path / "stop", 6, 5, *_cli(out)[3:]), env=env)
+    wait_for_marker(tmp_path / "stop", proc, log)
+    kill9(proc)  # in the SWA branch, mid-epoch, after one average
+    state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+    assert (state["phase"], state["epoch"], state["n_averaged"]) == ("swa", 4, 1)
+    assert (out / "sgd.pt").is_file() and not (out / "swa.pt").exists()
     assert main(_cli(out)[3:]) == 0  # the same command, run to completion (in this process: saves a start-up)
     assert f"swa: {out / 'swa.pt'}" in capsys.readouterr().out
     _assert_same_run(ref, out)

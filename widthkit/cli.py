@@ -164,6 +164,19 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, after: Callab
     return 0
 
 
+def analysis_parser(prog: str, doc: str, how_many: str, *configs) -> argparse.ArgumentParser:
+    """The parser of an analysis command: ``--ckpt``, a group of flags per ``(title, config class)``, the
+    evaluation flags (:class:`~widthkit.engine.config.EvalConfig`) and the output flags."""
+    from .engine.config import EvalConfig
+
+    p = argparse.ArgumentParser(prog=f"python -m widthkit.{prog}", description=doc.split("\n\n")[0])
+    add_ckpt_flags(p, how_many)
+    for title, cls in (*configs, ("evaluation", EvalConfig)):
+        add_config_flags(p.add_argument_group(title), cls)
+    add_output_flags(p)
+    return p
+
+
 def add_ckpt_flags(p: argparse.ArgumentParser, how_many: str) -> None:
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help=f"checkpoint file ({how_many}); repeat the flag for several. LABEL=PATH sets the label; "
@@ -235,6 +248,7 @@ def run(body: Callable[[], int]) -> int:
     ``error: ...`` and return 2; programming errors keep their traceback.
     """
     from .engine import distributed
+    from .fileio import OutputBusy
     from .report.store import StoreError
     from .runtime import tune_allocator
 
@@ -247,9 +261,9 @@ def run(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: every finished chunk is saved; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, StoreError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not isinstance(e, StoreError) and "out of memory" not in str(e).lower() \
-                and "ranks disagree" not in str(e):
+    except (ValueError, FileNotFoundError, StoreError, OutputBusy, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, (StoreError, OutputBusy)) \
+                and "out of memory" not in str(e).lower() and "ranks disagree" not in str(e):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,16 +11,10 @@ import argparse
 
 from . import cli
 from .analyses import LineConfig, line
-from .engine.config import EvalConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m widthkit.line", description=__doc__.split("\n\n")[0])
-    cli.add_ckpt_flags(p, "exactly two")
-    cli.add_config_flags(p.add_argument_group("line"), LineConfig)
-    cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
-    cli.add_output_flags(p)
-    return p
+    return cli.analysis_parser("line", __doc__, "exactly two", ("line", LineConfig))
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ from .training.trainer import TrainConfig, layered_config, list_recipes, train_b
 
 STAGES = ("train", "rays", "line", "plane")
 # evaluation settings the training config already holds: the pipeline evaluates what it trained
-FROM_TRAINING = {"data": "dataset", "data_root": "data_root", "device": "device", "amp": "amp", "seed": "seed",
+FROM_TRAINING = {"dataset": "dataset", "data_root": "data_root", "device": "device", "amp": "amp", "seed": "seed",
                  "weight_decay": "weight_decay"}
 PLANE_THROUGH_CHECKPOINTS = ("random", "span", "norm", "exclude")  # the pipeline's plane is start/SGD/SWA
 

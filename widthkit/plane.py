@@ -14,16 +14,10 @@ import argparse
 
 from . import cli
 from .analyses import PlaneConfig, plane
-from .engine.config import EvalConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m widthkit.plane", description=__doc__.split("\n\n")[0])
-    cli.add_ckpt_flags(p, "three, or one with --random")
-    cli.add_config_flags(p.add_argument_group("plane"), PlaneConfig)
-    cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
-    cli.add_output_flags(p)
-    return p
+    return cli.analysis_parser("plane", __doc__, "three, or one with --random", ("plane", PlaneConfig))
 
 
 def main(argv=None) -> int:

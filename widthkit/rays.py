@@ -12,18 +12,11 @@ import argparse
 
 from . import cli
 from .analyses import RaysConfig, WidthConfig, rays
-from .engine.config import EvalConfig
 from .report.summary import finish_rays
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m widthkit.rays", description=__doc__.split("\n\n")[0])
-    cli.add_ckpt_flags(p, "one or more; all share the same directions")
-    cli.add_config_flags(p.add_argument_group("rays"), RaysConfig)
-    cli.add_config_flags(p.add_argument_group("widths"), WidthConfig)
-    cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig)
-    cli.add_output_flags(p)
-    return p
+    return cli.analysis_parser("rays", __doc__, "one or more; all share the same directions", ("rays", RaysConfig), ("widths", WidthConfig))
 
 
 def main(argv=None) -> int:

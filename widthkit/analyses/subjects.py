@@ -115,12 +115,12 @@ def _check_same_architecture(subjects: Sequence[Subject]) -> None:
 
 def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
     """The evaluation splits: ``data`` (a dataset name, or ``(train, test)`` / ``{"train", "test"}`` data of the
-    user's own), else ``cfg.data``, else the dataset the checkpoints record; subsets applied.
+    user's own), else ``cfg.dataset``, else the dataset the checkpoints record; subsets applied.
 
     Returns (train EvalSet, test EvalSet, description dict for the file's config).
     """
     if data is None or isinstance(data, str):
-        name = data or cfg.data
+        name = data or cfg.dataset
         if name is None:
             recorded = {s.meta.get("dataset") for s in subjects if s.meta.get("dataset")}
             if len(recorded) > 1:

@@ -32,7 +32,8 @@ class EvalConfig:
                                    metavar="N")
     weight_decay: float | None = option(
         None, "adds train_loss_l2 = CE + wd/2·‖θ‖² (default: the weight decay the checkpoint records, else none)")
-    data: str | None = option(None, "dataset: digits, cifar10, cifar100, imagefolder:PATH (default: the checkpoint's)")
+    dataset: str | None = option(None, "dataset: digits, cifar10, cifar100, imagefolder:PATH (default: the "
+                                       "checkpoint's)", aliases=("--data",))
     data_root: str | None = option(None, "folder holding cifar-10-batches-py/ or cifar-100-python/ "
                                          "(default: $WIDTHKIT_DATA or ./data)")
     train_subset: int | None = option(None, "train metrics on N fixed random training images (default: all)",

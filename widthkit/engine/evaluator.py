@@ -213,12 +213,13 @@ class Evaluator:
             for m in self.bn:
                 m.eval()
 
-    def _point_with_retry(self, out: torch.Tensor) -> None:
-        """Evaluate one point; on an out-of-memory error halve the batch sizes and try again."""
+    def _with_retry(self, compute: Callable[[torch.Tensor], None], out: torch.Tensor) -> None:
+        """``compute(out)`` from zeroed sums; on an out-of-memory error halve the batch size and try again
+        (the batch size only changes how the sums are split, not what they are)."""
         while True:
             try:
                 out.zero_()
-                self._point(out)
+                compute(out)
                 return
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
@@ -255,19 +256,6 @@ class Evaluator:
                 out[:, 2 * i] += loss.sum(dim=1).double()
                 out[:, 2 * i + 1] += (logits.argmax(dim=2) != yb).sum(dim=1).double()
         out[:, 4] = thetas.double().square().sum(dim=1)
-
-    def _stacked_with_retry(self, thetas: torch.Tensor, out: torch.Tensor) -> None:
-        while True:
-            try:
-                out.zero_()
-                self._stacked_sums(thetas, out)
-                return
-            except torch.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
 
     # -- many points ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -321,12 +309,12 @@ class Evaluator:
                 k = self.config.points_in_flight
                 for j in range(start, stop, k):
                     thetas = torch.addmm(origin, coords_dev[j:min(j + k, stop)], basis)  # (K, D)
-                    self._stacked_with_retry(thetas, sums[j - start:j - start + len(thetas)])
+                    self._with_retry(lambda out, thetas=thetas: self._stacked_sums(thetas, out), sums[j - start:j - start + len(thetas)])
             else:
                 for j, p in enumerate(range(start, stop)):
                     # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
                     torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
-                    self._point_with_retry(sums[j, :4])
+                    self._with_retry(self._point, sums[j, :4])
                     if L2_METRIC in metrics:
                         sums[j, 4] = self.flat.double().square().sum()
             host = sums.cpu().numpy()  # the one synchronisation per chunk

@@ -358,6 +358,7 @@ def load_checkpoint(
         "config": recorded.get("config"),
         "metrics": recorded.get("metrics"),
         "extra": recorded.get("extra"),
+        "provenance": recorded.get("provenance"),
         "format": info["format"],
         "which": info["which"],
         "n_averaged": info["n_averaged"],

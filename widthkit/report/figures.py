@@ -207,18 +207,20 @@ def _fit_texts(ax: Axes, title: bool = True, rounds: int = 3) -> None:
         return
     items = [(ax.xaxis.label, 0), (ax.yaxis.label, 1)] + ([(ax.title, 0)] if title else [])
     size = ax.get_position().size * ax.figure.get_size_inches()  # (width, height) in inches before layout
-    suspects = [(t, dim) for t, dim in items if t.get_text() and _estimated_length(t) > 0.8 * size[dim]]
+    suspects = [(t, dim, t.get_text()) for t, dim in items
+                if t.get_text() and _estimated_length(t) > 0.8 * size[dim]]
     for _ in range(rounds if suspects else 0):
         ax.figure.draw_without_rendering()
         renderer = ax.figure.canvas.get_renderer()
         box = ax.get_window_extent(renderer)
         wrapped = False
-        for text, dim in suspects:
+        for text, dim, original in suspects:
             extent = text.get_window_extent(renderer)
             need, have = (extent.width, box.width) if dim == 0 else (extent.height, box.height)
             longest = max(len(s) for s in text.get_text().split("\n"))
             if need > have > 0 and longest > 12:
-                text.set_text(wrap_text(text.get_text(), max(12, int(0.95 * longest * have / need))))
+                # wrapped afresh from the original text, so that a second round leaves no short orphan lines
+                text.set_text(wrap_text(original, max(12, int(0.95 * longest * have / need))))
                 wrapped = True
         if not wrapped:
             return

@@ -27,15 +27,15 @@ labels from them.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import h5py
 import numpy as np
+
+from ..fileio import WriterLock, to_json
 
 SCHEMA = 1
 KINDS = ("rays", "line", "plane")
@@ -50,37 +50,6 @@ class StoreError(RuntimeError):
 
 class ConfigMismatch(StoreError, ValueError):
     """An existing file was made with a different configuration."""
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"cannot store {type(o).__name__} in a JSON attribute")
-
-
-def to_json(obj) -> str:
-    return json.dumps(_sanitize(obj), sort_keys=True, default=_json_default)
-
-
-def _sanitize(obj):
-    """Replace non-finite floats by strings so the JSON is standard ("inf", "-inf", "nan")."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {str(k): _sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_sanitize(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _sanitize(obj.tolist())
-    return obj
 
 
 def diff_configs(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -104,80 +73,6 @@ def _versions() -> dict:
 
     return {"widthkit_version": str(__version__), "torch_version": str(torch.__version__),
             "h5py_version": str(h5py.__version__)}
-
-
-class WriterLock:
-    """An exclusive, non-blocking ``flock`` on ``.NAME.lock`` beside a result file, re-entrant within a process.
-
-    A command takes it once for everything it writes to one output (grid, widths, figures); library calls made
-    while it is held (``update_attrs``, a resumed grid) take it again without blocking themselves. The lock
-    file is removed on the last release, so a finished run leaves nothing behind; after ``flock`` succeeds
-    the path is checked to still name the locked file (another process may have removed it in between).
-    """
-
-    _held: dict[str, list] = {}  # resolved lock path -> [fd, depth]
-
-    def __init__(self, path):
-        path = Path(path)
-        self.data_path = path
-        self.path = path.with_name(f".{path.name}.lock")
-        self._key = str(self.path.resolve()) if self.path.parent.exists() else str(self.path.absolute())
-        self._acquired = False
-
-    def acquire(self) -> "WriterLock":
-        if self._acquired:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._key = str(self.path.resolve())
-        held = WriterLock._held.get(self._key)
-        if held is not None:
-            held[1] += 1
-            self._acquired = True
-            return self
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                try:
-                    other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-                finally:
-                    os.close(fd)
-                raise StoreError(
-                    f"{self.data_path} is being written by another widthkit process (pid {other}); wait for it to "
-                    "finish, or write this analysis elsewhere with --out"
-                ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the previous holder removed the file while we waited: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        WriterLock._held[self._key] = [fd, 1]
-        self._acquired = True
-        return self
-
-    def release(self) -> None:
-        if not self._acquired:
-            return
-        self._acquired = False
-        held = WriterLock._held[self._key]
-        held[1] -= 1
-        if held[1] > 0:
-            return
-        del WriterLock._held[self._key]
-        self.path.unlink(missing_ok=True)  # while still holding it: nobody can be between flock and the check
-        fcntl.flock(held[0], fcntl.LOCK_UN)
-        os.close(held[0])
-
-    def __enter__(self) -> "WriterLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class AnalysisFile:

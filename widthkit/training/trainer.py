@@ -50,7 +50,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from ..engine.objectives import split_sums
-from ..fileio import atomic_write
+from ..fileio import WriterLock, atomic_write
 from ..inputs.checkpoints import atomic_save, safe_load, save_checkpoint
 from ..inputs.data import IMAGEFOLDER_PREFIX, augment, list_datasets, load_dataset
 from ..models import create_model, model_input_shape
@@ -610,6 +610,12 @@ class _Run:
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output folder {out} is a file; pass a folder path")
+        # one writer per output folder for the whole run: a second `train --out` of the same folder is refused
+        with WriterLock(out):
+            return cls._execute_locked(cfg, out, mode, device, overwrite, progress)
+
+    @classmethod
+    def _execute_locked(cls, cfg, out: Path, mode: str, device, overwrite: bool, progress: bool) -> dict[str, Any]:
         if overwrite and out.is_dir():
             _remove_outputs(out)
         state = _read_state(out) if out.is_dir() else None

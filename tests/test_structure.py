@@ -1,0 +1,224 @@
+"""The shape of the code: one evaluation config behind every command, no private names across modules, no import
+cycles, the writer lock over the whole command, nothing left behind, provenance in every output."""
+
+import ast
+import gc
+import importlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import widthkit
+from widthkit import EvalConfig, cli, pipeline
+from widthkit.report.store import read
+from widthkit.training.trainer import TrainConfig, layered_config
+
+# the command modules share their names with the API functions: import them as modules
+rays_cmd, line_cmd, plane_cmd = (importlib.import_module(f"widthkit.{m}") for m in ("rays", "line", "plane"))
+PACKAGE = Path(widthkit.__file__).parent
+EVAL_FLAGS = [cli.flag_name(name) for name in EvalConfig.__dataclass_fields__]  # --bn-mode, --dataset, ...
+
+
+def _options(parser) -> dict:
+    """flag -> argparse action of a parser."""
+    return {s: a for a in parser._actions for s in a.option_strings}
+
+
+def test_analysis_commands_share_the_evaluation_flags_and_defaults():
+    parsers = {"rays": rays_cmd.build_parser(), "line": line_cmd.build_parser(), "plane": plane_cmd.build_parser()}
+    base = ["--ckpt", "x.pt"]
+    configs = {}
+    for name, p in parsers.items():
+        opts = _options(p)
+        assert all(f in opts for f in EVAL_FLAGS), name
+        configs[name] = EvalConfig(**cli.config_values(p.parse_args(base), EvalConfig))
+    assert configs["rays"] == configs["line"] == configs["plane"] == EvalConfig()
+    # the pipeline takes data, device, precision, seed and weight decay from the training config; the rest of
+    # its evaluation flags are the same flags with the same defaults
+    p = pipeline.build_parser()
+    opts = _options(p)
+    assert all(f in opts for f in EVAL_FLAGS), "pipeline"
+    args = p.parse_args([])
+    cfg = pipeline.eval_config(args, layered_config(args.recipe))
+    expected = EvalConfig(dataset="digits", weight_decay=TrainConfig().weight_decay)
+    assert cfg == expected
+    # rays' own flags: the same names and defaults in rays and in the pipeline
+    rays_opts = _options(parsers["rays"])
+    for flag in ("--dirs", "--steps", "--max-dist", "--norm", "--exclude", "--threshold", "--refine", "--tol"):
+        assert opts[flag].default == rays_opts[flag].default, flag
+    assert opts["--line-steps"].default == _options(parsers["line"])["--steps"].default
+    assert tuple(opts["--plane-resolution"].default) == tuple(_options(parsers["plane"])["--resolution"].default)
+
+
+@pytest.mark.parametrize("cmd", [rays_cmd, line_cmd, plane_cmd, pipeline])
+def test_bn_mode_and_norm_are_validated_by_the_config_alone(cmd, capsys, tmp_path):
+    opts = _options(cmd.build_parser())
+    assert opts["--bn-mode"].choices is None and opts["--norm"].choices is None if "--norm" in opts else True
+    argv = ["--ckpt", str(tmp_path / "missing.pt")] if cmd is not pipeline else ["--root", str(tmp_path)]
+    assert cmd.main(argv + ["--bn", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown bn_mode 'train'; valid choices: recompute, keep, batch" in err
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.h5"))  # refused before any work
+    if "--norm" in opts:
+        assert cmd.main(argv + ["--norm", "sphere"]) == 2
+        assert "unknown direction normalisation 'sphere'; valid choices: unit, filter, layer, adaptive" \
+            in capsys.readouterr().err
+
+
+def test_exclude_none_means_the_same_everywhere():
+    for p in (rays_cmd.build_parser(), plane_cmd.build_parser()):
+        assert p.parse_args(["--ckpt", "x", "--exclude", "none"]).exclude == ()
+        assert p.parse_args(["--ckpt", "x", "--exclude", "biasbn"]).exclude == ("bias", "norm")
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield ".".join(parts), path, path.name == "__init__.py"
+
+
+def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module, path, is_pkg, modules):
+    """(target module, imported names, the alias each binds) of every widthkit import in the file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(module, is_pkg, node)
+            if not target.startswith("widthkit"):
+                continue
+            for a in node.names:
+                sub = f"{target}.{a.name}"
+                out.append((sub if sub in modules else target, a.name if sub not in modules else None,
+                            a.asname or a.name))
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("widthkit"):
+                    out.append((a.name, None, a.asname or a.name.split(".")[0]))
+    return out
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    modules = {m for m, _, _ in _modules()}
+    offences = []
+    for module, path, is_pkg in _modules():
+        imported_modules = set()
+        for target, name, alias in _imports(module, path, is_pkg, modules):
+            if name is None:
+                imported_modules.add(alias)
+            elif name.startswith("_") and not name.startswith("__"):
+                offences.append(f"{module}: from {target} import {name}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in imported_modules and node.attr.startswith("_") \
+                    and not node.attr.startswith("__"):
+                offences.append(f"{module}: {node.value.id}.{node.attr}")
+    assert not offences, offences
+
+
+def test_no_import_cycle_even_through_deferred_imports():
+    modules = {m for m, _, _ in _modules()}
+    graph = {m: set() for m in modules}
+    for module, path, is_pkg in _modules():
+        for target, _, _ in _imports(module, path, is_pkg, modules):
+            if target in modules and target != module and not module.startswith(target + ".") \
+                    and not target.startswith(module + "."):
+                graph[module].add(target)
+    # the package __init__ files re-export their children; an edge into a package means its __init__
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+@pytest.mark.timeout(120)
+def test_api_result_without_out_leaves_no_temporary_files(digits_ckpts, monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    res = widthkit.rays(digits_ckpts["swa"], dirs=1, steps=2, bn_mode="keep", train_subset=50, test_subset=50)
+    folder = res.path.parent
+    assert folder.parent == tmp_path and res.path.exists()
+    del res
+    gc.collect()
+    assert not folder.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="exactly two"):  # a failed call leaves nothing either
+        widthkit.line([digits_ckpts["swa"]], bn_mode="keep")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_writer_lock_covers_widths_and_figures_and_is_gone_after(digits_ckpts, tmp_path):
+    """While the command still works on its file (widths, figures), a second process cannot take it; after a
+    clean finish no lock file is left beside the result."""
+    out = tmp_path / "r.h5"
+    code = ("import sys; from widthkit.fileio import WriterLock, OutputBusy\n"
+            "try:\n    WriterLock(sys.argv[1]).acquire()\nexcept OutputBusy as e:\n    print(e); sys.exit(3)")
+    seen = {}
+
+    def after(res):
+        other = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60)
+        seen["code"], seen["msg"] = other.returncode, other.stdout
+        res.record_widths([res.widths("test_err=+5")])  # re-enters the lock held by this process
+
+    widthkit.rays(digits_ckpts["swa"], dirs=2, steps=3, bn_mode="keep", train_subset=50, test_subset=50,
+                  out=out, after=after)
+    assert seen["code"] == 3 and "being written by another widthkit process" in seen["msg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
+    assert "widths" in read(out)
+
+
+@pytest.mark.timeout(120)
+def test_provenance_in_every_file_and_checkpoint(digits_ckpts, tmp_path):
+    import torch
+
+    out = tmp_path / "r.h5"
+    widthkit.rays(digits_ckpts["swa"], dirs=1, steps=2, bn_mode="keep", train_subset=50, test_subset=50, out=out)
+    prov = read(out)["attrs"]["provenance"]
+    assert prov["threads"] == torch.get_num_threads() and prov["device"] == "cpu"
+    assert prov["precision"] == "fp32" and prov["torch_version"] == torch.__version__
+    ck = widthkit.load_checkpoint(digits_ckpts["swa"])
+    assert ck.meta["provenance"]["threads"] == torch.get_num_threads()
+    assert ck.meta["provenance"]["torch_version"] == torch.__version__
+
+
+@pytest.mark.timeout(120)
+def test_a_second_train_into_the_same_folder_is_refused(tmp_path, capsys):
+    """Two `train --out ck` at once: the second stops with a clear error instead of overwriting the first."""
+    train_cmd = importlib.import_module("widthkit.train")
+    out = tmp_path / "ck"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from widthkit.fileio import WriterLock; WriterLock(sys.argv[1]).acquire();"
+         " print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # the other run holds the folder now
+        assert train_cmd.main(["--out", str(out), "--epochs", "2", "--no-progress"]) == 2
+        assert "being written by another widthkit process" in capsys.readouterr().err
+        assert not list(tmp_path.rglob("*.pt"))
+    finally:
+        holder.kill()
+        holder.wait()
