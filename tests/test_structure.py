@@ -222,3 +222,21 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.timeout(120)
+def test_model_and_data_are_checked_against_each_other_before_any_file(digits_ckpts, tmp_path):
+    import torch
+
+    x = torch.randn(20, 1, 8, 8)
+    bad = {
+        "labels run from 0 to 11": (x, torch.arange(20) % 12),
+        "labels run from -1": (x, torch.arange(20) % 10 - 1),
+        "integer class indices": (x, (torch.arange(20) % 10).float()),
+        "cannot take the user-data inputs": (torch.randn(20, 3, 8, 8), torch.arange(20) % 10),
+    }
+    for i, (message, split) in enumerate(bad.items()):
+        out = tmp_path / f"r{i}.h5"
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            widthkit.rays(digits_ckpts["swa"], (split, split), dirs=1, steps=2, bn_mode="keep", out=out)
+        assert not out.exists() and not list(tmp_path.iterdir())

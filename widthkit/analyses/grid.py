@@ -25,7 +25,7 @@ from ..report import store
 from ..runtime import provenance, resolve_device
 from ..settings import split_kwargs
 from .result import Analysis
-from .subjects import Subject, as_subjects, recorded_weight_decay, resolve_data
+from .subjects import Subject, as_subjects, check_model_fits_data, recorded_weight_decay, resolve_data
 
 ProgressFn = Callable[[int, int], None]  # (points done, points in total)
 AfterFn = Callable[[Analysis], object]  # runs on the finished result, still under the writer lock
@@ -78,7 +78,9 @@ def prepare(models, data, cfg: EvalConfig, *, arch=None, which=None, count: Sequ
     if cfg.weight_decay is None:
         cfg = cfg.replace(weight_decay=recorded_weight_decay(subjects))
     train, test, desc = resolve_data(data, subjects, cfg, device)
-    return Setup(subjects, cfg, device, train, test, desc)
+    setup = Setup(subjects, cfg, device, train, test, desc)
+    check_model_fits_data(setup.evaluator(0).model, train, test, desc["name"])
+    return setup
 
 
 @dataclass

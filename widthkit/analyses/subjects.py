@@ -174,3 +174,28 @@ def recorded_weight_decay(subjects: Sequence[Subject]) -> float:
         if wd is not None:
             wds.add(float(wd))
     return wds.pop() if len(wds) == 1 else 0.0
+
+
+def check_model_fits_data(model: nn.Module, train: EvalSet, test: EvalSet, name: str) -> None:
+    """Refuse, before any file is written, data the model cannot be evaluated on: inputs it does not accept
+    (wrong channels or size), labels outside its classes (negative, or >= its number of outputs).
+
+    ``model`` is a private copy (the evaluator's): running it on two examples changes nothing of the user's.
+    """
+    with torch.no_grad():
+        try:
+            out = model(train.x[:2])
+        except RuntimeError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"the model cannot take the {name} inputs, shaped {tuple(train.x.shape[1:])} per "
+                             f"example: {first}. Check --dataset and --arch (a model built for other images?)") from None
+    if out.dim() != 2:
+        raise ValueError(f"the model returns outputs shaped {tuple(out.shape)} for a batch of 2; widthkit evaluates "
+                         "classifiers whose output is (batch, classes)")
+    classes = out.shape[1]
+    for split, es in (("train", train), ("test", test)):
+        lo, hi = int(es.y.min()), int(es.y.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"the {name} {split} labels run from {lo} to {hi}, but the model has {classes} outputs "
+                             f"(classes 0..{classes - 1}); use a checkpoint trained on this data, or data with at "
+                             f"most {classes} classes labelled 0..{classes - 1}")

@@ -53,6 +53,9 @@ class EvalSet:
             raise ValueError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
         if self.x.shape[0] == 0:
             raise ValueError("an evaluation split with no examples")
+        if self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got {self.y.dtype} labels (e.g. "
+                             f"{self.y.flatten()[:3].tolist()}); pass y.long() if they are whole numbers")
         self.y = self.y.long()
 
     def __len__(self) -> int:
