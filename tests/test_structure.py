@@ -4,6 +4,7 @@ cycles, the writer lock over the whole command, nothing left behind, provenance 
 import ast
 import gc
 import importlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -240,3 +241,52 @@ def test_model_and_data_are_checked_against_each_other_before_any_file(digits_ck
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             widthkit.rays(digits_ckpts["swa"], (split, split), dirs=1, steps=2, bn_mode="keep", out=out)
         assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 5 MiB filesystem (tmpfs), unmounted afterwards; skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(folder: Path, leave: int) -> None:
+    """Fill the filesystem of ``folder`` until about ``leave`` bytes are free."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    st = os.statvfs(folder)
+    os.truncate(filler, max(0, filler.stat().st_size - (leave - st.f_bavail * st.f_frsize)))
+
+
+@pytest.mark.timeout(180)
+def test_a_full_disk_while_storing_widths_keeps_the_finished_grid(digits_ckpts, small_disk, capsys):
+    out = small_disk / "r.h5"
+    args = ["--ckpt", digits_ckpts["sgd"], "--dirs", "30", "--steps", "3", "--bn", "keep", "--no-plot", "--quiet",
+            "--train-subset", "50", "--test-subset", "50", "--no-refine", "--out", str(out)]
+    assert rays_cmd.main(args) == 0
+    before = read(out)
+    size = out.stat().st_size
+    assert rays_cmd.main(args) == 0 and out.stat().st_size == size  # a re-run does not grow the file
+    _fill(small_disk, leave=100_000)
+    capsys.readouterr()
+    assert rays_cmd.main(args + ["--threshold", "test_err=+2"]) == 2  # new widths must be stored: no room
+    err = capsys.readouterr().err
+    assert "the file and its finished grid are unchanged" in err and "free that much space" in err
+    after = widthkit.load(out)  # readable, the grid and the earlier widths intact
+    for group, m in before["models"].items():
+        for name, values in m["metrics"].items():
+            assert (after.models[group]["metrics"][name] == values).all()
+    assert after.data["attrs"]["width_report"] == before["attrs"]["width_report"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "r.h5", "r.widths.json"]

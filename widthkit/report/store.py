@@ -148,19 +148,31 @@ def update_attrs(path, attrs: Mapping[str, Any], group: str | None = None) -> No
     with WriterLock(path):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", track_order=True) as dst:
-                for k, v in src.attrs.items():
-                    dst.attrs[k] = v
-                for name in src:
-                    src.copy(src[name], dst, name=name)
-                obj = dst if group is None else dst[group]
-                for k, v in attrs.items():
-                    obj.attrs[k] = _attr_value(v)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            _rewrite_with_attrs(path, tmp, attrs, group)
+        except OSError as err:
+            raise StoreError(
+                f"could not add {sorted(attrs)} to {path} ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                f"the file and its finished grid are unchanged. The update writes a copy of the file "
+                f"({path.stat().st_size / 2**20:.1f} MiB) beside it and swaps it in: free that much space and run the "
+                "command again"
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _rewrite_with_attrs(path: Path, tmp: Path, attrs: Mapping[str, Any], group: str | None) -> None:
+    """Copy ``path`` object by object into ``tmp`` with ``attrs`` set, flush it to disk, swap it in."""
+    with h5py.File(path, "r", locking=False) as src, h5py.File(tmp, "w", track_order=True) as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in src:
+            src.copy(src[name], dst, name=name)
+        obj = dst if group is None else dst[group]
+        for k, v in attrs.items():
+            obj.attrs[k] = _attr_value(v)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _attr_value(v):
