@@ -91,7 +91,7 @@ def _check_data(data) -> str:
     return data["kind"]
 
 
-def _check_formats(formats) -> tuple[str, ...]:
+def check_formats(formats) -> tuple[str, ...]:
     formats = (formats,) if isinstance(formats, str) else tuple(formats)
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -445,7 +445,7 @@ def plot_analysis(data, out_stem, formats: Sequence[str] = ("png", "pdf"), metri
     Returns:
         The paths written, as strings. Every figure opened here is closed, also on error.
     """
-    formats = _check_formats(formats)
+    formats = check_formats(formats)
     out_stem = Path(out_stem)
     before = set(plt.get_fignums())
     try:

@@ -20,6 +20,11 @@ class FigureOptions:
     folder: Path | None = Path("figures")
     formats: tuple[str, ...] = ("png", "pdf")
 
+    def __post_init__(self):
+        from .render import check_formats
+
+        self.formats = check_formats(self.formats)  # a bad --format is refused before any point is computed
+
 
 def rays_widths(res, threshold: Sequence[str] = (), refine: bool = True, tol: float | None = None,
                 reuse: bool = True) -> list[dict]:
