@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="wk-scaling-"))
     ckpts = _checkpoints(work / "ckpts")
     base = [a for c in ckpts for a in ("--ckpt", c)] + [
-        "--dirs", str(args.dirs), "--steps", str(args.steps), "--max-dist", "10", "--no-plot", "--quiet",
+        "--dirs", str(args.dirs), "--steps", str(args.steps), "--max-dist", "10", "--no-plot", "--quiet", "--no-refine",
         "--device", args.device, "--chunk-size", "2"]
     env_all = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env_one = {**os.environ, "OMP_NUM_THREADS": "1"}
