@@ -8,6 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One thread per process (children inherit it) unless the caller says otherwise: the tiny test models are as
+# fast on one, a busy machine cannot slow the suite down many times over (idle OpenMP threads spinning against
+# other processes), and every process of a test does the same arithmetic. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,6 +1,7 @@
 """Rays, lines, planes and plots end to end, from the command line and from Python."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -218,19 +219,18 @@ def _rays_args(ckpts, out):
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_sigkill_then_resume_equals_uninterrupted(ckpts, tmp_path, spawn):
-    full = tmp_path / "full.h5"
-    subprocess.run([sys.executable, "-m", "widthkit.rays", *_rays_args(ckpts, full)], check=True,
-                   capture_output=True, cwd=tmp_path)
-    killed = tmp_path / "killed.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every process of this test does the same arithmetic
+    rays = [sys.executable, "-m", "widthkit.rays"]
+    full, killed = tmp_path / "full.h5", tmp_path / "killed.h5"
+    subprocess.run([*rays, *_rays_args(ckpts, full)], check=True, capture_output=True, cwd=tmp_path, env=env)
     # the same command in a child that stops (alive, blocked) in its progress callback once 5 points are written
     proc, log = spawn(python_child(ANALYSIS_CHILD, tmp_path / "stop", 5, "widthkit.rays", *_rays_args(ckpts, killed)),
-                      cwd=tmp_path)
+                      cwd=tmp_path, env=env)
     wait_for_marker(tmp_path / "stop.0", proc, log)
     kill9(proc)
     partial = read(killed)
     assert partial["models"]["sgd"]["done"].sum() == 5 and not partial["models"]["swa"]["done"].any()
-    subprocess.run([sys.executable, "-m", "widthkit.rays", *_rays_args(ckpts, killed)], check=True,
-                   capture_output=True, cwd=tmp_path)
+    subprocess.run([*rays, *_rays_args(ckpts, killed)], check=True, capture_output=True, cwd=tmp_path, env=env)
     a, b = read(full), read(killed)
     for g in ("sgd", "swa"):
         assert b["models"][g]["done"].all()

@@ -25,6 +25,7 @@ from widthkit.inputs.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from widthkit.runtime import provenance
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,8 +123,8 @@ def test_own_format_round_trip_with_meta(tmp_path):
     assert ckpt.meta == {
         "arch": "digits_cnn", "arch_kwargs": {"width": 4}, "num_classes": 7, "dataset": "digits", "role": "swa",
         "config": {"lr": 0.05, "epochs": 3, "schedule": (0.5, 0.9)}, "metrics": {"test_err": 4.5, "n": 3},
-        "extra": {"epoch": 3, "path": str(tmp_path)}, "format": "widthkit", "which": None, "n_averaged": None,
-        "epoch": None,
+        "extra": {"epoch": 3, "path": str(tmp_path)}, "provenance": provenance(), "format": "widthkit", "which": None,
+        "n_averaged": None, "epoch": None,
     }
     assert ckpt.path == str(path)
     assert ckpt.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

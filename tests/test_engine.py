@@ -284,6 +284,7 @@ def test_store_roundtrip_and_resume(tmp_path):
         assert af.resumed and list(af.pending("swa")) == [0, 2, 3, 4, 5, 7]
 
 
+@pytest.mark.subprocess
 def test_store_refuses_changed_config_and_second_writer(tmp_path):
     path = tmp_path / "r.h5"
     _open(path).close()

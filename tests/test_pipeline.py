@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from widthkit import pipeline
 from widthkit.inputs.checkpoints import load_checkpoint
@@ -12,6 +13,7 @@ TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--
         "--train-subset", "200", "--no-progress", "--format", "png,pdf"]
 
 
+@pytest.mark.slow
 def test_two_epoch_pipeline_writes_every_promised_file(tmp_path, capsys):
     assert pipeline.main(["--root", str(tmp_path), "--run", "tiny", *TINY]) == 0
     printed = capsys.readouterr().out

@@ -156,7 +156,6 @@ def test_no_import_cycle_even_through_deferred_imports():
             visit(m)
 
 
-@pytest.mark.timeout(120)
 def test_api_result_without_out_leaves_no_temporary_files(digits_ckpts, monkeypatch, tmp_path):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
@@ -171,7 +170,7 @@ def test_api_result_without_out_leaves_no_temporary_files(digits_ckpts, monkeypa
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.subprocess
 def test_writer_lock_covers_widths_and_figures_and_is_gone_after(digits_ckpts, tmp_path):
     """While the command still works on its file (widths, figures), a second process cannot take it; after a
     clean finish no lock file is left beside the result."""
@@ -192,7 +191,6 @@ def test_writer_lock_covers_widths_and_figures_and_is_gone_after(digits_ckpts, t
     assert "widths" in read(out)
 
 
-@pytest.mark.timeout(120)
 def test_provenance_in_every_file_and_checkpoint(digits_ckpts, tmp_path):
     import torch
 
@@ -206,7 +204,7 @@ def test_provenance_in_every_file_and_checkpoint(digits_ckpts, tmp_path):
     assert ck.meta["provenance"]["torch_version"] == torch.__version__
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.subprocess
 def test_a_second_train_into_the_same_folder_is_refused(tmp_path, capsys):
     """Two `train --out ck` at once: the second stops with a clear error instead of overwriting the first."""
     train_cmd = importlib.import_module("widthkit.train")
@@ -225,7 +223,6 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, capsys):
         holder.wait()
 
 
-@pytest.mark.timeout(120)
 def test_model_and_data_are_checked_against_each_other_before_any_file(digits_ckpts, tmp_path):
     import torch
 
@@ -270,7 +267,7 @@ def _fill(folder: Path, leave: int) -> None:
     os.truncate(filler, max(0, filler.stat().st_size - (leave - st.f_bavail * st.f_frsize)))
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.subprocess  # mount/umount
 def test_a_full_disk_while_storing_widths_keeps_the_finished_grid(digits_ckpts, small_disk, capsys):
     out = small_disk / "r.h5"
     args = ["--ckpt", digits_ckpts["sgd"], "--dirs", "30", "--steps", "3", "--bn", "keep", "--no-plot", "--quiet",

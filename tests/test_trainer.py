@@ -351,7 +351,6 @@ def _cli(out: Path) -> list[str]:
             "--device", "cpu", "--save-iterates", "--no-progress"]  # = SMALL
 
 
-@pytest.mark.slow
 @pytest.mark.subprocess
 def test_resume_after_sigkill_is_bit_identical(branches, tmp_path, spawn, capsys):
     cfg, ref_out, ref = branches  # the uninterrupted reference run
