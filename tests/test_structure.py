@@ -287,3 +287,33 @@ def test_a_full_disk_while_storing_widths_keeps_the_finished_grid(digits_ckpts, 
             assert (after.models[group]["metrics"][name] == values).all()
     assert after.data["attrs"]["width_report"] == before["attrs"]["width_report"]
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "r.h5", "r.widths.json"]
+
+
+def test_figures_of_real_runs_say_what_their_coordinates_are(digits_ckpts, tmp_path):
+    """A --norm filter rays run and a random plane, computed for real, draw the units their files store."""
+    import matplotlib.pyplot as plt
+
+    from widthkit.report import render
+
+    small = dict(bn_mode="keep", train_subset=40, test_subset=40)
+    rays_file = tmp_path / "rays.h5"
+    widthkit.rays([digits_ckpts["sgd"], digits_ckpts["swa"]], dirs=2, steps=3, norm="filter", out=rays_file, **small)
+    plane_file = tmp_path / "plane.h5"
+    widthkit.plane(digits_ckpts["swa"], random=True, resolution=3, out=plane_file, **small)
+    for path, want, title_has in (
+            (rays_file, "multiples of filter-normalised directions", "filter-normalised directions"),
+            (plane_file, "multiples of filter-normalised random directions",
+             "Random plane around SWA (filter-normalised directions)")):
+        figs = render.figures_of(read(path))
+        try:
+            for _, fig in figs:
+                axes = [ax for ax in fig.axes if ax.get_xlabel()]
+                labels = " ".join(ax.get_xlabel() + " " + ax.get_ylabel() for ax in axes).replace("\n", " ")
+                titles = " ".join([fig.get_suptitle()]
+                                  + [ax.get_title() for ax in fig.axes]).replace("\n", " ")
+                assert want in labels and title_has in titles, (labels, titles)
+                assert "‖θ−θ₀‖₂" not in labels and "weight-space units" not in labels
+                assert "Plane through" not in titles
+        finally:
+            for _, fig in figs:
+                plt.close(fig)

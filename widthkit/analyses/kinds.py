@@ -180,13 +180,13 @@ def plane(models, data=None, *, config: EvalConfig | None = None, out=None, over
         x = np.linspace(lo[0] - pad[0], hi[0] + pad[0], nx)
         y = np.linspace(lo[1] - pad[1], hi[1] + pad[1], ny)
         units = WEIGHT_SPACE
-        names = (f"u ({labels[0]} → {labels[1]})", f"v ({labels[2]}, orthogonalised)")
+        names = (f"u: {labels[0]} → {labels[1]}", f"v: towards {labels[2]}, ⟂ u")
     title = (f"Random plane around {labels[0]} ({spec.norm}-normalised directions)" if spec.random
              else "Plane through " + ", ".join(labels))
     grid = Grid(
         "plane", (nx, ny),
-        axes={"x": (x, ["x"], {"long_name": f"along {names[0]}", "units": units}),
-              "y": (y, ["y"], {"long_name": f"along {names[1]}", "units": units}),
+        axes={"x": (x, ["x"], {"long_name": names[0], "units": units}),
+              "y": (y, ["y"], {"long_name": names[1], "units": units}),
               "basis": (basis.cpu().numpy(), ["vector", "theta"]),
               "points": (points, ["checkpoint", "xy"], {"long_name": "plane coordinates of the checkpoints",
                                                         "units": units})},
