@@ -180,7 +180,7 @@ def plane(models, data=None, *, config: EvalConfig | None = None, out=None, over
         x = np.linspace(lo[0] - pad[0], hi[0] + pad[0], nx)
         y = np.linspace(lo[1] - pad[1], hi[1] + pad[1], ny)
         units = WEIGHT_SPACE
-        names = (f"u: {labels[0]} → {labels[1]}", f"v: towards {labels[2]}, ⟂ u")
+        names = (f"u: {labels[0]} → {labels[1]}", f"v: towards {labels[2]}, ⊥ u")
     title = (f"Random plane around {labels[0]} ({spec.norm}-normalised directions)" if spec.random
              else "Plane through " + ", ".join(labels))
     grid = Grid(
