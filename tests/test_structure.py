@@ -317,3 +317,57 @@ def test_figures_of_real_runs_say_what_their_coordinates_are(digits_ckpts, tmp_p
         finally:
             for _, fig in figs:
                 plt.close(fig)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only filesystem (a tmpfs mounted ro): even root cannot write there."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.subprocess  # mount/umount
+def test_read_only_outputs_are_refused_before_any_work(digits_ckpts, read_only_folder, tmp_path, capsys):
+    base = ["--ckpt", digits_ckpts["swa"], "--dirs", "1", "--steps", "2", "--bn", "keep", "--quiet"]
+    assert rays_cmd.main(base + ["--out", str(read_only_folder / "r.h5")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+    assert rays_cmd.main(base + ["--out", str(tmp_path / "r.h5"), "--figures", str(read_only_folder / "f")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+    assert not (tmp_path / "r.h5").exists()  # refused before the grid, not after it
+
+
+def test_a_partial_file_says_so_on_its_figures_and_in_plot(digits_ckpts, tmp_path, capsys):
+    import matplotlib.pyplot as plt
+
+    from widthkit.report import render, store
+
+    plot_cmd = importlib.import_module("widthkit.plot")
+    out = tmp_path / "p.h5"
+
+    class Stop(Exception):
+        pass
+
+    def progress(done, total):
+        if done >= 2:
+            raise Stop  # like a kill after the second chunk: the first two chunks are in the file
+
+    with pytest.raises(Stop):
+        widthkit.rays(digits_ckpts["swa"], dirs=3, steps=3, bn_mode="keep", chunk_size=1, train_subset=40,
+                      test_subset=40, out=out, progress=progress)
+    data = read(out)
+    assert store.completeness(data) == (2, 9)
+    assert plot_cmd.main([str(out), "--figures", str(tmp_path / "f"), "--format", "png"]) == 0
+    assert "is partial: 2 of 9 points computed" in capsys.readouterr().err
+    figs = render.figures_of(data)
+    try:
+        texts = [t.get_text() for _, fig in figs for t in fig.texts if t.get_gid() == "partial"]
+        assert texts == ["PARTIAL: 2 of 9 points computed; resume with the same command"]
+    finally:
+        for _, fig in figs:
+            plt.close(fig)

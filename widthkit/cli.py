@@ -146,16 +146,21 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, after: Callab
     """The body of an analysis command: configs built (and validated) from the flags, the analysis run with a
     progress bar, ``after`` (default: draw the figures) done under the writer lock, the file reported."""
     from .engine.config import EvalConfig
+    from .fileio import check_writable
     from .report.summary import finish_figures
 
     geometry = geometry_cls(**config_values(args, geometry_cls))
     config = EvalConfig(**config_values(args, EvalConfig))
-    out = args.out or default_out(kind, args.ckpt)
+    out = Path(args.out or default_out(kind, args.ckpt))
+    figures = figure_options(args)
+    for folder in (out.parent, figures.folder):  # before any point is computed, not after
+        if folder is not None:
+            check_writable(folder)
     progress, close = progress_bar(not args.quiet, kind)
     timer = Timer()
     try:
         res = analysis(models_from(args.ckpt), config=config, out=out, overwrite=args.overwrite, progress=progress,
-                       arch=args.arch, which=args.which, after=after or finish_figures(figure_options(args), log),
+                       arch=args.arch, which=args.which, after=after or finish_figures(figures, log),
                        **dataclasses.asdict(geometry))
     finally:
         close()
@@ -244,8 +249,8 @@ def log(msg: str = "") -> None:
 def run(body: Callable[[], int]) -> int:
     """Run a command body: tune the allocator, join torchrun's process group, turn user errors into one line.
 
-    User errors (bad values, missing files, store refusals, out of memory, ranks that disagree) print
-    ``error: ...`` and return 2; programming errors keep their traceback.
+    User errors (bad values, missing files, full disks and read-only folders, store refusals, out of memory,
+    ranks that disagree) print ``error: ...`` and return 2; programming errors keep their traceback.
     """
     from .engine import distributed
     from .fileio import OutputBusy
@@ -261,7 +266,8 @@ def run(body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: every finished chunk is saved; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, StoreError, OutputBusy, RuntimeError) as e:
+    except (ValueError, OSError, StoreError, OutputBusy, RuntimeError) as e:
+        # OSError: a full disk, a read-only folder, a missing file: the message names the path
         if isinstance(e, RuntimeError) and not isinstance(e, (StoreError, OutputBusy)) \
                 and "out of memory" not in str(e).lower() and "ranks disagree" not in str(e):
             raise

@@ -86,6 +86,20 @@ def _sanitize(obj):
     return obj
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure a file can be written in it; ``ValueError`` naming the folder
+    otherwise (read-only filesystem, no permission, a file in the way). Commands call it before any work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write to {folder} ({err.strerror or err}); choose another folder "
+                         "(--out, --figures, --root)") from None
+    return folder
+
+
 def write_json(path: str | os.PathLike, obj) -> Path:
     """``obj`` as indented standard JSON (NaN/inf as strings, numpy values as numbers), atomically."""
     return atomic_write(path, json.dumps(json.loads(to_json(obj)), indent=2) + "\n")

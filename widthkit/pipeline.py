@@ -26,6 +26,7 @@ from pathlib import Path
 from . import cli
 from .analyses import LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, plane, rays
 from .engine.config import EvalConfig
+from .fileio import check_writable
 from .report.summary import FigureOptions, finish_figures, finish_rays, write_report
 from .training.trainer import TrainConfig, layered_config, list_recipes, train_branches
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
                                                              skip=PLANE_THROUGH_CHECKPOINTS))}
         widths = WidthConfig(**cli.config_values(args, WidthConfig))
         run = _run_name(args, cfg.seed)
-        root = Path(args.root)
+        root = check_writable(args.root)
         ck_dir, an_dir, fig_dir = root / "checkpoints" / run, root / "analyses" / run, root / "figures" / run
         figures = FigureOptions(fig_dir, cli.formats_of(args))
         timings, results = {}, {}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import cli
@@ -25,11 +26,18 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from .report.render import plot_file
+        from .report import store
+        from .report.render import plot_analysis
 
         for f in args.files:
-            for out in plot_file(f, out_dir=Path(args.figures or "figures"), formats=cli.formats_of(args),
-                                 metric=args.metric, plane_kind=args.plane):
+            data = store.read(f)
+            done, total = store.completeness(data)
+            if done < total:
+                print(f"warning: {f} is partial: {done} of {total} points computed (a killed or running analysis); "
+                      "the figures show what is there. Run the command that made it again to finish it",
+                      file=sys.stderr)
+            for out in plot_analysis(data, Path(args.figures or "figures") / Path(f).stem,
+                                     formats=cli.formats_of(args), metric=args.metric, plane_kind=args.plane):
                 print(f"figure: {out}")
         return 0
 

@@ -413,7 +413,13 @@ def figures_of(data, metric=None, plane_kind: str = "contour") -> list[tuple[str
     _check_plane_kind(plane_kind)
     before = set(plt.get_fignums())
     try:
-        return _BUILDERS[kind](data, metric, plane_kind)
+        figures = _BUILDERS[kind](data, metric, plane_kind)
+        done, total = store.completeness(data)
+        if done < total:  # a killed run's file: say so on the figure itself, not only on the terminal
+            for _, fig in figures:
+                fig.text(0.01, 0.995, f"PARTIAL: {done} of {total} points computed; resume with the same command",
+                         ha="left", va="top", color="tab:red", fontsize="small", gid="partial")
+        return figures
     except BaseException:
         for num in set(plt.get_fignums()) - before:
             plt.close(num)

@@ -393,3 +393,10 @@ def read(path, load_large: bool = False) -> dict:
         if "widths" in attrs:
             out["widths"] = attrs["widths"]
     return out
+
+
+def completeness(data: Mapping) -> tuple[int, int]:
+    """(points computed, points in the grid) over every group of an analysis dict (see :func:`read`): a
+    killed run's file is partial until the same command resumes it."""
+    masks = [np.asarray(m["done"], dtype=bool) for m in data["models"].values() if "done" in m]
+    return sum(int(m.sum()) for m in masks), sum(int(m.size) for m in masks)
