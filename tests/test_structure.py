@@ -371,3 +371,12 @@ def test_a_partial_file_says_so_on_its_figures_and_in_plot(digits_ckpts, tmp_pat
     finally:
         for _, fig in figs:
             plt.close(fig)
+
+
+def test_subsets_larger_than_the_data_are_refused(digits_ckpts, tmp_path, capsys):
+    base = ["--ckpt", digits_ckpts["swa"], "--dirs", "1", "--steps", "2", "--quiet", "--out", str(tmp_path / "r.h5")]
+    for flag, n in (("--train-subset", "5000"), ("--bn-subset", "2000"), ("--test-subset", "360")):
+        assert rays_cmd.main(base + [flag, n]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {n} asks for more images than the digits split has" in err, err
+    assert not (tmp_path / "r.h5").exists()

@@ -147,6 +147,11 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
         test = EvalSet.from_any(test_src, device)
         desc = {"name": "user-data", "root": None, "n_train": len(train), "n_test": len(test),
                 "train_checksum": _checksum(train), "test_checksum": _checksum(test)}
+    for flag, k, split in (("--train-subset", cfg.train_subset, train), ("--bn-subset", cfg.bn_subset, train),
+                           ("--test-subset", cfg.test_subset, test)):
+        if k is not None and k > len(split):
+            raise ValueError(f"{flag} {k} asks for more images than the {desc['name']} split has ({len(split)}); "
+                             f"pass at most {len(split)}, or leave it unset to use them all")
     train = _subset(train, cfg.train_subset, cfg.seed)
     test = _subset(test, cfg.test_subset, cfg.seed + 1)
     desc.update(train_subset=cfg.train_subset, test_subset=cfg.test_subset, n_train=len(train), n_test=len(test))
