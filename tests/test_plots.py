@@ -573,7 +573,7 @@ class TestFileLevel:
             calls.append(path)
             return plane_dict()
 
-        monkeypatch.setattr(render, "store", types.SimpleNamespace(read=read))
+        monkeypatch.setattr(render, "store", types.SimpleNamespace(read=read, completeness=store.completeness))
         h5 = tmp_path / "plane_run.h5"
         paths = render.plot_file(h5, formats="png", metric="test_err")
         assert calls == [h5] and paths == [str(tmp_path / "plane_run_test_err.png")]

@@ -56,55 +56,147 @@ class Analysis:
         found by bisection along each ray to ``tol`` (default: 1/100 of a grid step), a few extra evaluations
         per ray.
 
-        Returns ``{"threshold", "refined", "tol", "summaries": {label: summary}, "per_direction": {label:
-        widths (N,)}, "crossed": {label: (N,) bool}, "levels": {label: (N,)}, "comparison": {...} (two
-        models), "table": str}``. Rays that never cross are ``inf`` and print as "> max distance".
-        """
-        from ..report.width import compare, format_table, parse_threshold, refine_widths, summarize, width_at
+        Non-finite values: a computed point where the metric (or, for an error, the same split's loss) is NaN or
+        +-inf counts as crossed; the grid width is then the last finite distance below the level, and bisection
+        counts non-finite evaluations as crossed (see :mod:`widthkit.report.width`).
 
+        Partial files (a killed run): only *complete* rays, every step computed, are used; the others have
+        width NaN. The paired comparison uses the directions complete for both models.
+
+        Returns ``{"threshold", "refined", "tol", "n_directions", "summaries": {label: summary},
+        "per_direction": {label: widths (N,)}, "crossed": {label: (N,) bool}, "levels": {label: (N,)},
+        "complete": {label: number of complete rays}, "computed": {label: computed points}, "nonfinite":
+        {label: computed points counted as crossed because non-finite}, "evaluations": {label: int} (refine),
+        "comparison": {...} (two models), "table": str}``. Rays that never cross are ``inf`` and print as
+        "> max distance"; a model with no complete ray gets a summary with ``n == 0`` and the row
+        "no complete ray".
+
+        Raises:
+            ValueError: not a one-sided rays analysis, ``refine`` without evaluators, or no ray of any model
+                complete yet (run the same command again to resume the file).
+        """
+        from ..report.width import compare, parse_threshold
+
+        th = parse_threshold(threshold)
+        distances = self._ray_distances(refine)
+        tol = float(tol) if tol else float(distances[1] - distances[0]) / 100
+        per_model = {label: self._model_widths(m, label, th, distances, refine, tol)
+                     for label, m in self._labelled_models().items()}
+        self._require_a_complete_ray(per_model, distances.size)
+        max_d = float(distances[-1])
+        out = {"threshold": str(th), "refined": bool(refine), "tol": tol if refine else None,
+               "n_directions": len(next(iter(per_model.values()))["widths"]), "summaries": {},
+               "per_direction": {}, "crossed": {}, "levels": {}, "complete": {}, "computed": {}, "nonfinite": {},
+               "evaluations": {}}
+        for label, r in per_model.items():
+            self._add_model_report(out, label, r, max_d)
+        labels = list(per_model)
+        if len(labels) == 2:
+            a, b = per_model[labels[0]], per_model[labels[1]]
+            ok = a["complete"] & b["complete"]
+            out["comparison"] = compare(a["widths"][ok], a["crossed"][ok], b["widths"][ok], b["crossed"][ok],
+                                        names=tuple(labels), max_distance=max_d)
+        out["table"] = self._width_table(out, per_model, th, distances)
+        return out
+
+    def _ray_distances(self, refine: bool) -> np.ndarray:
+        """(S,) the distance grid of a one-sided rays analysis, after checking widths can be measured on it."""
         if self.kind != "rays":
             raise ValueError(f"widths are measured along rays; this is a {self.kind!r} analysis")
-        th = parse_threshold(threshold)
-        distances = self.data["axes"]["distances"]
+        distances = np.asarray(self.data["axes"]["distances"], dtype=np.float64)
         if distances[0] != 0:
             raise ValueError("widths need one-sided rays (distance from 0 outwards); this run used --two-sided")
         if refine and not self.evaluators:
             raise ValueError("refining widths needs the models: run the rays analysis with refine (--refine)")
-        max_d = float(distances[-1])
-        tol = float(tol) if tol else float(distances[1] - distances[0]) / 100
-        out = {"threshold": str(th), "refined": bool(refine), "tol": tol if refine else None, "summaries": {},
-               "per_direction": {}, "crossed": {}, "levels": {}, "evaluations": {}}
-        grids = {}
-        for group, m in self.models.items():
-            label = m["attrs"].get("label", group)
-            gw = width_at(th, distances, m["metrics"])
-            widths = gw.widths
-            if refine:
-                ev, theta, dirs = self.evaluators[label]
+        return distances
 
-                def f_batch(rays, dists, ev=ev, theta=theta, dirs=dirs):
-                    coords = np.zeros((len(rays), len(dirs)))
-                    coords[np.arange(len(rays)), rays] = dists
-                    return ev.evaluate(theta, dirs, coords)[th.metric]
+    def _labelled_models(self) -> dict:
+        """label (the group's ``label`` attribute, else its name) -> model dict, in file order."""
+        return {m["attrs"].get("label", g): m for g, m in self.models.items()}
 
-                widths, n_evals = refine_widths(f_batch, gw.bracket, gw.level, tol=tol)
-                out["evaluations"][label] = int(np.sum(n_evals))
-            grids[label] = (widths, gw.crossed, gw.complete)
-            ok = gw.complete
-            out["summaries"][label] = summarize(widths[ok], gw.crossed[ok], max_d) if ok.any() else None
-            out["per_direction"][label] = widths
-            out["crossed"][label] = gw.crossed
-            out["levels"][label] = gw.level
-        labels = list(grids)
-        if len(labels) == 2:
-            (wa, ca, oka), (wb, cb, okb) = grids[labels[0]], grids[labels[1]]
-            ok = oka & okb
-            out["comparison"] = compare(wa[ok], ca[ok], wb[ok], cb[ok], names=tuple(labels), max_distance=max_d)
-        how = f"bisection, tol {tol:.3g}" if refine else "grid, linear interpolation"
-        out["table"] = format_table({k: v for k, v in out["summaries"].items() if v is not None},
-                                    out.get("comparison"), title=f"width at {th} ({how}), {len(distances)} steps "
-                                    f"to {max_d:.4g}, {len(next(iter(grids.values()))[0])} directions")
-        return out
+    def _model_widths(self, m: dict, label: str, th, distances: np.ndarray, refine: bool, tol: float) -> dict:
+        """One model's widths at threshold ``th``, kept for its complete rays (every step computed).
+
+        Returns ``{"widths" (N,) weight-space units, NaN on incomplete rays; "crossed" (N,) bool; "complete"
+        (N,) bool; "level" (N,) metric units; "nonfinite", "nonfinite_start", "widths_at_nonfinite" (grid widths
+        ending at a broken point), "computed", "evaluations": int}``.
+        """
+        from ..report.width import nonfinite_points, refine_widths, width_at
+
+        done = np.asarray(m["done"], dtype=bool)
+        gw = width_at(th, distances, m["metrics"], done=done)
+        complete = done.all(axis=1)  # never depends on where a ray crosses: no bias toward narrow rays
+        widths, n_evals = np.where(complete, gw.widths, np.nan), 0
+        if refine:
+            brackets = np.where(complete[:, None], gw.bracket, np.nan)
+            widths, evals = refine_widths(self._bisection_metric(label, th.metric), brackets, gw.level, tol=tol)
+            n_evals = int(np.sum(evals))
+        broken = nonfinite_points(th.metric, m["metrics"], done)
+        at_broken = 0 if refine else int(np.sum(gw.at_nonfinite & complete))
+        return {"widths": widths, "crossed": gw.crossed & complete, "complete": complete, "level": gw.level,
+                "nonfinite": int(broken.sum()), "nonfinite_start": int(broken[:, 0].sum()),
+                "widths_at_nonfinite": at_broken, "computed": int(done.sum()), "evaluations": n_evals}
+
+    def _bisection_metric(self, label: str, metric: str):
+        """``f_batch(rays (K,), distances (K,)) -> (K,)`` for :func:`refine_widths`: ``metric`` evaluated along
+        the model's rays, +inf where the model is broken (see :func:`widthkit.report.width.nonfinite_points`)."""
+        from ..report.width import nonfinite_points
+
+        ev, theta, dirs = self.evaluators[label]
+
+        def f_batch(rays, dists):
+            coords = np.zeros((len(rays), len(dirs)))
+            coords[np.arange(len(rays)), rays] = dists
+            res = ev.evaluate(theta, dirs, coords)
+            return np.where(nonfinite_points(metric, res), np.inf, res[metric])
+
+        return f_batch
+
+    def _require_a_complete_ray(self, per_model: dict, n_steps: int) -> None:
+        """ValueError unless at least one model has a complete ray (the report would be empty)."""
+        if any(r["complete"].any() for r in per_model.values()):
+            return
+        done = sum(int(m["done"].sum()) for m in self.models.values())
+        total = sum(int(np.size(m["done"])) for m in self.models.values())
+        raise ValueError(
+            f"no ray of {self.path} is complete yet ({done} of {total} points computed; a width needs all "
+            f"{n_steps} steps of a direction), so the run that wrote it was interrupted: run the same command again "
+            "to resume it, then measure the widths"
+        )
+
+    @staticmethod
+    def _add_model_report(out: dict, label: str, r: dict, max_d: float) -> None:
+        """Put one model's widths, summary (over its complete rays) and counts into the report ``out``."""
+        from ..report.width import summarize
+
+        ok = r["complete"]
+        out["summaries"][label] = summarize(r["widths"][ok], r["crossed"][ok], max_d)
+        out["per_direction"][label] = r["widths"]
+        out["crossed"][label] = r["crossed"]
+        out["levels"][label] = r["level"]
+        out["complete"][label] = int(ok.sum())
+        out["computed"][label] = r["computed"]
+        out["nonfinite"][label] = r["nonfinite"]
+        if out["refined"]:
+            out["evaluations"][label] = r["evaluations"]
+
+    @staticmethod
+    def _width_table(out: dict, per_model: dict, th, distances: np.ndarray) -> str:
+        """The printed width table: title, one row per model, the comparison, then the notes on partial files
+        and non-finite points."""
+        from ..report.width import format_table, nonfinite_line, partial_line
+
+        n = out["n_directions"]
+        notes = [partial_line(label, out["complete"][label], n) for label in per_model
+                 if out["complete"][label] < n]
+        if notes and "comparison" in out and 0 < out["comparison"]["n"] < n:
+            notes.append(f"the comparison uses the {out['comparison']['n']} directions complete for both")
+        notes += [nonfinite_line(label, th.metric, r["nonfinite"], r["computed"], n_at_start=r["nonfinite_start"],
+                                 n_grid_widths=r["widths_at_nonfinite"])
+                  for label, r in per_model.items() if r["nonfinite"]]
+        how = f"bisection, tol {out['tol']:.3g}" if out["refined"] else "grid, linear interpolation"
+        title = f"width at {th} ({how}), {len(distances)} steps to {float(distances[-1]):.4g}, {n} directions"
+        return format_table(out["summaries"], out.get("comparison"), title=title, notes=notes)
 
     def asymmetry(self, threshold: str = "test_err=+5") -> dict:
         """Two-sided rays: per model, the width on each side of θ₀ and ``(w₊ − w₋)/(w₊ + w₋)`` per direction

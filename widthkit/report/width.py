@@ -11,12 +11,32 @@ Everything here is plain numpy/scipy on arrays the evaluator or the HDF5 store p
 Conventions used throughout:
 
 * ``distances``: (S,) float, strictly increasing, ``distances[0] == 0`` (the solution itself).
-* ``values``: (N, S) float, one row per direction (ray). NaN means "not computed yet" (the store's fill value).
+* ``values``: (N, S) float, one row per direction (ray).
+* ``done``: (N, S) bool, the store's flags saying which points were computed. Without it (arrays of your own)
+  NaN means "not computed yet" (the store's fill value) and ``+inf`` counts as above any level.
 * A ray that never reaches the level within the grid has ``crossed=False`` and width ``+inf``: its true width
   is larger than ``max_distance = distances[-1]``. It is never reported as a finite number; statistics that
   depend on such rays are flagged as lower bounds and printed as ``"> x"``.
-* A ray whose crossing cannot be decided because of NaN values has width NaN, ``crossed=False`` and
-  ``complete=False``.
+* A ray whose crossing cannot be decided because of points not computed yet has width NaN, ``crossed=False``
+  and ``complete=False``.
+
+Non-finite values (the rule, applied when ``done`` is given, as the width report does):
+
+* A computed point (``done`` set) whose value is NaN or +-inf is *broken*: the model does not compute a number
+  there (e.g. its logits overflowed far out along the ray). For an error metric the point is also broken when
+  the loss of the same split is non-finite there (``test_err`` with ``test_loss``, ``train_err`` with
+  ``train_loss``): the logits were non-finite, so the error count there means nothing.
+  See :func:`nonfinite_points`.
+* A broken point counts as having crossed every threshold at that point. The crossing is then bracketed by the
+  last finite point below the level and the broken point. On the grid the width is the bracket's *lower end*
+  (linear interpolation toward a non-finite value is meaningless), so it is short of the true crossing by less
+  than one grid step; ``GridWidths.at_nonfinite`` marks these rays. :func:`refine_widths` bisects inside the
+  bracket, counting non-finite evaluations as crossed.
+* If the value at distance 0 is broken, the solution itself is: the ray's width is 0 (crossed) for every
+  threshold, and a relative threshold's level is NaN there.
+* A point not computed yet (``done`` unset) is unknown whatever it holds; a ray whose crossing depends on it has
+  width NaN, as above. The width report (:meth:`widthkit.Analysis.widths`) uses only *complete* rays (every
+  step computed), so that which rays count does not depend on where they cross.
 
 >>> import numpy as np
 >>> d = np.linspace(0.0, 10.0, 11)
@@ -41,6 +61,7 @@ __all__ = [
     "Threshold",
     "parse_threshold",
     "GridWidths",
+    "nonfinite_points",
     "width_on_grid",
     "width_at",
     "refine_width",
@@ -48,12 +69,20 @@ __all__ = [
     "summarize",
     "compare",
     "format_table",
+    "partial_line",
+    "NO_RAY",
+    "SAME_SPLIT_LOSS",
+    "nonfinite_line",
 ]
 
 #: Metrics a threshold may refer to (the store's dataset names). Losses in nats, errors in % (0..100).
 METRICS = ("train_loss", "train_err", "test_loss", "test_err", "train_loss_l2")
 
 NAN_POLICIES = ("unknown", "raise")
+
+#: Error metric -> the loss of the same split: where that loss is non-finite, the logits were, and the error
+#: count there means nothing (see :func:`nonfinite_points`).
+SAME_SPLIT_LOSS = {"test_err": "test_loss", "train_err": "train_loss"}
 
 _THRESHOLD_FORMS = (
     "'METRIC=+DELTA' (DELTA above the value at distance 0 on each ray, e.g. 'test_err=+5'), "
@@ -168,13 +197,16 @@ class GridWidths(NamedTuple):
 
     Attributes:
         widths: (N,) distance of the first crossing (weight-space units); 0 when the ray starts at or above
-            the level; +inf when it never crosses within the grid; NaN when NaN values make it unknown.
+            the level (or is broken at distance 0); +inf when it never crosses within the grid; NaN when points
+            not computed yet make it unknown.
         crossed: (N,) bool, True when the crossing was found within the grid.
-        bracket: (N, 2) the grid distances (lo, hi) around the crossing, with value(lo) < level <= value(hi);
-            (0, 0) for width 0, (max_distance, inf) for rays that never cross, (NaN, NaN) for unknown rays.
-            Pass it to :func:`refine_widths` to bisect inside each cell.
-        level: (N,) the level each ray was compared against (metric units).
-        complete: (N,) bool, False where NaN values (not yet computed) leave the crossing undecided.
+        bracket: (N, 2) the grid distances (lo, hi) around the crossing, with value(lo) < level <= value(hi)
+            (or the point at hi broken); (0, 0) for width 0, (max_distance, inf) for rays that never cross,
+            (NaN, NaN) for unknown rays. Pass it to :func:`refine_widths` to bisect inside each cell.
+        level: (N,) the level each ray was compared against (metric units; NaN where unknown).
+        complete: (N,) bool, False where points not computed yet leave the crossing undecided.
+        at_nonfinite: (N,) bool, True where the crossing is at a non-finite (broken) grid point: the width is
+            then the lower end of the bracket, less than one grid step short of the true crossing.
     """
 
     widths: np.ndarray
@@ -182,6 +214,7 @@ class GridWidths(NamedTuple):
     bracket: np.ndarray
     level: np.ndarray
     complete: np.ndarray
+    at_nonfinite: np.ndarray
 
 
 def _check_distances(distances) -> np.ndarray:
@@ -203,9 +236,34 @@ def _check_values(values, n_steps: int) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2 or v.shape[1] != n_steps:
         raise ValueError(f"values must be (N, S) with S = len(distances) = {n_steps}, got shape {v.shape}")
-    if np.any(v == -np.inf):
-        raise ValueError("values contain -inf; losses and errors cannot be -inf")
     return v
+
+
+def _check_done(done, shape: tuple) -> np.ndarray:
+    """The store's ``done`` flags as a bool array shaped like the values it vouches for."""
+    dn = np.asarray(done)
+    if dn.shape != tuple(shape):
+        raise ValueError(f"done must be a mask shaped like the values {tuple(shape)}, got shape {dn.shape}")
+    if dn.dtype != bool and not np.isin(dn, (0, 1)).all():
+        raise ValueError("done must hold only 0/1 or False/True flags (the store's 'done' dataset)")
+    return dn.astype(bool)
+
+
+def _marked_values(v: np.ndarray, done) -> np.ndarray:
+    """``v`` (N, S) with points not computed yet set to NaN and broken (non-finite) computed points to +inf.
+
+    Without ``done``, NaN already means "not computed" and +inf "above any level"; -inf is then refused, since a
+    loss or an error cannot be -inf and it would otherwise read as "far below the level".
+    """
+    if done is None:
+        if np.any(v == -np.inf):
+            raise ValueError(
+                "values contain -inf; losses and errors cannot be -inf (pass done= to count non-finite computed "
+                "points as crossed)"
+            )
+        return v
+    dn = _check_done(done, v.shape)
+    return np.where(dn, np.where(np.isfinite(v), v, np.inf), np.nan)
 
 
 def _check_level(level, n_rays: int) -> np.ndarray:
@@ -219,20 +277,51 @@ def _check_level(level, n_rays: int) -> np.ndarray:
     return lv
 
 
-def width_on_grid(distances, values, level, *, on_nan: Literal["unknown", "raise"] = "unknown") -> GridWidths:
+def nonfinite_points(metric: str, metrics: Mapping[str, np.ndarray], done=None) -> np.ndarray:
+    """Where the model is broken for ``metric``: computed points whose value is NaN or +-inf, or, for an error
+    metric, whose loss on the same split (:data:`SAME_SPLIT_LOSS`) is.
+
+    Args:
+        metric: the metric a threshold refers to (e.g. ``"test_err"``).
+        metrics: metric name -> array, all of one shape: (N, S) grids, or (K,) fresh evaluations.
+        done: bool mask of that shape (the store's flags), or None when every point was computed.
+
+    Returns:
+        bool array of that shape; False wherever ``done`` is unset (a point not computed yet is unknown, not
+        broken).
+    """
+    values = np.asarray(metrics[metric], dtype=np.float64)
+    broken = ~np.isfinite(values)
+    loss = SAME_SPLIT_LOSS.get(metric)
+    if loss in metrics:
+        broken |= ~np.isfinite(np.asarray(metrics[loss], dtype=np.float64))
+    if done is not None:
+        broken &= _check_done(done, values.shape)
+    return broken
+
+
+def width_on_grid(
+    distances, values, level, *, on_nan: Literal["unknown", "raise"] = "unknown", done=None
+) -> GridWidths:
     """First crossing of ``level`` from below along each ray, read off a distance grid.
 
-    For each ray, the first grid index j with ``values[i, j] >= level[i]`` is found; the width is the linear
-    interpolation between grid points j-1 and j (exact when the metric is linear on that cell). The search
-    runs along increasing distance, so later dips below the level do not matter (paper, sec. 3.4).
+    For each ray, the first grid index j with ``values[i, j] >= level[i]`` (or a broken point, see the module
+    docstring) is found; the width is the linear interpolation between grid points j-1 and j (exact when the
+    metric is linear on that cell), or grid point j-1 when point j is broken. The search runs along increasing
+    distance, so later dips below the level do not matter (paper, sec. 3.4).
 
     Args:
         distances: (S,) strictly increasing, ``distances[0] == 0``, weight-space units.
-        values: (N, S) the metric along each ray; NaN = not computed yet. ``+inf`` counts as above any level
-            (the width is then the lower end of the bracket).
-        level: scalar or (N,) the level per ray, in the metric's units (see :meth:`Threshold.level`).
-        on_nan: ``"unknown"``: rays whose crossing depends on a NaN value get width NaN, ``crossed=False``,
-            ``complete=False`` (NaN after the crossing is harmless); ``"raise"``: such rays raise ValueError.
+        values: (N, S) the metric along each ray. ``+inf`` counts as above any level (the width is then the
+            lower end of the bracket).
+        level: scalar or (N,) the level per ray, in the metric's units (see :meth:`Threshold.level`); NaN
+            where unknown (such a ray is decided only when it is broken at distance 0).
+        on_nan: ``"unknown"``: rays whose crossing depends on a point not computed yet get width NaN,
+            ``crossed=False``, ``complete=False`` (such points after the crossing are harmless); ``"raise"``:
+            such rays raise ValueError.
+        done: optional (N, S) bool, the store's flags. When given, points not done are unknown whatever they
+            hold and done points with NaN or +-inf values are broken (crossed). When None, NaN means "not
+            computed yet".
 
     Returns:
         :class:`GridWidths`.
@@ -240,17 +329,19 @@ def width_on_grid(distances, values, level, *, on_nan: Literal["unknown", "raise
     if on_nan not in NAN_POLICIES:
         raise ValueError(f"on_nan must be one of {NAN_POLICIES}, got {on_nan!r}")
     d = _check_distances(distances)
-    v = _check_values(values, d.size)
+    v = _marked_values(_check_values(values, d.size), done)
     n_rays, n_steps = v.shape
     lv = _check_level(level, n_rays)
 
+    broken = np.isposinf(v)
     with np.errstate(invalid="ignore"):
-        above = v >= lv[:, None]  # NaN compares False
+        above = (v >= lv[:, None]) | broken  # NaN compares False
     has_above = above.any(axis=1)
     first = np.where(has_above, np.argmax(above, axis=1), n_steps)  # (N,) index of the first crossing, or S
-    # NaNs strictly before the first crossing (or anywhere, when there is none) leave the answer undecided.
+    # NaNs strictly before the first crossing (or anywhere, when there is none) leave the answer undecided;
+    # so does an unknown level, unless the ray is broken at distance 0 (width 0 whatever the level).
     nan_before = np.concatenate([np.zeros((n_rays, 1), bool), np.cumsum(np.isnan(v), axis=1) > 0], axis=1)
-    complete = ~nan_before[np.arange(n_rays), first] & ~np.isnan(lv)
+    complete = ~nan_before[np.arange(n_rays), first] & (~np.isnan(lv) | broken[:, 0])
     if on_nan == "raise" and not complete.all():
         bad = np.flatnonzero(~complete).tolist()
         raise ValueError(
@@ -278,19 +369,25 @@ def width_on_grid(distances, values, level, *, on_nan: Literal["unknown", "raise
     widths[inner] = d_lo + frac * (d_hi - d_lo)
     bracket[inner, 0] = d_lo
     bracket[inner, 1] = d_hi
-    return GridWidths(widths=widths, crossed=crossed, bracket=bracket, level=lv, complete=complete)
+    at_nonfinite = crossed & broken[np.arange(n_rays), np.minimum(first, n_steps - 1)]
+    return GridWidths(widths=widths, crossed=crossed, bracket=bracket, level=lv, complete=complete,
+                      at_nonfinite=at_nonfinite)
 
 
-def width_at(threshold, distances, metrics: Mapping[str, np.ndarray], **kw) -> GridWidths:
+def width_at(threshold, distances, metrics: Mapping[str, np.ndarray], *, done=None, **kw) -> GridWidths:
     """Widths at a threshold for one evaluated model of a rays analysis.
 
     Args:
         threshold: a :class:`Threshold` or a spec string such as ``"test_err=+5"``.
         distances: (S,) the rays' distance grid (``distances[0] == 0``).
         metrics: metric name -> (N, S) array, e.g. ``store.read(path)["models"]["swa"]["metrics"]``.
+        done: optional (N, S) bool, the model's ``done`` flags (``store.read(path)["models"]["swa"]["done"]``):
+            then non-finite computed points, including error points whose same-split loss is non-finite, count
+            as crossed (see the module docstring). Without it, NaN means "not computed yet".
         **kw: passed to :func:`width_on_grid` (``on_nan``).
 
-    Relative thresholds use each ray's own value at distance 0 (``values[:, 0]``).
+    Relative thresholds use each ray's own value at distance 0 (``values[:, 0]``); the level is NaN where that
+    value is not finite.
     """
     threshold = parse_threshold(threshold)
     if threshold.metric not in metrics:
@@ -301,7 +398,11 @@ def width_at(threshold, distances, metrics: Mapping[str, np.ndarray], **kw) -> G
     values = np.asarray(metrics[threshold.metric], dtype=np.float64)
     if values.ndim != 2:
         raise ValueError(f"metric {threshold.metric!r} must be (N, S), got shape {values.shape}")
-    return width_on_grid(distances, values, threshold.level(values[:, 0]), **kw)
+    if done is not None:
+        values = np.where(nonfinite_points(threshold.metric, metrics, done), np.inf, values)
+    start = values[:, 0]
+    level = threshold.level(np.where(np.isfinite(start), start, np.nan))
+    return width_on_grid(distances, values, level, done=done, **kw)
 
 
 # --------------------------------------------------------------------------------------------- bisection
@@ -335,11 +436,12 @@ def refine_width(
 ) -> tuple[float, int]:
     """Bisect for the crossing of ``level`` inside a bracket, on a scalar metric ``f(distance)``.
 
-    The bracket must satisfy ``f(lo) < level <= f(hi)`` (e.g. a row of :attr:`GridWidths.bracket`); it is
-    trusted, not re-evaluated, since each evaluation is a pass over a data set. Each step evaluates the
-    midpoint and keeps the half that still brackets a crossing, until ``hi - lo <= tol``; that takes
-    ``ceil(log2((hi - lo) / tol))`` evaluations. If ``f`` is not monotone on the bracket, the result is *a*
-    crossing inside it.
+    The bracket must satisfy ``f(lo) < level <= f(hi)`` (or ``f(hi)`` non-finite; e.g. a row of
+    :attr:`GridWidths.bracket`); it is trusted, not re-evaluated, since each evaluation is a pass over a data
+    set. Each step evaluates the midpoint and keeps the half that still brackets a crossing, until
+    ``hi - lo <= tol``; that takes ``ceil(log2((hi - lo) / tol))`` evaluations. A non-finite ``f`` (NaN or
+    +-inf: the model is broken there) counts as crossed. If ``f`` is not monotone on the bracket, the result
+    is *a* crossing inside it.
 
     Args:
         f: distance (weight-space units) -> metric value (float).
@@ -350,7 +452,7 @@ def refine_width(
 
     Returns:
         ``(width, n_evals)``: ``width`` is the final upper end ``hi``, the smallest distance seen with
-        ``f >= level``; a crossing lies in ``(width - tol, width]``.
+        ``f >= level`` (or ``f`` non-finite); a crossing lies in ``(width - tol, width]``.
     """
     _check_tol(tol, max_evals)
     lo, hi, level = float(lo), float(hi), float(level)
@@ -366,9 +468,7 @@ def refine_width(
         mid = 0.5 * (lo + hi)
         value = float(f(mid))
         n_evals += 1
-        if math.isnan(value):
-            raise ValueError(f"f returned NaN at distance {mid!r}; cannot bisect through an unknown value")
-        if value >= level:
+        if not math.isfinite(value) or value >= level:
             hi = mid
         else:
             lo = mid
@@ -387,7 +487,8 @@ def refine_widths(
 
     Rows of ``brackets`` are handled by what they hold, so ``GridWidths.bracket`` can be passed as it is:
 
-    * finite ``lo < hi``: bisected as in :func:`refine_width` (needs ``f(lo) < level <= f(hi)``);
+    * finite ``lo < hi``: bisected as in :func:`refine_width` (needs ``f(lo) < level <= f(hi)``, or ``f(hi)``
+      non-finite); a non-finite value of ``f_batch`` counts as crossed;
     * ``lo == hi``: already exact, width ``lo``, no evaluation;
     * ``hi == +inf`` (never crossed within the grid): width ``+inf``, no evaluation;
     * NaN (unknown): width NaN, no evaluation.
@@ -436,11 +537,9 @@ def refine_widths(
         values = np.asarray(f_batch(rays, mids), dtype=np.float64)
         if values.shape != rays.shape:
             raise ValueError(f"f_batch returned shape {values.shape} for {rays.size} rays; it must return (K,)")
-        if np.isnan(values).any():
-            bad = rays[np.isnan(values)].tolist()
-            raise ValueError(f"f_batch returned NaN for rays {bad}; cannot bisect through an unknown value")
         n_evals[rays] += 1
-        up = values >= lv[rays]
+        with np.errstate(invalid="ignore"):
+            up = ~np.isfinite(values) | (values >= lv[rays])  # non-finite: the model is broken there, crossed
         hi[rays[up]] = mids[up]
         lo[rays[~up]] = mids[~up]
         active[rays] = hi[rays] - lo[rays] > tol
@@ -455,10 +554,13 @@ def refine_widths(
 
 
 def _check_widths(widths, crossed, name: str = "widths") -> tuple[np.ndarray, np.ndarray]:
+    """(N,) widths and crossed flags, checked; N may be 0 (a model with no complete ray)."""
     w = np.asarray(widths, dtype=np.float64)
     c = np.asarray(crossed)
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array (N,), got shape {w.shape}")
+    if w.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array (N,), got shape {w.shape}")
+    if c.size == 0 and c.shape == w.shape:
+        c = c.astype(bool)  # [] has no dtype of its own
     if c.shape != w.shape or c.dtype != bool:
         raise ValueError(f"crossed for {name} must be a bool array shaped like it {w.shape}, got {c.dtype} {c.shape}")
     if np.isnan(w).any():
@@ -501,6 +603,13 @@ def _json_float(x):
     return x
 
 
+def _empty_summary(max_distance: float) -> dict:
+    """The :func:`summarize` dict of no rays: every statistic unknown (None)."""
+    keys = ("mean", "median", "q25", "q75", "iqr", "min", "max")
+    return {"n": 0, "n_crossed": 0, "max_distance": max_distance, **dict.fromkeys(keys),
+            "lower_bound": dict.fromkeys(keys, False)}
+
+
 def summarize(widths, crossed, max_distance: float) -> dict:
     """Summary statistics of widths over directions (paper sec. 3.4 reports them per solution).
 
@@ -512,6 +621,7 @@ def summarize(widths, crossed, max_distance: float) -> dict:
 
     Args:
         widths: (N,) widths in weight-space units (+inf or any value where not crossed; NaN is refused).
+            N may be 0 (a model with no complete ray): then ``n == 0`` and every statistic is None.
         crossed: (N,) bool.
         max_distance: the grid's last distance (weight-space units).
 
@@ -521,6 +631,8 @@ def summarize(widths, crossed, max_distance: float) -> dict:
     """
     w, c = _check_widths(widths, crossed)
     m = _check_max_distance(max_distance, w, c)
+    if w.size == 0:
+        return _empty_summary(m)
     cens = ~c
     filled = np.where(c, w, m)
     order = np.lexsort((cens, filled))  # censored rays sort after crossed rays of equal width
@@ -575,6 +687,9 @@ def _wilcoxon(diffs: np.ndarray, n_censored: int, m: float) -> dict:
             f"{n_censored} direction(s) never crossed within the grid; their widths enter as the censored value "
             f"max_distance={m:.6g} (their true widths are larger)"
         )
+    if diffs.size == 0:
+        res["notes"].append("no directions to compare; the test is undefined")
+        return res
     if nonzero == 0:
         res["notes"].append("all paired differences are zero; the test is undefined")
         return res
@@ -602,7 +717,8 @@ def compare(
 
     Args:
         widths_a, crossed_a: (N,) widths (weight-space units) and crossed flags of solution ``names[0]``.
-        widths_b, crossed_b: (N,) the same for ``names[1]``, direction i paired with direction i.
+        widths_b, crossed_b: (N,) the same for ``names[1]``, direction i paired with direction i. N may be 0
+            (no direction usable for both): then ``n == 0``, every count is 0 and the statistics are None.
         names: the two solutions' names.
         max_distance: the grid's last distance; required when any ray never crossed (censored).
         tie_tol: widths of crossed rays within this distance count as ties.
@@ -644,7 +760,8 @@ def compare(
     if not (math.isfinite(tie_tol) and tie_tol >= 0):
         raise ValueError(f"tie_tol must be a finite distance >= 0, got {tie_tol!r}")
 
-    ratios, kinds = zip(*(_ratio(*args, m) for args in zip(a, ca, b, cb)))
+    pairs = [_ratio(*args, m) for args in zip(a, ca, b, cb)]
+    ratios, kinds = [r for r, _ in pairs], [k for _, k in pairs]
     fa, fb = np.where(ca, a, m), np.where(cb, b, m)
     diffs = fb - fa
     both = ca & cb
@@ -663,7 +780,7 @@ def compare(
         "ratio": [_json_float(r) for r in ratios],
         "ratio_kind": list(kinds),
         "ratio_text": [_ratio_text(r, k) for r, k in zip(ratios, kinds)],
-        "median_ratio": _json_float(np.median(cens_ratios)),
+        "median_ratio": _json_float(np.median(cens_ratios)) if a.size else None,
         "median_ratio_censored": bool((~ca | ~cb).any()),
         "wider": {names[0]: int(a_wider.sum()), names[1]: int(b_wider.sum())},
         "ties": int(ties.sum()),
@@ -674,6 +791,9 @@ def compare(
 
 # --------------------------------------------------------------------------------------------- reporting
 
+#: What a table row says for a model with no usable ray (a partial file before any direction is complete).
+NO_RAY = "no complete ray"
+
 
 def _stat_text(summary: dict, key: str) -> str:
     value = summary[key]
@@ -683,13 +803,34 @@ def _stat_text(summary: dict, key: str) -> str:
     return "> " + text if summary["lower_bound"].get(key, False) else text
 
 
-def format_table(summaries: Mapping[str, dict], comparison: dict | None = None, *, title: str | None = None) -> str:
+def _table_row(name: str, s: dict) -> tuple[str, ...]:
+    """One row of :func:`format_table`: the statistics, or :data:`NO_RAY` for a summary of no rays."""
+    if s["n"] == 0:
+        return (name, NO_RAY, "", "", "0/0")
+    return (
+        name,
+        _stat_text(s, "mean"),
+        _stat_text(s, "median"),
+        f"{_stat_text(s, 'iqr')} [{_stat_text(s, 'q25')}, {_stat_text(s, 'q75')}]",
+        f"{s['n_crossed']}/{s['n']}",
+    )
+
+
+def format_table(
+    summaries: Mapping[str, dict],
+    comparison: dict | None = None,
+    *,
+    title: str | None = None,
+    notes: Sequence[str] = (),
+) -> str:
     """A plain-text width table for the terminal.
 
     Args:
-        summaries: checkpoint name -> :func:`summarize` dict, in display order.
+        summaries: checkpoint name -> :func:`summarize` dict, in display order. A summary of no rays
+            (``n == 0``) gets the row "no complete ray".
         comparison: optional :func:`compare` dict, printed as a line under the table.
         title: optional first line (e.g. the threshold and the number of directions).
+        notes: lines printed last (e.g. :func:`partial_line`, :func:`nonfinite_line`).
 
     Returns:
         The table; values that are lower bounds (rays that never crossed) read ``"> x"``, e.g.
@@ -698,26 +839,20 @@ def format_table(summaries: Mapping[str, dict], comparison: dict | None = None, 
     if not summaries:
         raise ValueError("summaries is empty; pass {name: summarize(...)} for at least one checkpoint")
     header = ("checkpoint", "mean", "median", "IQR [q25, q75]", "crossed/n")
-    rows = [
-        (
-            name,
-            _stat_text(s, "mean"),
-            _stat_text(s, "median"),
-            f"{_stat_text(s, 'iqr')} [{_stat_text(s, 'q25')}, {_stat_text(s, 'q75')}]",
-            f"{s['n_crossed']}/{s['n']}",
-        )
-        for name, s in summaries.items()
-    ]
+    rows = [_table_row(name, s) for name, s in summaries.items()]
     widths = [max(len(r[k]) for r in (header, *rows)) for k in range(len(header))]
     lines = [title] if title else []
     lines += ["  ".join(cell.ljust(wd) for cell, wd in zip(row, widths)).rstrip() for row in (header, *rows)]
     if comparison is not None:
         lines.append(_comparison_line(comparison))
+    lines += list(notes)
     return "\n".join(lines)
 
 
 def _comparison_line(comparison: dict) -> str:
     a, b = comparison["names"]
+    if comparison["n"] == 0:
+        return f"{b} vs {a}: no direction is complete for both; no paired comparison"
     wider = comparison["wider"]
     test = comparison["wilcoxon"]
     ratio = comparison["median_ratio"]
@@ -734,6 +869,37 @@ def _comparison_line(comparison: dict) -> str:
         if test["n_nonzero"] < _WILCOXON_MIN_N:
             parts.append(f"min possible p {test['min_possible_pvalue']:.3g}")
     return "; ".join(parts)
+
+
+def partial_line(name: str, n_complete: int, n: int) -> str:
+    """The table note for a partial file: how many of a model's ``n`` directions have every step computed."""
+    use = "widths use those" if n_complete else "no widths for it yet"
+    return f"partial file: {n_complete} of {n} directions complete for {name}; {use}"
+
+
+def nonfinite_line(
+    name: str, metric: str, n_nonfinite: int, n_computed: int, *, n_at_start: int = 0, n_grid_widths: int = 0
+) -> str:
+    """The table note for broken points of one model.
+
+    Args:
+        name: the model's label.
+        metric: the threshold's metric; an error metric's note names its same-split loss too.
+        n_nonfinite: computed points counted as crossed because non-finite (see :func:`nonfinite_points`).
+        n_computed: computed points of the model.
+        n_at_start: how many of them are at distance 0 (those rays have width 0).
+        n_grid_widths: rays whose grid width ends at a broken point (:attr:`GridWidths.at_nonfinite`, not
+            refined): their width is the last finite distance below the level, short by less than a grid step.
+    """
+    loss = SAME_SPLIT_LOSS.get(metric)
+    what = f"{metric} (or {loss})" if loss else metric
+    line = f"{name}: {n_nonfinite} of {n_computed} computed points have non-finite {what} (counted as crossed)"
+    if n_at_start:
+        line += f"; {n_at_start} at distance 0, where the width is 0"
+    if n_grid_widths:
+        line += (f"; {n_grid_widths} width(s) end at one: the last finite distance below the level "
+                 "(less than a grid step short; refine to bisect)")
+    return line
 
 
 # --------------------------------------------------------------------------------------------- asymmetry
