@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import pickle
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -399,7 +401,8 @@ def test_ambiguous_detection_lists_the_candidates(tmp_path, monkeypatch):
     models.register_model("digits_tanh_mlp", input_shape=(1, 8, 8))(lambda num_classes=10: _TanhMLP(num_classes))
     torch.save(mlp().state_dict(), tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match=r"m\.pt: the weights fit several registered models "
-                                              r"\('digits_mlp', 'digits_tanh_mlp'\); pass arch=NAME \(CLI: --arch\)"):
+                                              r"\('digits_mlp', 'digits_tanh_mlp'\); pass arch=NAME "
+                                              r"\(CLI: --arch NAME\)"):
         load_checkpoint(tmp_path / "m.pt")
     assert load_checkpoint(tmp_path / "m.pt", arch="digits_tanh_mlp").meta["arch"] == "digits_tanh_mlp"
 
@@ -423,6 +426,28 @@ def test_missing_file_and_folder(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def _torch_complaints(path) -> list[str]:
+    """What torch.load(weights_only=True) itself says about ``path``: its message and the one it wraps."""
+    with pytest.raises(Exception) as info:
+        torch.load(path, map_location="cpu", weights_only=True)
+    return [str(e) for e in (info.value, info.value.__context__) if e is not None]
+
+
+def assert_cut_cleanly(msg: str, torch_said: list[str]) -> None:
+    """The corrupt-file message quotes torch's complaint whole, or cut after a sentence or between words,
+    never inside a word or a `backtick span`."""
+    match = re.search(r"torch\.load failed with (\w+)(?:: (.*?))?; copy or save the file again", msg)
+    assert match, msg
+    quoted = match.group(2) or ""
+    assert quoted.count("`") % 2 == 0, quoted
+    head = quoted[: -len(" ...")] if quoted.endswith(" ...") else quoted
+    sources = [" ".join(t.split()) for t in torch_said]
+    # a prefix of what torch said, ending where a word or a sentence ends
+    assert any(src.startswith(head) and (len(src) == len(head) or src[len(head)] in " .") for src in sources), (
+        quoted, sources)
+    assert len(quoted) <= 170
+
+
 @pytest.mark.parametrize("damage", ["truncated", "junk", "empty", "truncated_legacy"])
 def test_corrupt_files(tmp_path, damage):
     path = tmp_path / "bad.pt"
@@ -431,8 +456,172 @@ def test_corrupt_files(tmp_path, damage):
     data = path.read_bytes()
     path.write_bytes({"junk": b"this is not a checkpoint at all", "empty": b""}.get(damage, data[: len(data) // 2]))
     with pytest.raises(CheckpointError, match=r"bad\.pt \(\d+ bytes\) is truncated or corrupt: torch\.load failed "
-                                              r"with \w+.*copy or save the file again"):
+                                              r"with \w+.*copy or save the file again") as info:
         load_checkpoint(path, arch="digits_mlp")
+    assert_cut_cleanly(str(info.value), _torch_complaints(path))
+    assert "refused" not in str(info.value)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_bytes_are_corrupt_and_the_reason_is_cut_cleanly(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "noise.pt"
+    path.write_bytes(rng.integers(0, 256, size=int(rng.choice([7, 100, 4096])), dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError, match=r"noise\.pt \(\d+ bytes\) is truncated or corrupt") as info:
+        load_checkpoint(path)
+    assert_cut_cleanly(str(info.value), _torch_complaints(path))
+    assert "Re-running `torch.;" not in str(info.value)
+
+
+# torch 2.14's preamble to a weights-only failure: longer than the quote, with `backtick spans` to keep whole
+_PREAMBLE = (
+    "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "
+    "`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely "
+    "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted source."
+)
+
+
+@pytest.mark.parametrize("text", [
+    _PREAMBLE,
+    _PREAMBLE.replace(". ", ", "),  # no sentence end in reach: cut between words
+    "a `very long span " + "x " * 100 + "that goes on` and on",  # the cut must not fall inside it
+])
+def test_a_long_torch_message_is_cut_between_words(tmp_path, monkeypatch, text):
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"\xff" * 32)
+
+    def load(*args, **kwargs):
+        raise pickle.UnpicklingError(text)  # another torch release's wording, nothing wrapped in it
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(CheckpointError, match=r"odd\.pt \(32 bytes\) is truncated or corrupt") as info:
+        load_checkpoint(path)
+    assert_cut_cleanly(str(info.value), [text])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files whose pickle would run code
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _RunsACommand:
+    """Unpickled without weights_only, this runs ``command`` in a shell: what a hostile checkpoint does."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+_SYSTEM = f"{os.system.__module__}.system"  # 'posix.system' (or 'nt.system' on Windows)
+
+
+def _swap_data_pkl(archive, payload: bytes, out) -> None:
+    """A copy of the torch.save zip ``archive`` whose pickle (``data.pkl``) is ``payload``."""
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for name in src.namelist():
+            dst.writestr(name, payload if name.endswith("/data.pkl") else src.read(name))
+
+
+def _write_hostile(kind: str, path, command: str) -> None:
+    hostile = _RunsACommand(command)
+    if kind == "torch_save":
+        torch.save({"state_dict": mlp().state_dict(), "callback": hostile}, path)
+    elif kind == "torch_save_legacy":
+        torch.save({"state_dict": mlp().state_dict(), "callback": hostile}, path,
+                   _use_new_zipfile_serialization=False)
+    elif kind.startswith("raw_pickle_"):
+        path.write_bytes(pickle.dumps(hostile, protocol=int(kind.rpartition("_")[2])))
+    else:  # zip_<protocol>: a real torch.save archive with its pickle replaced
+        original = path.with_suffix(".orig")
+        torch.save(mlp().state_dict(), original)
+        _swap_data_pkl(original, pickle.dumps(hostile, protocol=int(kind.rpartition("_")[2])), path)
+
+
+HOSTILE = ["torch_save", "torch_save_legacy", "raw_pickle_0", "raw_pickle_2",
+           f"raw_pickle_{pickle.HIGHEST_PROTOCOL}", "zip_2", f"zip_{pickle.HIGHEST_PROTOCOL}"]
+
+
+def test_the_hostile_payload_is_live(tmp_path, monkeypatch):
+    """The control for the test below: unpickled the unsafe way, the payload does run its command."""
+    monkeypatch.chdir(tmp_path)
+    payload = pickle.dumps(_RunsACommand("echo pwned > CONTROL"), protocol=2)
+    pickle.loads(payload)
+    assert (tmp_path / "CONTROL").read_text().strip() == "pwned"
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on protocols other than 2
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_pickle_is_refused_for_safety_and_never_run(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)  # the command writes MARKER in the working folder
+    path = tmp_path / "hostile.pt"
+    _write_hostile(kind, path, "echo pwned > MARKER")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path} refused for safety: it stores the Python object {_SYSTEM!r}"), msg
+    assert "nothing from the file was run" in msg and "treat the file as hostile" in msg
+    assert "re-save just the weights as a state dict in the environment that made it" in msg
+    assert "torch.save(" in msg and "state_dict" in msg
+    assert "corrupt" not in msg and "copy or save the file again" not in msg
+    assert not (tmp_path / "MARKER").exists()  # the command never ran
+    written = {"hostile.pt", "hostile.orig"} if kind.startswith("zip") else {"hostile.pt"}
+    assert {p.name for p in tmp_path.iterdir()} == written  # and nothing else appeared
+
+
+@pytest.mark.parametrize("wording", [
+    "Unsupported global: GLOBAL mylab.nets.Net was not an allowed global by default. Please use "
+    "`torch.serialization.add_safe_globals([mylab.nets.Net])` to allowlist this global if you trust this class.",
+    "Trying to load unsupported GLOBAL mylab.nets.Net whose module mylab is blocked.",
+    "Weights only load failed. Check the documentation.\n\n\tWeightsUnpickler error: Unsupported global: "
+    "GLOBAL mylab.nets.Net was not an allowed global by default.",
+])
+def test_refusal_wordings_of_torch_are_all_recognised(tmp_path, monkeypatch, wording):
+    path = tmp_path / "net.pt"
+    torch.save(mlp().state_dict(), path)
+
+    def load(*args, **kwargs):
+        raise pickle.UnpicklingError(wording)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(CheckpointError, match=r"net\.pt refused for safety: it stores the Python object "
+                                              r"'mylab\.nets\.Net'"):
+        load_checkpoint(path)
+
+
+def test_a_refusal_in_words_this_code_does_not_know_is_read_from_the_pickle(tmp_path, monkeypatch):
+    """A future torch that names nothing in its message: the refused global is read off the pickle itself."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "hostile.pt"
+    _write_hostile("torch_save", path, "echo pwned > MARKER")
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        try:
+            return real_load(*args, **kwargs)
+        except pickle.UnpicklingError:
+            raise pickle.UnpicklingError("this file cannot be loaded safely") from None
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(CheckpointError, match=rf"hostile\.pt refused for safety: it stores the Python object "
+                                              rf"'{re.escape(_SYSTEM)}'"):
+        load_checkpoint(path)
+    assert not (tmp_path / "MARKER").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_plain_pickle_files_are_named_as_such(tmp_path, protocol):
+    (tmp_path / "args.pkl").write_bytes(pickle.dumps({"lr": 0.1, "epochs": [1, 2]}, protocol=protocol))
+    with pytest.raises(CheckpointError, match=rf"args\.pkl is a plain Python pickle \(protocol {protocol}\), not a "
+                                              rf"file written by torch\.save.*torch\.save\(state_dict, path\)"):
+        load_checkpoint(tmp_path / "args.pkl")
+    (tmp_path / "sd.pkl").write_bytes(pickle.dumps(mlp().state_dict(), protocol=protocol))
+    with pytest.raises(CheckpointError, match=r"sd\.pkl refused for safety: it stores the Python object "
+                                              r"'torch\.\S+'.* plain Python pickle \(pickle\.dump\).*"
+                                              r"state_dict = pickle\.load"):
+        load_checkpoint(tmp_path / "sd.pkl")
 
 
 def test_whole_module_pickle_is_refused_with_the_fix(tmp_path):
@@ -440,7 +629,7 @@ def test_whole_module_pickle_is_refused_with_the_fix(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path / "whole.pt")
     msg = str(info.value)
-    assert "whole.pt refused" in msg and "widthkit.models.DigitsMLP" in msg
+    assert "whole.pt refused for safety" in msg and "widthkit.models.DigitsMLP" in msg
     assert "can run arbitrary code" in msg and "weights_only=True" in msg
     assert "torch.save(model.state_dict(), path)" in msg and "in the environment that made it" in msg
 
@@ -451,13 +640,15 @@ def test_classes_from_a_training_script_are_refused_not_called_corrupt(tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(sys.modules["__main__"], "Net", net, raising=False)
         torch.save(net(), tmp_path / "script.pt")
-    with pytest.raises(CheckpointError, match=r"script\.pt refused: it stores the Python object '__main__\.Net'"):
+    with pytest.raises(CheckpointError, match=r"script\.pt refused for safety: it stores the Python object "
+                                              r"'__main__\.Net'.*torch\.save\(model, path\) of a whole module"):
         load_checkpoint(tmp_path / "script.pt")
 
 
 def test_numpy_values_are_refused_too(tmp_path):
     torch.save({"state_dict": mlp().state_dict(), "best_acc": np.float64(91.2)}, tmp_path / "np.pt")
-    with pytest.raises(CheckpointError, match=r"np\.pt refused: it stores the Python object 'numpy\.\S+'"):
+    with pytest.raises(CheckpointError, match=r"np\.pt refused for safety: it stores the Python object "
+                                              r"'numpy\.\S+'"):
         load_checkpoint(tmp_path / "np.pt")
 
 
@@ -497,7 +688,8 @@ def test_wrong_arch_on_a_bare_state_dict_suggests_the_matching_one(tmp_path):
     torch.save(mlp().state_dict(), tmp_path / "m.pt")
     with pytest.raises(CheckpointError, match=r"do not fit 'digits_cnn': 17 missing key\(s\) \[features\.0\.weight, .*"
                                               r"\.\.\. \(12 more\)\], 4 unexpected .*; they match 'digits_mlp': pass "
-                                              r"arch='digits_mlp' or drop arch"):
+                                              r"arch='digits_mlp' \(CLI: --arch digits_mlp\) or leave out arch= "
+                                              r"\(CLI: --arch\) to detect it"):
         load_checkpoint(tmp_path / "m.pt", arch="digits_cnn")
 
 
@@ -505,7 +697,9 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     torch.save(mlp(hidden=32).state_dict(), tmp_path / "h.pt")
     with pytest.raises(CheckpointError, match=r"h\.pt: shape mismatch loading into 'digits_mlp' .*'fc1\.weight' is "
                                               r"\(32, 64\) in the checkpoint but \(64, 64\) in the model.*check "
-                                              r"num_classes and arch_kwargs"):
+                                              r"num_classes= and arch_kwargs= .*\(Python arguments; on the "
+                                              r"command line pass an --arch whose name fixes them.*or leave out "
+                                              r"--arch to detect the model\)"):
         load_checkpoint(tmp_path / "h.pt", arch="digits_mlp")
 
 
@@ -517,8 +711,13 @@ def test_nonfinite_weights_are_refused_by_default(tmp_path):
     torch.save(sd, tmp_path / "nan.pt")
     with pytest.raises(CheckpointError, match=r"nan\.pt has non-finite weights in 2 tensor\(s\): "
                                               r"features\.1\.running_var \(0 NaN, 1 Inf\), fc\.weight "
-                                              r"\(3 NaN, 0 Inf\); .*allow_nonfinite=True"):
+                                              r"\(3 NaN, 0 Inf\); ") as info:
         load_checkpoint(tmp_path / "nan.pt", arch="digits_cnn")
+    msg = str(info.value)
+    assert "unusable for an analysis" in msg and "lower learning rate" in msg
+    # the Python option to inspect them, and no pretence of a flag: a CLI user cannot analyse such weights
+    assert "load_checkpoint(path, allow_nonfinite=True)" in msg and "no command-line flag" in msg
+    assert "--allow" not in msg
     ckpt = load_checkpoint(tmp_path / "nan.pt", arch="digits_cnn", allow_nonfinite=True)
     assert torch.isnan(ckpt.model.fc.weight).sum() == 3
 
@@ -529,29 +728,37 @@ def test_which_errors(tmp_path):
     torch.save(_swa_authors(model, "sgd-only")[0], tmp_path / "sgd.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match=r"both\.pt holds both SGD weights \('state_dict'\) and SWA weights "
-                                              r"\('swa_state_dict'\); pass which='swa' or which='sgd' \(CLI: --which"):
+                                              r"\('swa_state_dict'\); pass which='swa' or which='sgd' \(CLI: --which "
+                                              r"swa / --which sgd, or --ckpt .*both\.pt#swa\)"):
         load_checkpoint(tmp_path / "both.pt", arch="digits_cnn")
-    with pytest.raises(CheckpointError, match=r"which must be one of \['swa', 'sgd'\] or None, got 'ema'"):
+    with pytest.raises(CheckpointError, match=r"which must be one of \['swa', 'sgd'\] or None, got 'ema'; pass "
+                                              r"which='swa' or which='sgd' \(CLI: --which swa / --which sgd\)"):
         load_checkpoint(tmp_path / "both.pt", arch="digits_cnn", which="ema")
     with pytest.raises(CheckpointError, match=r"sgd\.pt has no SWA weights \('swa_state_dict' is missing or empty\); "
-                                              r"it holds only SGD weights: pass which='sgd' or drop which"):
+                                              r"it holds only SGD weights: pass which='sgd' \(CLI: --which sgd\) "
+                                              r"or leave out which= \(CLI: --which, and the #swa suffix of --ckpt\)"):
         load_checkpoint(tmp_path / "sgd.pt", arch="digits_cnn", which="swa")
     with pytest.raises(CheckpointError, match=r"bare\.pt holds one model \(state_dict\), so which='swa' has nothing "
-                                              r"to choose from"):
+                                              r"to choose from: .*leave out which= \(CLI: --which, and the "
+                                              r"#swa/#sgd suffix of --ckpt\)"):
         load_checkpoint(tmp_path / "bare.pt", arch="digits_cnn", which="swa")
 
 
 def test_own_format_disagreements(tmp_path):
     path = tmp_path / "sgd.pt"
     save_checkpoint(path, trained_cnn(), arch="digits_cnn", num_classes=10, role="sgd")
-    with pytest.raises(CheckpointError, match=r"sgd\.pt: checkpoint has keys for 'digits_cnn' but --arch is "
-                                              r"'preresnet20'; drop --arch to use the recorded one"):
+    with pytest.raises(CheckpointError, match=r"sgd\.pt: the checkpoint records arch 'digits_cnn' but "
+                                              r"arch='preresnet20' was passed \(CLI: --arch preresnet20\); leave "
+                                              r"out arch= \(CLI: --arch\) to use the recorded one"):
         load_checkpoint(path, arch="preresnet20")
     with pytest.raises(CheckpointError, match=r"checkpoint records num_classes=10 but num_classes=100 was passed; "
-                                              r"drop num_classes"):
+                                              r"leave out num_classes= to use the recorded one \(a Python "
+                                              r"argument: the command line always reads it from the file\)"):
         load_checkpoint(path, num_classes=100)
-    with pytest.raises(CheckpointError, match=r"sgd\.pt holds the 'sgd' model but which='swa' was asked for"):
+    with pytest.raises(CheckpointError, match=r"sgd\.pt holds the 'sgd' model but which='swa' was asked for; "
+                                              r"leave out which= \(CLI: --which, and the #swa suffix of --ckpt\)"):
         load_checkpoint(path, which="swa")
     with pytest.raises(CheckpointError, match=r"shape mismatch loading into 'digits_cnn' \(num_classes=10, "
-                                              r"arch_kwargs=\{'width': 8\}\)"):
+                                              r"arch_kwargs=\{'width': 8\}\).*\(Python arguments passed over the "
+                                              r"ones the file records\)"):
         load_checkpoint(path, arch_kwargs={"width": 8})

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import pickle
+import pickletools
 import re
 import sys
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,9 +173,9 @@ def extract_state_dict(obj: Any, which: str | None = None, source: str = "checkp
         raw, info = _from_dict(obj, source)
     if which is not None and info.get("which") is None:
         raise CheckpointError(
-            f"{source} holds one model ({info['format']}), so which={which!r} has nothing to choose from; "
-            f"'which' (CLI: --which) picks between the SGD and SWA weights of the SWA authors' training "
-            f"checkpoints; drop it for this file"
+            f"{source} holds one model ({info['format']}), so which={which!r} has nothing to choose from: "
+            f"'which' picks between the SGD and SWA weights of the SWA authors' training checkpoints; for this "
+            f"file leave out which= (CLI: --which, and the #swa/#sgd suffix of --ckpt)"
         )
     lightning = info["format"] == "lightning"
     sd, wrappers, n_averaged = _strip_wrappers(raw, lightning=lightning)
@@ -193,7 +196,10 @@ _EXPECTED = (
 
 def _check_which(which: str | None) -> None:
     if which is not None and which not in WHICH:
-        raise CheckpointError(f"which must be one of {list(WHICH)} or None, got {which!r}")
+        raise CheckpointError(
+            f"which must be one of {list(WHICH)} or None, got {which!r}; pass which='swa' or which='sgd' "
+            f"(CLI: --which swa / --which sgd) for a file holding both models, or leave it out"
+        )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -219,8 +225,8 @@ def _from_widthkit(obj: Mapping, which: str | None, source: str) -> tuple[Mappin
     role = recorded["role"]
     if which is not None and role is not None and which != role:
         raise CheckpointError(
-            f"{source} holds the {role!r} model but which={which!r} was asked for; drop which (CLI: --which) "
-            f"or pass the {which!r} checkpoint"
+            f"{source} holds the {role!r} model but which={which!r} was asked for; leave out which= (CLI: "
+            f"--which, and the #{which} suffix of --ckpt) or pass the {which!r} checkpoint"
         )
     return obj["state_dict"], {"format": "widthkit", "recorded": recorded, "which": which if role else None}
 
@@ -236,13 +242,15 @@ def _from_swa_authors(obj: Mapping, which: str | None, source: str) -> tuple[Map
         if len(present) > 1:
             raise CheckpointError(
                 f"{source} holds both SGD weights ('state_dict') and SWA weights ('swa_state_dict'); pass "
-                f"which='swa' or which='sgd' (CLI: --which swa / --which sgd) to pick one"
+                f"which='swa' or which='sgd' (CLI: --which swa / --which sgd, or --ckpt {source}#swa) to pick "
+                f"one"
             )
         which = present[0]
     elif which not in present:
         raise CheckpointError(
             f"{source} has no {which.upper()} weights ({_SWA_AUTHORS_KEYS[which]!r} is missing or empty); it "
-            f"holds only {present[0].upper()} weights: pass which={present[0]!r} or drop which"
+            f"holds only {present[0].upper()} weights: pass which={present[0]!r} (CLI: --which {present[0]}) "
+            f"or leave out which= (CLI: --which, and the #{which} suffix of --ckpt)"
         )
     info = {"format": "swa_authors", "which": which, "epoch": _plain_int(obj.get("epoch"))}
     if which == "swa":
@@ -321,7 +329,8 @@ def load_checkpoint(
         num_classes: classifier outputs; ``None`` reads it from the file (recorded, or the final layer's shape).
         arch_kwargs: extra ``create_model`` arguments (e.g. ``depth``); for widthkit files they update the
             recorded ones.
-        allow_nonfinite: load weights holding NaN/Inf instead of refusing them.
+        allow_nonfinite: load weights holding NaN/Inf instead of refusing them, to inspect them (Python only:
+            no analysis can use such weights, and the command line has no flag for it).
 
     Returns:
         a :class:`Checkpoint`.
@@ -378,7 +387,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def safe_load(path: str | os.PathLike) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what went wrong
-    (:class:`CheckpointError`). Every file widthkit reads with torch goes through here."""
+    (:class:`CheckpointError`). Every file widthkit reads with torch goes through here.
+
+    A file torch refuses for safety (its pickle names a Python object outside torch's allowlist, such as
+    ``os.system`` or a model class) is reported as refused, naming the object; a plain ``pickle.dump`` file as
+    such; anything else that fails as truncated or corrupt. Nothing in the file is run to find out: the
+    pickle is only disassembled (:mod:`pickletools`).
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} does not exist (looked in {os.path.abspath(path)})")
@@ -386,50 +401,272 @@ def safe_load(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"checkpoint {path} is a folder; pass the checkpoint file inside it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        unsafe = _unsafe_global(str(err))
-        if unsafe is not None:
-            raise CheckpointError(
-                f"{path} refused: it stores the Python object {unsafe!r}, and unpickling arbitrary objects "
-                f"can run arbitrary code, so widthkit reads only tensors and plain containers "
-                f"(torch.load(weights_only=True)). Typical cause: torch.save(model, path) of a whole module, "
-                f"or numpy values in a training checkpoint. If you trust the file, re-save just the weights in "
-                f"the environment that made it (where {unsafe!r} can be imported): "
-                f"model = torch.load(path, weights_only=False); torch.save(model.state_dict(), path) "
-                f"(for a dict checkpoint: torch.save(ckpt['state_dict'], path))"
-            ) from err
-        raise _corrupt(path, err) from err
     except PermissionError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from err
-    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError, OSError) as err:
-        raise _corrupt(path, err) from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError,
+            AttributeError, OSError) as err:
+        raise _load_error(path, err) from err
 
 
-def _unsafe_global(message: str) -> str | None:
-    """The global ``weights_only`` rejected, or None when the message is about something else.
+def _load_error(path: str, err: Exception) -> CheckpointError:
+    """Why ``torch.load(path, weights_only=True)`` raised ``err``: refused for safety, a plain pickle, or
+    corrupt."""
+    scan = _scan_pickles(path)
+    plain = scan is not None and scan.kind == "pickle"
+    if isinstance(err, pickle.UnpicklingError):
+        refused = _refused_globals(err)
+        if not refused and scan is not None:  # a wording this code does not know: the pickle itself says
+            allowed = _allowed_globals()
+            refused = [name for name in scan.globals if not allowed(name)]
+        if refused:
+            return _refusal(path, refused, plain)
+    if plain:
+        return CheckpointError(
+            f"{path} is a plain Python pickle (protocol {scan.protocol}), not a file written by torch.save, "
+            f"and torch.load(weights_only=True) cannot read it; if you trust the file, load it with pickle "
+            f"in the environment that made it and save the weights with torch.save(state_dict, path)"
+        )
+    return _corrupt(path, err)
 
-    A truncated legacy (non-zip) file can also surface as "Unsupported global" with a garbled name (e.g.
-    ``torch.Lo``): a name torch itself lacks is corruption, not an unsafe object. (Only torch's names are
-    checked: a user's class may simply live in a module this process has not imported.)
+
+# torch's own wordings of a refused global, first the ones that name it (torch 2.x: "Unsupported global: GLOBAL
+# x.y was not an allowed global by default", "Trying to load unsupported GLOBAL x.y whose module x is blocked"),
+# then one that names only the module.
+_REFUSED_GLOBAL_PATTERNS = (
+    re.compile(r"\bGLOBAL\s+`*([A-Za-z_][\w.]*)"),
+    re.compile(r"\bwhose module\s+`*([A-Za-z_][\w.]*)`*\s+is blocked"),
+)
+
+
+def _refused_globals(err: pickle.UnpicklingError) -> list[str]:
+    """The globals torch's weights-only unpickler refused, read from its messages; [] when it names none.
+
+    torch re-raises its unpickler's error as a new ``UnpicklingError`` whose message wraps the original
+    (``raise ... from None``), so the original stays reachable as ``__context__``: both are read.
     """
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if match is None:
-        return None
-    name = match.group(1)
+    found: list[str] = []
+    seen: set[int] = set()
+    exc: BaseException | None = err
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, pickle.UnpicklingError):
+            for pattern in _REFUSED_GLOBAL_PATTERNS:
+                names = [n.rstrip(".") for n in pattern.findall(str(exc))]
+                names = [n for n in names if n and _plausible_global(n)]
+                found += [n for n in names if n not in found]
+                if names:
+                    break
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def _plausible_global(name: str) -> bool:
+    """False for a name torch itself lacks (a garbled read of a truncated legacy file, e.g. ``torch.Lo``).
+
+    Only torch's names are checked: a user's class may simply live in a module this process has not imported.
+    """
     module, _, attr = name.rpartition(".")
-    if (module == "torch" or module.startswith("torch.")) and module in sys.modules \
-            and not hasattr(sys.modules[module], attr):
+    if (module == "torch" or module.startswith("torch.")) and module in sys.modules:
+        return hasattr(sys.modules[module], attr)
+    return True
+
+
+def _refusal(path: str, names: list[str], plain: bool) -> CheckpointError:
+    """``path`` refused because its pickle names ``names``; ``plain``: it was written by pickle, not torch.save."""
+    name = names[0]
+    others = f" (and {_few([repr(n) for n in names[1:]])})" if len(names) > 1 else ""
+    module = name.partition(".")[0] if "." in name else "builtins"
+    where = f" (where {name!r} can be imported)"
+    if module in _blocked_modules():
+        where = ""
+        why = (f" {module!r} gives access to the operating system (running commands, reading files): no "
+               f"checkpoint needs it, so treat the file as hostile unless you know who made it and why it holds "
+               f"{name!r}.")
+    elif plain:
+        why = " The file is a plain Python pickle (pickle.dump), not a torch.save file."
+    else:
+        why = (" Typical cause: torch.save(model, path) of a whole module, or numpy values in a training "
+               "checkpoint.")
+    if plain:
+        fix = ("state_dict = pickle.load(open(path, 'rb')); torch.save(state_dict, path) (for a whole model: "
+               "torch.save(model.state_dict(), path))")
+    else:
+        fix = ("model = torch.load(path, weights_only=False); torch.save(model.state_dict(), path) (for a dict "
+               "checkpoint: torch.save(ckpt['state_dict'], path))")
+    return CheckpointError(
+        f"{path} refused for safety: it stores the Python object {name!r}{others}, and unpickling arbitrary "
+        f"objects can run arbitrary code, so widthkit reads only tensors and plain containers "
+        f"(torch.load(weights_only=True)); nothing from the file was run.{why} If you trust the file, re-save "
+        f"just the weights as a state dict in the environment that made it{where}: {fix}"
+    )
+
+
+def _blocked_modules() -> tuple[str, ...]:
+    """Modules torch refuses even when allowlisted (``os``, ``sys``, ``posix``, ``nt`` in torch 2.x)."""
+    try:
+        from torch import _weights_only_unpickler
+    except ImportError:  # another torch
+        return ("sys", "os", "posix", "nt")
+    return tuple(getattr(_weights_only_unpickler, "_blocklisted_modules", ("sys", "os", "posix", "nt")))
+
+
+def _allowed_globals() -> Callable[[str], bool]:
+    """A predicate: is this ``module.name`` one ``torch.load(weights_only=True)`` accepts?"""
+    try:  # torch's private allowlists (built-in and torch.serialization.add_safe_globals)
+        from torch import _weights_only_unpickler
+
+        allowed = set(_weights_only_unpickler._get_allowed_globals())
+        allowed |= set(_weights_only_unpickler._get_user_allowed_globals())
+    except Exception:  # another torch: its tensors, storages and dtypes, and the containers it allows
+        return lambda name: name.startswith("torch.") or name in _PLAIN_GLOBALS
+    return lambda name: name in allowed or name in _PLAIN_GLOBALS
+
+
+_PLAIN_GLOBALS = frozenset({"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.set",
+                            "builtins.bytearray", "builtins.complex"})
+
+
+@dataclass(frozen=True)
+class _PickleScan:
+    kind: str  # "zip" (torch.save), "legacy" (torch.save(_use_new_zipfile_serialization=False)), "pickle"
+    protocol: int
+    globals: tuple[str, ...]  # every module.name the pickle(s) refer to, in order of appearance
+
+
+_LEGACY_MAGIC = getattr(torch.serialization, "MAGIC_NUMBER", 0x1950A86A20F9469CFC6C)
+
+
+def _scan_pickles(path: str) -> _PickleScan | None:
+    """Disassemble the file's pickles without running them; None when they are not complete, valid pickles.
+
+    A torch.save zip holds one pickle (``data.pkl``); a legacy torch.save file starts with four (magic number,
+    protocol, system info, the object); anything else is read as one plain pickle.
+    """
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
+                read = None if member is None else _read_pickle(io.BytesIO(archive.read(member)))
+            return None if read is None else _PickleScan("zip", read[0], read[1])
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK":  # a zip without its directory: a truncated torch.save file
+                return None
+            f.seek(0)
+            first = _read_pickle(f)
+            if first is None:
+                return None
+            if first[2] != _LEGACY_MAGIC:
+                return _PickleScan("pickle", first[0], first[1])
+            names = list(first[1])
+            for _ in range(3):
+                read = _read_pickle(f)
+                if read is None:
+                    return None
+                names += [n for n in read[1] if n not in names]
+            return _PickleScan("legacy", first[0], tuple(names))
+    except Exception:  # an unreadable archive or file is for the caller to call corrupt
         return None
-    return name
+
+
+_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                         "BINUNICODE8"})
+
+
+def _read_pickle(f) -> tuple[int, tuple[str, ...], Any] | None:
+    """``(protocol, globals, value)`` of the pickle starting at ``f``'s position (left just after it), where
+    ``value`` is the argument of a pickle holding a single number (the legacy magic number) or None.
+
+    None unless it is a complete, consistent pickle of protocol 2 or later (every torch.save file is): random
+    bytes almost never pass :func:`pickletools.dis`'s stack and memo checks.
+    """
+    start = f.tell()
+    names: list[str] = []
+    strings: list[str] = []  # strings pushed so far, for STACK_GLOBAL (protocol 4+) which pops two of them
+    memo: dict[int, str | None] = {}
+    top: str | None = None  # the string on top of the stack, if the top is one
+    ops = []
+    for op, arg, _ in pickletools.genops(f):
+        ops.append((op.name, arg))
+        if op.name in ("GLOBAL", "INST"):
+            module, _, attr = arg.partition(" ")
+            names.append(f"{module}.{attr}")
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        if op.name in _STRING_OPS and isinstance(arg, str):
+            top = arg
+            strings.append(arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = top
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = top
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            top = memo.get(int(arg))
+            if top is not None:
+                strings.append(top)
+        elif op.name != "FRAME":
+            top = None
+    if not ops or ops[0][0] != "PROTO" or not 2 <= ops[0][1] <= pickle.HIGHEST_PROTOCOL:
+        return None
+    end = f.tell()
+    if end - start <= _CHECKED_PICKLE_BYTES:  # larger ones are no accident of random bytes
+        f.seek(start)
+        pickletools.dis(io.BytesIO(f.read(end - start)), out=_Discard())  # ValueError: not a consistent pickle
+        f.seek(end)
+    value = ops[1][1] if len(ops) == 3 and isinstance(ops[1][1], int) else None
+    return ops[0][1], tuple(dict.fromkeys(n for n in names if _is_dotted_name(n))), value
+
+
+_CHECKED_PICKLE_BYTES = 64 << 20
+
+
+class _Discard:
+    """A text sink: :func:`pickletools.dis` checks the pickle; its listing is not needed."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def _is_dotted_name(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
 
 
 def _corrupt(path: str, err: Exception) -> CheckpointError:
     size = os.path.getsize(path)
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    detail = _excerpt(_torch_reason(err))
     return CheckpointError(
-        f"{path} ({size} bytes) is truncated or corrupt: torch.load failed with {type(err).__name__}: "
-        f"{first}; copy or save the file again (an interrupted save or transfer leaves such files)"
+        f"{path} ({size} bytes) is truncated or corrupt: torch.load failed with {type(err).__name__}"
+        + (f": {detail}" if detail else "")
+        + "; copy or save the file again (an interrupted save or transfer leaves such files)"
     )
+
+
+def _torch_reason(err: Exception) -> str:
+    """torch's own complaint: for a weights-only load, the unpickler's error that torch's longer message wraps
+    (kept as ``__context__``), else the message itself."""
+    inner = err.__context__
+    if isinstance(err, pickle.UnpicklingError) and isinstance(inner, pickle.UnpicklingError) and str(inner).strip():
+        return str(inner)
+    return str(err)
+
+
+def _excerpt(text: str, limit: int = 160) -> str:
+    """``text`` on one line, at most about ``limit`` characters, cut after a sentence or else between words,
+    never inside a word or a `backtick span`."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())  # no ANSI bold, no line breaks
+    if len(text) <= limit:
+        return text[:-1] if re.search(r"[^.]\.$", text) else text  # the caller's sentence goes on
+
+    def outside_backticks(i: int) -> bool:
+        return text[:i].count("`") % 2 == 0
+
+    sentences = [m.end() - 1 for m in re.finditer(r"[.!?](?=\s)", text[: limit + 1]) if outside_backticks(m.end())]
+    if sentences and sentences[-1] >= limit // 3:
+        return text[: sentences[-1]]  # the full stop is left out: the caller's sentence goes on
+    spaces = [m.start() for m in re.finditer(r"\s", text[: limit + 1]) if outside_backticks(m.start())]
+    if spaces:
+        return text[: spaces[-1]].rstrip(",;:") + " ..."
+    first = re.match(r"\S+", text)
+    return first.group(0) + " ..."  # one long word (a path): whole
 
 
 def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
@@ -441,8 +678,11 @@ def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
                 bad.append(f"{name} ({n_nan} NaN, {n_inf} Inf)")
     if bad:
         raise CheckpointError(
-            f"{path} has non-finite weights in {len(bad)} tensor(s): {_few(bad)}; the run that wrote it "
-            f"probably diverged (lower the learning rate); pass allow_nonfinite=True to load it anyway"
+            f"{path} has non-finite weights in {len(bad)} tensor(s): {_few(bad)}; NaN/Inf weights make every "
+            f"loss and accuracy computed from them NaN, so the file is unusable for an analysis. The run that "
+            f"wrote it probably diverged: retrain with a lower learning rate, or use an earlier checkpoint of "
+            f"that run. To inspect these tensors in Python, load_checkpoint(path, allow_nonfinite=True) loads "
+            f"the file anyway (there is no command-line flag for it)"
         )
 
 
@@ -452,13 +692,14 @@ def _resolve_recorded(recorded: dict, arch: str | None, num_classes: int | None,
         raise CheckpointError(f"{path} is a widthkit checkpoint without a recorded 'arch'; it is damaged")
     if arch is not None and arch != recorded["arch"]:
         raise CheckpointError(
-            f"{path}: checkpoint has keys for {recorded['arch']!r} but --arch is {arch!r}; drop --arch to use "
-            f"the recorded one"
+            f"{path}: the checkpoint records arch {recorded['arch']!r} but arch={arch!r} was passed (CLI: "
+            f"--arch {arch}); leave out arch= (CLI: --arch) to use the recorded one"
         )
     if num_classes is not None and recorded["num_classes"] is not None and num_classes != recorded["num_classes"]:
         raise CheckpointError(
-            f"{path}: checkpoint records num_classes={recorded['num_classes']} but num_classes={num_classes} "
-            f"was passed; drop num_classes to use the recorded one"
+            f"{path}: the checkpoint records num_classes={recorded['num_classes']} but num_classes={num_classes} "
+            f"was passed; leave out num_classes= to use the recorded one (a Python argument: the command line "
+            f"always reads it from the file)"
         )
     kwargs = {**_drop_none(recorded["arch_kwargs"]), **_drop_none(arch_kwargs)}
     return recorded["arch"], kwargs, num_classes if num_classes is not None else recorded["num_classes"]
@@ -549,8 +790,8 @@ def _detect_arch(sd: Mapping[str, torch.Tensor], num_classes: int | None, kwargs
     if matches:
         names = ", ".join(repr(name) for name, _ in matches)
         raise CheckpointError(
-            f"{path}: the weights fit several registered models ({names}); pass arch=NAME (CLI: --arch) to "
-            f"say which"
+            f"{path}: the weights fit several registered models ({names}); pass arch=NAME (CLI: --arch NAME) "
+            f"to say which"
         )
     from .. import models
 
@@ -558,8 +799,9 @@ def _detect_arch(sd: Mapping[str, torch.Tensor], num_classes: int | None, kwargs
     raise CheckpointError(
         f"{path}: no registered model matches these weights ({len(sd)} tensors, first keys: "
         f"{_few(list(sd))}); registered: {', '.join(models.list_models())}{tried}; "
-        f"pass arch=NAME (CLI: --arch), with arch_kwargs (e.g. depth, widen_factor) when the network was "
-        f"built with non-default options, or arch='torchvision:NAME'"
+        f"pass arch=NAME (CLI: --arch NAME), or arch='torchvision:NAME' (CLI: --arch torchvision:NAME) for a "
+        f"torchvision model; a network built with non-default options (e.g. depth, widen_factor) needs them "
+        f"as arch_kwargs= (Python only), or a registered name that fixes them (e.g. preresnet164)"
     )
 
 
@@ -610,7 +852,7 @@ def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mappi
     try:
         model = models.create_model(arch, **nc, **kwargs)
     except Exception as err:  # unknown name, bad kwargs: the registry's message names the options
-        raise _build_error(arch, num_classes, kwargs, path, err) from err
+        raise _build_error(arch, num_classes, kwargs, path, err, recorded=not hint) from err
     missing, unexpected, mismatched = _compare(_shapes(model.state_dict()), _shapes(sd))
     if missing or unexpected:
         raise CheckpointError(
@@ -623,8 +865,11 @@ def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mappi
                   for k in mismatched]
         raise CheckpointError(
             f"{path}: shape mismatch loading into {arch!r} (num_classes={num_classes}, arch_kwargs={dict(kwargs)}): "
-            f"{_few(shapes, sep='; ')}; check num_classes and arch_kwargs (e.g. depth, widen_factor) against "
-            f"the run that wrote it"
+            f"{_few(shapes, sep='; ')}; check num_classes= and arch_kwargs= (e.g. depth, widen_factor) against "
+            f"the run that wrote it (Python arguments"
+            + ("; on the command line pass an --arch whose name fixes them, e.g. --arch preresnet164 for depth "
+               "164, or leave out --arch to detect the model)" if hint else " passed over the ones the file "
+               "records)")
         )
     model.load_state_dict(dict(sd), strict=True)  # a copy: BatchNorm may add num_batches_tracked to it
     return model.eval()
@@ -633,13 +878,22 @@ def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mappi
 def _arch_hint(sd: Mapping[str, torch.Tensor], arch: str, kwargs: Mapping) -> str:
     matches = [name for name, _ in _matching_models(_shapes(sd), None, kwargs) if name != arch]
     if len(matches) == 1:
-        return f"; they match {matches[0]!r}: pass arch={matches[0]!r} or drop arch to detect it"
-    return "; is arch (CLI: --arch) the architecture that wrote it?"
+        return (f"; they match {matches[0]!r}: pass arch={matches[0]!r} (CLI: --arch {matches[0]}) or leave "
+                f"out arch= (CLI: --arch) to detect it")
+    return "; is arch= (CLI: --arch) the architecture that wrote it?"
 
 
-def _build_error(arch: str, num_classes: int | None, kwargs: Mapping, path: str, err: Exception) -> CheckpointError:
+def _build_error(arch: str, num_classes: int | None, kwargs: Mapping, path: str, err: Exception,
+                 recorded: bool = False) -> CheckpointError:
+    """``recorded``: ``arch`` and (some of) ``kwargs`` come from a widthkit file, not from the caller."""
+    if recorded:
+        fix = ("the file records this model: check any arch_kwargs= passed over the recorded ones (a Python "
+               "argument), or load it with the widthkit release and model registrations that wrote it")
+    else:
+        fix = ("fix arch= (CLI: --arch) or arch_kwargs= (Python only), or leave out arch= (CLI: --arch) to "
+               "detect the model from the weights")
     return CheckpointError(
-        f"{path}: cannot build model {arch!r} (num_classes={num_classes}, arch_kwargs={dict(kwargs)}): {err}"
+        f"{path}: cannot build model {arch!r} (num_classes={num_classes}, arch_kwargs={dict(kwargs)}): {err}; {fix}"
     )
 
 
