@@ -380,3 +380,28 @@ def test_subsets_larger_than_the_data_are_refused(digits_ckpts, tmp_path, capsys
         err = capsys.readouterr().err
         assert f"{flag} {n} asks for more images than the digits split has" in err, err
     assert not (tmp_path / "r.h5").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold", "garbage"], "cannot parse threshold 'garbage'"),
+    (["--format", "bogus"], "unknown figure format(s) ['bogus']"),
+    (["--tol", "-1"], "tol must be a positive number"),
+    (["--tol", "0"], "tol must be a positive number"),
+    (["--device", "bogus"], "unknown device 'bogus'"),
+])
+def test_every_flag_is_checked_before_the_first_point(digits_ckpts, tmp_path, capsys, flags, message):
+    out = tmp_path / "r.h5"
+    assert rays_cmd.main(["--ckpt", digits_ckpts["swa"], "--quiet", "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.subprocess  # mount/umount
+def test_a_full_disk_when_the_file_is_created_is_one_line_and_leaves_nothing(digits_ckpts, small_disk, capsys):
+    _fill(small_disk, leave=20_000)
+    out = small_disk / "r.h5"
+    assert rays_cmd.main(["--ckpt", digits_ckpts["sgd"], "--dirs", "30", "--steps", "3", "--bn", "keep", "--quiet",
+                          "--no-plot", "--train-subset", "50", "--test-subset", "50", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not create") and err.count("\n") == 1 and "No space left on device" in err, err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

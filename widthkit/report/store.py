@@ -151,7 +151,7 @@ def update_attrs(path, attrs: Mapping[str, Any], group: str | None = None) -> No
             _rewrite_with_attrs(path, tmp, attrs, group)
         except OSError as err:
             raise StoreError(
-                f"could not add {sorted(attrs)} to {path} ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                f"could not add {sorted(attrs)} to {path} ({_os_reason(err)}); "
                 f"the file and its finished grid are unchanged. The update writes a copy of the file "
                 f"({path.stat().st_size / 2**20:.1f} MiB) beside it and swaps it in: free that much space and run the "
                 "command again"
@@ -260,9 +260,23 @@ def _create(path, kind, config_json, axes, groups, grid_shape, metrics, attrs):
                     g.create_dataset(m, data=np.full(grid_shape, np.nan), track_times=False)
                 g.create_dataset("done", data=np.zeros(grid_shape, dtype=np.uint8), track_times=False)
         os.replace(tmp, path)
+    except OSError as err:
+        size = sum(np.asarray(_axis_spec(a)[0]).nbytes for a in axes.values()) \
+            + len(groups) * (len(metrics) * 8 + 1) * int(np.prod(grid_shape))
+        raise StoreError(
+            f"could not create {path}: {_os_reason(err)}; nothing was written. The file needs about "
+            f"{size / 2**20:.1f} MiB: free that much space or choose another --out"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _os_reason(err: OSError) -> str:
+    """The plain reason of an OS error (h5py wraps errno in a multi-line report)."""
+    if err.errno:
+        return os.strerror(err.errno)
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
 
 
 def _check_resumable(path, kind, config_json, axes, groups, grid_shape, metrics):
