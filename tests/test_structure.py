@@ -70,9 +70,12 @@ def test_bn_mode_and_norm_are_validated_by_the_config_alone(cmd, capsys, tmp_pat
 
 
 def test_exclude_none_means_the_same_everywhere():
-    for p in (rays_cmd.build_parser(), plane_cmd.build_parser()):
-        assert p.parse_args(["--ckpt", "x", "--exclude", "none"]).exclude == ()
-        assert p.parse_args(["--ckpt", "x", "--exclude", "biasbn"]).exclude == ("bias", "norm")
+    from widthkit import PlaneConfig, RaysConfig
+
+    for p, cls in ((rays_cmd.build_parser(), RaysConfig), (plane_cmd.build_parser(), PlaneConfig)):
+        for text, kinds in (("none", ()), ("biasbn", ("bias", "norm")), ("bias", ("bias",))):
+            args = p.parse_args(["--ckpt", "x", "--exclude", text])
+            assert cls(**cli.config_values(args, cls)).exclude == kinds
 
 
 def _modules():

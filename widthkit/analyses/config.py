@@ -16,10 +16,6 @@ _NORM_HELP = "direction normalisation"
 _EXCLUDE_HELP = "parameter kinds left out of the directions: bias, norm, biasbn (both) or none"
 
 
-def _exclude_arg(text: str) -> tuple[str, ...]:
-    return validate_exclude(text)
-
-
 @dataclass
 class RaysConfig:
     """Rays from each model along the same random directions (Izmailov et al. 2018, section 3.4)."""
@@ -30,7 +26,7 @@ class RaysConfig:
     steps: int = option(21, "grid points per ray, distance 0 included")
     two_sided: bool = option(False, "rays from -max_dist to +max_dist: each side's width and their asymmetry")
     norm: Norm = option("unit", _NORM_HELP + " (unit: uniform on the sphere, absolute distances)")
-    exclude: tuple[str, ...] = option((), _EXCLUDE_HELP + " (default none)", type=_exclude_arg)
+    exclude: tuple[str, ...] = option((), _EXCLUDE_HELP + " (default none)", metavar="KINDS")
 
     def __post_init__(self):
         validate_norm(self.norm)
@@ -67,7 +63,7 @@ class PlaneConfig:
     span: float = option(1.0, "random plane: coordinates in [-span, span], multiples of the directions")
     norm: Norm = option("filter", "random plane: " + _NORM_HELP)
     exclude: tuple[str, ...] = option(("bias", "norm"), "random plane: " + _EXCLUDE_HELP + " (default biasbn)",
-                                      type=_exclude_arg)
+                                      metavar="KINDS")
 
     def __post_init__(self):
         res = tuple(int(r) for r in (self.resolution if isinstance(self.resolution, (tuple, list)) else [self.resolution]))

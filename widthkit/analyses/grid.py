@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from ..engine import distributed
@@ -157,11 +156,3 @@ def _run(af: store.AnalysisFile, jobs, progress: ProgressFn | None) -> None:
                 progress(done, total)
 
         distributed.evaluate_shared(ev, origin, basis, coords_of, pending, on_results)
-
-
-def grid_coords(shape: tuple[int, int], columns: Callable[[np.ndarray, np.ndarray], np.ndarray]):
-    """``coords_of(flat ids)`` for a 2-D grid: ``columns(i, j)`` -> (P, k) coordinates of points ``[i, j]``."""
-    def coords_of(ids):
-        i, j = np.unravel_index(ids, shape)
-        return columns(i, j)
-    return coords_of

@@ -24,7 +24,7 @@ from ..engine.config import EvalConfig
 from ..engine.directions import line_basis, plane_basis, random_directions
 from ..settings import split_kwargs
 from .config import LineConfig, PlaneConfig, RaysConfig
-from .grid import AfterFn, Grid, ProgressFn, eval_config, evaluate, grid_coords, prepare
+from .grid import AfterFn, Grid, ProgressFn, eval_config, evaluate, prepare
 from .result import Analysis
 
 WEIGHT_SPACE = "weight-space L2"
@@ -181,6 +181,11 @@ def plane(models, data=None, *, config: EvalConfig | None = None, out=None, over
         y = np.linspace(lo[1] - pad[1], hi[1] + pad[1], ny)
         units = WEIGHT_SPACE
         names = (f"u: {labels[0]} → {labels[1]}", f"v: towards {labels[2]}, ⊥ u")
+
+    def coords_of(ids):
+        ix, iy = np.unravel_index(ids, (nx, ny))
+        return np.stack([x[ix], y[iy]], axis=1)
+
     title = (f"Random plane around {labels[0]} ({spec.norm}-normalised directions)" if spec.random
              else "Plane through " + ", ".join(labels))
     grid = Grid(
@@ -192,7 +197,7 @@ def plane(models, data=None, *, config: EvalConfig | None = None, out=None, over
                                                         "units": units})},
         groups={"plane": {"label": title, "checkpoints": [s.path or "" for s in setup.subjects],
                           "sha256": ",".join(s.sha256 or "" for s in setup.subjects)}},
-        jobs=[("plane", ev, origin, basis, grid_coords((nx, ny), lambda i, j: np.stack([x[i], y[j]], axis=1)))],
+        jobs=[("plane", ev, origin, basis, coords_of)],
         geometry={"plane": dataclasses.asdict(spec)},
         attrs={"point_labels": labels, "title": title},
     )
