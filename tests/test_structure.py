@@ -408,3 +408,50 @@ def test_a_full_disk_when_the_file_is_created_is_one_line_and_leaves_nothing(dig
     err = capsys.readouterr().err
     assert err.startswith("error: could not create") and err.count("\n") == 1 and "No space left on device" in err, err
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_threads_are_chosen_by_timing_on_a_fake_clock(monkeypatch, faster):
+    """The chooser times torch's default count against one thread and keeps the faster (a fake clock: the
+    measured work 'takes' 1 s at the faster count and 3 s at the other)."""
+    import torch
+
+    from widthkit import runtime
+
+    before = torch.get_num_threads()
+    clock = {"t": 0.0}
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock["t"])
+
+    def measure():
+        clock["t"] += 1.0 if torch.get_num_threads() == faster else 3.0
+
+    try:
+        torch.set_num_threads(2)
+        choice = runtime.choose_threads(measure)
+        assert choice == {"threads": faster, "chosen_by": "timing", "seconds": {2: 1.0 if faster == 2 else 3.0,
+                                                                                 1: 1.0 if faster == 1 else 3.0}}
+        assert torch.get_num_threads() == faster
+        assert runtime.choose_threads(measure, requested=2)["chosen_by"] == "flag" and torch.get_num_threads() == 2
+        assert runtime.choose_threads(measure, recorded=1) == {"threads": 1, "chosen_by": "resumed file", "seconds": {}}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_analysis_records_its_threads_restores_the_callers_and_a_resume_keeps_them(digits_ckpts, tmp_path,
+                                                                                      monkeypatch):
+    import torch
+
+    from widthkit.analyses import grid
+
+    calls = []
+    real = grid.choose_threads
+    monkeypatch.setattr(grid, "choose_threads", lambda *a, **kw: calls.append(a[1:]) or real(*a, **kw))
+    before = torch.get_num_threads()
+    out = tmp_path / "r.h5"
+    small = dict(dirs=1, steps=2, bn_mode="keep", train_subset=40, test_subset=40, out=out)
+    widthkit.rays(digits_ckpts["swa"], threads=1, **small)
+    prov = read(out)["attrs"]["provenance"]
+    assert prov["threads"] == 1 and prov["thread_choice"]["chosen_by"] == "flag"
+    assert torch.get_num_threads() == before
+    widthkit.rays(digits_ckpts["swa"], **small)  # the same file again: its recorded count is kept
+    assert calls == [(1, None), (None, 1)]

@@ -21,7 +21,7 @@ from ..engine import distributed
 from ..engine.config import EvalConfig
 from ..engine.evaluator import Evaluator
 from ..report import store
-from ..runtime import provenance, resolve_device
+from ..runtime import choose_threads, provenance, resolve_device
 from ..settings import split_kwargs
 from .result import Analysis
 from .subjects import Subject, as_subjects, check_model_fits_data, recorded_weight_decay, resolve_data
@@ -106,11 +106,16 @@ def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, pro
     :class:`Analysis` (None on torchrun ranks that do not write). ``after(result)`` runs before the writer
     lock is released, so nothing else can write the file between the grid and, say, its widths."""
     ev0 = setup.evaluator(0)
+    threads_before = torch.get_num_threads()  # the caller's setting, restored at the end
+    thread_choice = None
+    if setup.device.type == "cpu":
+        recorded = None if overwrite or out is None else (store.recorded_attr(out, "provenance") or {}).get("threads")
+        thread_choice = choose_threads(lambda: ev0.evaluate_weights(ev0.theta0), setup.cfg.threads, recorded)
     config = {"kind": grid.kind, **grid.geometry, "eval": setup.cfg.recorded(), "data": setup.data_desc,
               "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects],
               "theta_size": ev0.layout.size}
-    attrs = {"theta_layout": ev0.layout.describe(), "provenance": provenance(setup.device, setup.cfg.amp),
-             **grid.attrs}
+    prov = {**provenance(setup.device, setup.cfg.amp), **({"thread_choice": thread_choice} if thread_choice else {})}
+    attrs = {"theta_layout": ev0.layout.describe(), "provenance": prov, **grid.attrs}
     tmpdir = tempfile.mkdtemp(prefix="widthkit-") if out is None else None
     path = Path(out) if out is not None else Path(tmpdir) / f"{grid.kind}.h5"
     try:
@@ -134,6 +139,8 @@ def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, pro
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def _run(af: store.AnalysisFile, jobs, progress: ProgressFn | None) -> None:

@@ -18,7 +18,7 @@ BN_MODES: tuple[str, ...] = ("recompute", "keep", "batch")
 
 # Settings that change how fast results come, not what they are: left out of the stored config, so a run
 # resumed with other values continues the same file (the device and thread count go to its provenance).
-HOW_FIELDS = ("device", "eval_batch_size", "points_in_flight", "chunk_size")
+HOW_FIELDS = ("device", "eval_batch_size", "threads", "points_in_flight", "chunk_size")
 
 
 @dataclass
@@ -43,13 +43,15 @@ class EvalConfig:
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N")
     amp: bool = option(False, "bf16 autocast for the forward passes (CUDA only; weights stay float32)")
     eval_batch_size: int | None = option(None, "images per forward pass (default: 64 on CPU, 4096 on CUDA)")
+    threads: int | None = option(None, "CPU threads per process (default: timed at the start, torch's default vs "
+                                       "one, the faster kept; a resumed file keeps its recorded count)")
     points_in_flight: int = option(1, "evaluate K points per forward pass (torch.func.vmap; bn_mode keep only); "
                                       "slower on CPU, measure on a GPU with benchmarks/bench_eval.py")
     chunk_size: int = option(4, "points evaluated between two saves to the file")
 
     def __post_init__(self):
         check_choice("bn_mode", self.bn_mode, choices_of(field_types(EvalConfig)["bn_mode"]))
-        for name in ("bn_subset", "train_subset", "test_subset", "eval_batch_size"):
+        for name in ("bn_subset", "train_subset", "test_subset", "eval_batch_size", "threads"):
             check_int(name, getattr(self, name))
         for name in ("points_in_flight", "chunk_size"):
             check_int(name, getattr(self, name), optional=False)

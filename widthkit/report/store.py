@@ -414,3 +414,12 @@ def completeness(data: Mapping) -> tuple[int, int]:
     killed run's file is partial until the same command resumes it."""
     masks = [np.asarray(m["done"], dtype=bool) for m in data["models"].values() if "done" in m]
     return sum(int(m.sum()) for m in masks), sum(int(m.size) for m in masks)
+
+
+def recorded_attr(path, name: str):
+    """One decoded root attribute of an existing analysis file, or None (no file, not readable, absent)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return _decode(f.attrs[name]) if name in f.attrs else None
+    except (OSError, KeyError):
+        return None
