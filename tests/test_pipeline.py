@@ -50,3 +50,12 @@ def test_pipeline_refuses_bad_input_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resnet9000" in err and "digits_cnn" in err
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("*.pt"))
+
+
+def test_report_without_rays_shows_the_trainers_accuracy(tmp_path, capsys):
+    assert pipeline.main(["--root", str(tmp_path), "--run", "norays", "--skip", "rays,line,plane", *TINY]) == 0
+    report = (tmp_path / "analyses" / "norays" / "report.md").read_text()
+    final = load_checkpoint(tmp_path / "checkpoints" / "norays" / "swa.pt").meta["metrics"]
+    final = final.get("final", final)
+    assert f"| SWA | {100 - final['test_err']:.2f} | {final['test_loss']:.4f} |" in report
+    assert "the rays stage was skipped" in report

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..fileio import write_json
+from ..fileio import atomic_write, write_json
 
 Log = Callable[[str], None]
 
@@ -87,6 +87,22 @@ def finish_figures(figures: FigureOptions, log: Log):
     return after
 
 
+def _accuracy(rays_res, group: str, checkpoint) -> list[str]:
+    """Test accuracy (%), test loss and train loss of a checkpoint, as cells: distance 0 of its rays (the
+    checkpoint evaluated by widthkit) when the rays ran, else the final metrics its trainer recorded."""
+    if rays_res is not None:
+        group = rays_res.models[group]["metrics"]
+        err, tl, trl = (float(group[k][0, 0]) for k in ("test_err", "test_loss", "train_loss"))
+    else:
+        from ..inputs.checkpoints import load_checkpoint
+
+        recorded = load_checkpoint(checkpoint).meta.get("metrics") or {}
+        final = recorded.get("final", recorded) if isinstance(recorded, dict) else {}
+        err, tl, trl = (final.get(k) for k in ("test_err", "test_loss", "train_loss"))
+    return ["n/a" if v is None else format(v, f) for v, f in ((None if err is None else 100 - err, ".2f"),
+                                                              (tl, ".4f"), (trl, ".4f"))]
+
+
 def write_report(path: Path, run: str, cfg, paths: dict, results: dict, timings: dict, total: float) -> Path:
     """The pipeline's one-page Markdown summary: SGD/SWA accuracy (as widthkit evaluated them, distance 0 of
     the rays), the width tables, the figures, the files and the timings."""
@@ -96,17 +112,17 @@ def write_report(path: Path, run: str, cfg, paths: dict, results: dict, timings:
              f"{cfg.weight_decay}, SWA from epoch {cfg.swa_start_epoch} at lr {cfg.swa_lr} to epoch "
              f"{cfg.swa_end_epoch}; seed {cfg.seed}.", ""]
     rays_res = results.get("rays")
+    lines += ["## Test accuracy", "", "| model | test accuracy (%) | test loss (nats) | train loss (nats) |",
+              "|---|---|---|---|"]
+    for label, key in (("SGD", "sgd"), ("SWA", "swa")):
+        lines.append(f"| {label} | " + " | ".join(_accuracy(rays_res, key, paths[key])) + " |")
+    if rays_res is None:
+        lines += ["", "(as the trainer measured them: the rays stage was skipped)"]
     if rays_res is not None:
         prov = rays_res.data["attrs"].get("provenance") or {}
-        lines += [f"Evaluated on {prov.get('device', '?')} with {prov.get('threads', '?')} threads, "
+        lines += ["", f"Evaluated on {prov.get('device', '?')} with {prov.get('threads', '?')} threads, "
                   f"{prov.get('precision', '?')}, torch {prov.get('torch_version', '?')}: results are bit-identical "
-                  "for the same device, thread count and precision.", ""]
-        lines += ["## Test accuracy", "", "| model | test accuracy (%) | test loss (nats) | train loss (nats) |",
-                  "|---|---|---|---|"]
-        for label, key in (("SGD", "sgd"), ("SWA", "swa")):
-            m = rays_res.models[key]["metrics"]  # distance 0 of the rays: the checkpoint itself
-            lines.append(f"| {label} | {100 - m['test_err'][0, 0]:.2f} | {m['test_loss'][0, 0]:.4f} | "
-                         f"{m['train_loss'][0, 0]:.4f} |")
+                  "for the same device, thread count and precision."]
         cfg_rays = rays_res.config["rays"]
         lines += ["", "## Width along random rays", "",
                   f"{cfg_rays['dirs']} random {cfg_rays['norm']} directions, the same for SGD and SWA; width = "
@@ -121,5 +137,4 @@ def write_report(path: Path, run: str, cfg, paths: dict, results: dict, timings:
     lines += ["## Files", ""] + [f"- {k}: `{rel(v)}`" for k, v in paths.items() if k in ("start", "sgd", "swa", "log")]
     lines += [f"- {name}: `{rel(res.path)}`" for name, res in results.items()]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s.", ""]
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(path, "\n".join(lines))
