@@ -243,17 +243,22 @@ def test_model_and_data_are_checked_against_each_other_before_any_file(digits_ck
         assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def _tmpfs(folder: Path, options: str):
+    """Mount a real tmpfs with ``options`` on ``folder`` for the duration of a test (skipped where mounting is
+    not allowed), then unmount it."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip(f"needs root to mount a tmpfs ({options})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 5 MiB filesystem (tmpfs), unmounted afterwards; skipped where mounting is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    """A real 5 MiB filesystem."""
+    yield from _tmpfs(tmp_path / "small", "size=5m")
 
 
 def _fill(folder: Path, leave: int) -> None:
@@ -325,14 +330,7 @@ def test_figures_of_real_runs_say_what_their_coordinates_are(digits_ckpts, tmp_p
 @pytest.fixture
 def read_only_folder(tmp_path):
     """A real read-only filesystem (a tmpfs mounted ro): even root cannot write there."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a read-only tmpfs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    yield from _tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 @pytest.mark.subprocess  # mount/umount

@@ -142,12 +142,16 @@ def figure_options(args):
     return FigureOptions(None if args.no_plot else Path(args.figures or "figures"), formats_of(args))
 
 
-def run_command(analysis: Callable, kind: str, args, geometry_cls, after: Callable | None = None) -> int:
+def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: Callable | None = None) -> int:
     """The body of an analysis command: configs built (and validated) from the flags, the analysis run with a
-    progress bar, ``after`` (default: draw the figures) done under the writer lock, the file reported."""
+    progress bar, its ``after`` step (``make_after(figure options)``; default: draw the figures) done under the
+    writer lock, the file reported."""
     from .engine.config import EvalConfig
     from .fileio import check_writable
     from .report.summary import finish_figures
+
+    def finish_after(figures):
+        return finish_figures(figures, log)
 
     geometry = geometry_cls(**config_values(args, geometry_cls))
     config = EvalConfig(**config_values(args, EvalConfig))
@@ -160,7 +164,7 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, after: Callab
     timer = Timer()
     try:
         res = analysis(models_from(args.ckpt), config=config, out=out, overwrite=args.overwrite, progress=progress,
-                       arch=args.arch, which=args.which, after=after or finish_figures(figures, log),
+                       arch=args.arch, which=args.which, after=(make_after or finish_after)(figures),
                        **dataclasses.asdict(geometry))
     finally:
         close()

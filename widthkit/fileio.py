@@ -69,8 +69,9 @@ def _json_default(o):
     raise TypeError(f"cannot store {type(o).__name__} in a JSON attribute")
 
 
-def to_json(obj) -> str:
-    return json.dumps(_sanitize(obj), sort_keys=True, default=_json_default)
+def to_json(obj, indent: int | None = None) -> str:
+    """Standard JSON of ``obj`` (non-finite floats as the strings "nan"/"inf"/"-inf", numpy values as numbers)."""
+    return json.dumps(_sanitize(obj), sort_keys=True, default=_json_default, indent=indent)
 
 
 def _sanitize(obj):
@@ -102,7 +103,7 @@ def check_writable(folder: str | os.PathLike) -> Path:
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """``obj`` as indented standard JSON (NaN/inf as strings, numpy values as numbers), atomically."""
-    return atomic_write(path, json.dumps(json.loads(to_json(obj)), indent=2) + "\n")
+    return atomic_write(path, to_json(obj, indent=2) + "\n")
 
 
 class WriterLock:

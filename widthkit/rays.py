@@ -16,7 +16,8 @@ from .report.summary import finish_rays
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return cli.analysis_parser("rays", __doc__, "one or more; all share the same directions", ("rays", RaysConfig), ("widths", WidthConfig))
+    return cli.analysis_parser("rays", __doc__, "one or more; all share the same directions",
+                               ("rays", RaysConfig), ("widths", WidthConfig))
 
 
 def main(argv=None) -> int:
@@ -24,9 +25,8 @@ def main(argv=None) -> int:
 
     def body() -> int:
         widths = WidthConfig(**cli.config_values(args, WidthConfig))
-        after = finish_rays(widths, cli.figure_options(args), cli.log, two_sided=args.two_sided,
-                            reuse=not args.overwrite)
-        return cli.run_command(rays, "rays", args, RaysConfig, after)
+        return cli.run_command(rays, "rays", args, RaysConfig, lambda figures: finish_rays(
+            widths, figures, cli.log, two_sided=args.two_sided, reuse=not args.overwrite))
 
     return cli.run(body)
 
