@@ -353,11 +353,14 @@ def test_imagefolder_mixed_gray_and_rgb_becomes_rgb(tmp_path):
     np.testing.assert_array_equal(ds.images[1].numpy(), rgb.transpose(2, 0, 1))
 
 
-def test_imagefolder_size_mismatch_names_both_files(tmp_path):
+def test_imagefolder_mixed_sizes_are_photos(tmp_path):
+    # images of different sizes: the photo transform (RGB, shorter side 256, centre crop 224)
     _save_png(tmp_path / "a" / "one.png", np.zeros((4, 5, 3), np.uint8), "RGB")
     _save_png(tmp_path / "b" / "two.png", np.zeros((6, 5, 3), np.uint8), "RGB")
-    with pytest.raises(ValueError, match=r"one\.png is 5x4 and .*two\.png is 5x6 \(width x height\); resize"):
-        load_dataset(f"imagefolder:{tmp_path}")
+    ds = load_dataset(f"imagefolder:{tmp_path}", progress=False)
+    assert ds.images.shape == (2, 3, 224, 224)
+    assert ds.mean == (0.485, 0.456, 0.406)  # photos: torchvision's ImageNet constants by default
+    assert load_dataset(f"imagefolder:{tmp_path}", normalize="dataset", progress=False).mean == (0.0, 0.0, 0.0)
 
 
 def test_imagefolder_class_mismatch(tmp_path):

@@ -140,3 +140,51 @@ def choose_threads(measure: Callable[[], object], requested: int | None = None, 
     best = default if seconds[default] <= seconds[1] else 1
     torch.set_num_threads(best)
     return {"threads": best, "chosen_by": "timing", "seconds": seconds}
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(value, what: str = "size") -> int:
+    """``"8GB"``, ``"500MB"``, ``"1.5GiB"``, ``"4096"`` or an int -> bytes (decimal units, binary with ``i``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a size such as 8GB, 500MB or a number of bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{what} must be a size such as 8GB, 500MB, 2GiB or a number of bytes, got {value!r}")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return size
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free for data on ``device``: the CUDA device's free memory, or the host's available memory."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def memory_budget(device: torch.device | str, max_memory=None) -> int:
+    """The bytes one split may keep resident on ``device``: ``max_memory`` when given, else half the free memory."""
+    if max_memory is not None:
+        return parse_bytes(max_memory, "max_memory")
+    return free_memory(device) // 2

@@ -78,7 +78,7 @@ def prepare(models, data, cfg: EvalConfig, *, arch=None, which=None, count: Sequ
         cfg = cfg.replace(weight_decay=recorded_weight_decay(subjects))
     train, test, desc = resolve_data(data, subjects, cfg, device)
     setup = Setup(subjects, cfg, device, train, test, desc)
-    check_model_fits_data(setup.evaluator(0).model, train, test, desc["name"])
+    check_model_fits_data(setup.evaluator(0).model, train, test, desc["name"], setup.evaluator(0).objective)
     return setup
 
 

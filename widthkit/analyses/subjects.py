@@ -13,6 +13,7 @@ from torch import nn
 
 from ..engine.config import EvalConfig
 from ..engine.evaluator import EvalSet
+from ..engine.objectives import Objective
 from ..inputs.checkpoints import Checkpoint, load_checkpoint
 from ..inputs.data import load_dataset
 from ..runtime import random_subset
@@ -131,8 +132,17 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
                     "--data-root DIR, --data imagefolder:PATH)"
                 )
             name = recorded.pop()
-        train = EvalSet.from_dataset(load_dataset(name, root=cfg.data_root, split="train"), device)
-        test = EvalSet.from_dataset(load_dataset(name, root=cfg.data_root, split="test"), device)
+        splits = {}
+        for split, k, seed in (("train", cfg.train_subset, cfg.seed), ("test", cfg.test_subset, cfg.seed + 1)):
+            # the subset is drawn before anything is decoded (an image folder decodes only those files)
+            ds = load_dataset(name, root=cfg.data_root, split=split, subset=k, subset_seed=seed,
+                              image_size=cfg.image_size, normalize=cfg.normalize, cache_dir=cfg.cache_dir,
+                              workers=cfg.workers)
+            if k is not None and k > ds.full_size:
+                raise ValueError(f"--{split}-subset {k} asks for more images than the {name} {split} split has "
+                                 f"({ds.full_size}); pass at most {ds.full_size}, or leave it unset to use them all")
+            splits[split] = EvalSet.from_dataset(ds, device, max_memory=cfg.max_memory)
+        train, test = splits["train"], splits["test"]
         desc = {"name": name, "root": str(cfg.data_root) if cfg.data_root else None}
     else:
         if isinstance(data, Mapping):
@@ -143,17 +153,19 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
             raise TypeError("data must be a dataset name, {'train': ..., 'test': ...}, or a (train, test) pair")
         if train_src is None or test_src is None:
             raise ValueError("both a train and a test split are needed")
-        train = EvalSet.from_any(train_src, device)
-        test = EvalSet.from_any(test_src, device)
+        train = EvalSet.from_any(train_src, device, cfg.max_memory)
+        test = EvalSet.from_any(test_src, device, cfg.max_memory)
         desc = {"name": "user-data", "root": None, "n_train": len(train), "n_test": len(test),
                 "train_checksum": _checksum(train), "test_checksum": _checksum(test)}
-    for flag, k, split in (("--train-subset", cfg.train_subset, train), ("--bn-subset", cfg.bn_subset, train),
-                           ("--test-subset", cfg.test_subset, test)):
-        if k is not None and k > len(split):
-            raise ValueError(f"{flag} {k} asks for more images than the {desc['name']} split has ({len(split)}); "
-                             f"pass at most {len(split)}, or leave it unset to use them all")
-    train = _subset(train, cfg.train_subset, cfg.seed)
-    test = _subset(test, cfg.test_subset, cfg.seed + 1)
+        for flag, k, split in (("--train-subset", cfg.train_subset, train), ("--test-subset", cfg.test_subset, test)):
+            if k is not None and k > len(split):
+                raise ValueError(f"{flag} {k} asks for more examples than the {desc['name']} split has ({len(split)});"
+                                 f" pass at most {len(split)}, or leave it unset to use them all")
+        train = _subset(train, cfg.train_subset, cfg.seed)
+        test = _subset(test, cfg.test_subset, cfg.seed + 1)
+    if cfg.bn_subset is not None and cfg.bn_subset > len(train):
+        raise ValueError(f"--bn-subset {cfg.bn_subset} asks for more images than the {desc['name']} train split "
+                         f"has ({len(train)}); pass at most {len(train)}, or leave it unset to use them all")
     desc.update(train_subset=cfg.train_subset, test_subset=cfg.test_subset, n_train=len(train), n_test=len(test))
     return train, test, desc
 
@@ -165,10 +177,7 @@ def _checksum(es: EvalSet) -> float:
 
 def _subset(es: EvalSet, k: int | None, seed: int) -> EvalSet:
     idx = random_subset(len(es), k, seed)
-    if idx is None:
-        return es
-    idx = idx.to(es.device)
-    return EvalSet(es.x.index_select(0, idx), es.y.index_select(0, idx))
+    return es if idx is None else es.subset(idx)
 
 
 def recorded_weight_decay(subjects: Sequence[Subject]) -> float:
@@ -181,22 +190,30 @@ def recorded_weight_decay(subjects: Sequence[Subject]) -> float:
     return wds.pop() if len(wds) == 1 else 0.0
 
 
-def check_model_fits_data(model: nn.Module, train: EvalSet, test: EvalSet, name: str) -> None:
+def check_model_fits_data(model: nn.Module, train: EvalSet, test: EvalSet, name: str, objective=None) -> None:
     """Refuse, before any file is written, data the model cannot be evaluated on: inputs it does not accept
-    (wrong channels or size), labels outside its classes (negative, or >= its number of outputs).
+    (wrong channels or size), outputs the objective cannot score, labels outside its classes.
 
     ``model`` is a private copy (the evaluator's): running it on two examples changes nothing of the user's.
     """
+    objective = objective or Objective()
     with torch.no_grad():
         try:
-            out = model(train.x[:2])
-        except RuntimeError as err:
+            out = objective.output(model, train.inputs(2))
+        except (RuntimeError, TypeError, KeyError, AttributeError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ValueError(f"the model cannot take the {name} inputs, shaped {tuple(train.x.shape[1:])} per "
-                             f"example: {first}. Check --dataset and --arch (a model built for other images?)") from None
-    if out.dim() != 2:
-        raise ValueError(f"the model returns outputs shaped {tuple(out.shape)} for a batch of 2; widthkit evaluates "
-                         "classifiers whose output is (batch, classes)")
+                             f"example: {first}. Check --dataset and --arch (a model built for other images?)"
+                             + (", and forward=" if objective.forward_fn is not None else "")) from None
+        try:
+            objective.accumulate(out, train.y[:2], torch.zeros(2 * len(objective.metrics), dtype=torch.float64,
+                                                             device=train.device))
+        except RuntimeError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"the metrics {objective.names} cannot score the model's output "
+                             f"{tuple(getattr(out, 'shape', ()))} against the {name} labels: {first}") from None
+    if not (torch.is_tensor(out) and out.dim() == 2) or train.y.is_floating_point() or train.y.dim() != 1:
+        return  # not a (batch, classes) classifier: the objective's own checks above are what applies
     classes = out.shape[1]
     for split, es in (("train", train), ("test", test)):
         lo, hi = int(es.y.min()), int(es.y.max())

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
+from ..runtime import parse_bytes
 from ..settings import check_choice, check_int, check_number, choices_of, field_types, from_dict, option
+from .objectives import Objective
 
 BNMode = Literal["recompute", "keep", "batch"]
 BN_MODES: tuple[str, ...] = ("recompute", "keep", "batch")
 
 # Settings that change how fast results come, not what they are: left out of the stored config, so a run
 # resumed with other values continues the same file (the device and thread count go to its provenance).
-HOW_FIELDS = ("device", "eval_batch_size", "threads", "points_in_flight", "chunk_size")
+HOW_FIELDS = ("device", "eval_batch_size", "threads", "points_in_flight", "chunk_size", "cache_dir", "max_memory",
+              "workers")
+NORMALIZE = ("auto", "dataset", "imagenet")
 
 
 @dataclass
@@ -39,6 +43,28 @@ class EvalConfig:
     train_subset: int | None = option(None, "train metrics on N fixed random training images (default: all)",
                                       metavar="N")
     test_subset: int | None = option(None, "test metrics on N fixed random test images (default: all)", metavar="N")
+    image_size: int | None = option(
+        None, "image folders: resize the shorter side to N·8/7 (256 for 224) and centre-crop N x N (default: images "
+              "of one size are kept as they are; photos of mixed sizes get 224)", metavar="N")
+    normalize: str = option(
+        "auto", "input normalisation: dataset (the train split's channel mean/std), imagenet (torchvision's "
+                "constants, what pretrained models expect), auto (imagenet for resized photo folders, else dataset)")
+    cache_dir: str | None = option(None, "image folders: where the decoded uint8 cache lives (default: "
+                                         "PATH/.widthkit-cache, else ~/.cache/widthkit)")
+    max_memory: str | None = option(
+        None, "memory budget per split, e.g. 8GB or 500MB: a split larger than this is streamed in batches from "
+              "host memory or the cache instead of kept on the device (default: half of the free memory)")
+    workers: int | None = option(None, "processes decoding an image folder into the cache (default: the CPU count, "
+                                       "at most 16)")
+    loss: str | Callable[..., Any] = option(
+        "cross_entropy", "per-example loss: cross_entropy, mse, or module:function (fn(output, target) -> (B,) "
+                         "values or a (sum, count) pair); a callable in Python")
+    metrics: str | Any = option(
+        "", "metrics per split, comma-separated: loss, err, top5_err, class_err:K (default: loss,err with "
+            "cross_entropy, else loss); callables in Python", metavar="LIST")
+    forward: str | Callable[..., Any] | None = option(
+        None, "how the model is called: module:function fn(model, inputs) -> output (default: model(inputs)); a "
+              "callable in Python, e.g. lambda m, x: m(input_ids=x).logits")
     seed: int = option(0, "seed of the random directions and subsets")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:N")
     amp: bool = option(False, "bf16 autocast for the forward passes (CUDA only; weights stay float32)")
@@ -56,6 +82,12 @@ class EvalConfig:
         for name in ("points_in_flight", "chunk_size"):
             check_int(name, getattr(self, name), optional=False)
         check_int("seed", self.seed, minimum=0, optional=False)
+        check_int("image_size", self.image_size, minimum=8)
+        check_int("workers", self.workers)
+        check_choice("normalize", self.normalize, NORMALIZE)
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory, "max_memory")
+        self.objective()  # validates loss, metrics and forward
         check_number("weight_decay", self.weight_decay, minimum=0)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"device must be a name such as 'auto', 'cpu', 'cuda:0', got {self.device!r}")
@@ -73,12 +105,18 @@ class EvalConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def objective(self) -> Objective:
+        """The :class:`~widthkit.engine.objectives.Objective` these settings describe."""
+        return Objective(self.loss, self.metrics or None, self.forward)
 
     def recorded(self) -> dict:
         """What the results depend on (stored in the file, compared on resume); see :data:`HOW_FIELDS`.
-        The batch size counts in ``batch`` mode, where each batch is normalised with its own statistics."""
+        The batch size counts in ``batch`` mode, where each batch is normalised with its own statistics.
+        Callables (loss, metrics, forward) are recorded by name."""
         d = {k: v for k, v in self.to_dict().items() if k not in HOW_FIELDS}
+        d.update(self.objective().recorded())
         if self.bn_mode == "batch":
             d["eval_batch_size"] = self.eval_batch_size
         return d

@@ -2,8 +2,10 @@
 
 The evaluator owns a private copy of the model whose parameters are views into one flat float32 buffer,
 so moving to a new point is a single fused ``addmv`` (θ = origin + basisᵀ·c). The data lives on the device
-as one normalised tensor per split; each point is a loop of large forward batches whose loss sums and error
-counts accumulate on the device in float64, with one host synchronisation per chunk of points.
+as uint8 (normalised batch by batch) when it fits its memory budget, else it is streamed in a fixed order
+(:class:`EvalSet`); each point is a loop of large forward batches whose metric sums and counts (the
+:class:`~widthkit.engine.objectives.Objective`) accumulate on the device in float64, with one host
+synchronisation per chunk of points.
 
 BatchNorm modes (``bn_mode``):
 
@@ -15,9 +17,10 @@ BatchNorm modes (``bn_mode``):
 - ``"batch"``: every evaluation batch is normalised with its own statistics (results depend on
   ``batch_size``, which is therefore recorded).
 
-Metrics per point (keys of the returned dict): ``train_loss``, ``test_loss`` (mean cross-entropy, nats),
-``train_err``, ``test_err`` (error rate, %), and with ``weight_decay > 0`` also ``train_loss_l2`` = train
-cross-entropy + ½·wd·‖θ‖², the regularised objective the SWA paper plots.
+Metrics per point (keys of the returned dict), by default: ``train_loss``, ``test_loss`` (mean cross-entropy,
+nats), ``train_err``, ``test_err`` (error rate, %), and with ``weight_decay > 0`` also ``train_loss_l2`` =
+train loss + ½·wd·‖θ‖², the regularised objective the SWA paper plots; ``loss=``/``metrics=``/``forward=``
+(:class:`EvalConfig` fields) change what is measured (e.g. ``test_top5_err``).
 
 >>> ev = Evaluator(model, train=EvalSet.from_dataset(tr, "cpu"), test=EvalSet.from_dataset(te, "cpu"),
 ...                config=EvalConfig(bn_mode="recompute", bn_subset=1000))
@@ -27,80 +30,227 @@ cross-entropy + ½·wd·‖θ‖², the regularised objective the SWA paper plot
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import autocast, check_amp, default_batch_size, random_subset
+from ..runtime import autocast, check_amp, default_batch_size, memory_budget, random_subset
 from .config import EvalConfig
-from .objectives import L2_METRIC, SPLITS, metric_names, split_sums
+from .objectives import L2_METRIC, SPLITS
 from .space import ThetaLayout, bind_flat_parameters
 
 
-@dataclass
 class EvalSet:
-    """One split as device tensors: ``x`` (N, C, H, W) float32, normalised; ``y`` (N,) int64."""
+    """One split: inputs ``x`` (N, ...) and targets ``y`` (N, ...), evaluated on ``device``.
 
-    x: torch.Tensor
-    y: torch.Tensor
+    ``x`` is kept as given and converted batch by batch on the device:
 
-    def __post_init__(self):
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
-        if self.x.shape[0] == 0:
+    - uint8 images with ``mean``/``std`` (per channel, in [0, 1] pixel units): ``(x / 255 - mean) / std`` in
+      float32, the same arithmetic as :meth:`widthkit.data.Dataset.normalized` (4x less memory than keeping
+      the floats); uint8 without them: ``x / 255``;
+    - floating inputs: used as they are (float32);
+    - integer inputs (token ids): used as they are.
+
+    **Resident or streamed.** When ``x`` lives on ``device`` the split is *resident*. Otherwise (``x`` in host
+    memory or memory-mapped from the decoded cache while the model runs on a GPU, or a memory-mapped cache on
+    the CPU) it is *streamed*: a background thread reads the batches in a fixed order into reused (pinned, on
+    CUDA) buffers while the previous batch computes, so the numbers equal the resident ones.
+    :meth:`from_dataset` chooses by the split's size against its memory budget. Targets always live on
+    ``device``.
+    """
+
+    def __init__(self, x, y, mean=None, std=None, device=None):
+        if not torch.is_tensor(x) or not torch.is_tensor(y):
+            raise TypeError(f"EvalSet needs tensors x and y, got {type(x).__name__} and {type(y).__name__}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
+        if x.shape[0] == 0:
             raise ValueError("an evaluation split with no examples")
-        if self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool:
-            raise ValueError(f"labels must be integer class indices, got {self.y.dtype} labels (e.g. "
-                             f"{self.y.flatten()[:3].tolist()}); pass y.long() if they are whole numbers")
-        self.y = self.y.long()
+        if (mean is None) != (std is None):
+            raise ValueError("pass both mean and std (per channel), or neither")
+        if mean is not None and x.dtype != torch.uint8:
+            raise ValueError(f"mean/std normalise uint8 images; these inputs are {x.dtype}")
+        self.device = torch.device(device) if device is not None else x.device
+        if x.is_floating_point() and x.dtype != torch.float32 and x.device == self.device:
+            x = x.float()
+        self.x = x
+        self.y = y.to(self.device)
+        if not (self.y.is_floating_point() or self.y.is_complex() or self.y.dtype == torch.bool):
+            self.y = self.y.long()
+        self.mean = tuple(float(m) for m in mean) if mean is not None else None
+        self.std = tuple(float(s) for s in std) if std is not None else None
+        self._norm = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     @property
-    def device(self) -> torch.device:
-        return self.x.device
+    def resident(self) -> bool:
+        """Whether the inputs live on the evaluation device (else they are streamed batch by batch)."""
+        return self.x.device == self.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.numel() * self.x.element_size()
+
+    def describe(self) -> str:
+        how = "resident on" if self.resident else f"streamed from {self.x.device.type} memory to"
+        return f"{len(self)} examples, {self.nbytes / 1e6:.1f} MB {str(self.x.dtype).replace('torch.', '')}, {how} {self.device}"
 
     def to(self, device) -> "EvalSet":
-        return EvalSet(self.x.to(device), self.y.to(device))
+        """The same split resident on ``device``."""
+        return EvalSet(self.x.to(device), self.y, self.mean, self.std, device)
 
+    def streamed_to(self, device) -> "EvalSet":
+        """The same split, inputs left where they are, evaluated on ``device``."""
+        return EvalSet(self.x, self.y, self.mean, self.std, device)
+
+    def subset(self, index: torch.Tensor) -> "EvalSet":
+        """The examples at ``index`` (int64 indices), resident or streamed as this split."""
+        x = self.x.index_select(0, index.to(self.x.device))
+        return EvalSet(x, self.y.index_select(0, index.to(self.device)), self.mean, self.std, self.device)
+
+    # -- batches ---------------------------------------------------------------------------------------
+    def _prepare(self, xb: torch.Tensor) -> torch.Tensor:
+        """One batch, on the device, as the model takes it."""
+        if xb.dtype != torch.uint8:
+            return xb.float() if xb.is_floating_point() else xb
+        x = xb.to(torch.float32)  # always a copy
+        if self.mean is None:
+            return x.div_(255.0)
+        if self._norm is None or self._norm[0].device != x.device:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            self._norm = (torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(shape),
+                          torch.tensor(self.std, dtype=torch.float32, device=x.device).view(shape))
+        mean, std = self._norm
+        return x.div_(255.0).sub_(mean).div_(std)
+
+    def inputs(self, n: int) -> torch.Tensor:
+        """The first ``n`` inputs, prepared, on the device."""
+        return self._prepare(self.x[:n].to(self.device))
+
+    def batches(self, batch_size: int, index: torch.Tensor | None = None):
+        """``(inputs, targets)`` batches on the device, in order: all examples, or those at ``index``."""
+        n = len(self) if index is None else int(index.numel())
+        if self.resident:
+            for start in range(0, n, batch_size):
+                if index is None:
+                    xb, yb = self.x[start:start + batch_size], self.y[start:start + batch_size]
+                else:
+                    idx = index[start:start + batch_size]
+                    xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+                yield self._prepare(xb), yb
+            return
+        host_index = None if index is None else index.to(self.x.device)
+        dev_index = None if index is None else index.to(self.device)
+        for start, xb in _prefetch(self.x, batch_size, n, host_index, self.device):
+            yb = (self.y[start:start + len(xb)] if dev_index is None
+                  else self.y.index_select(0, dev_index[start:start + len(xb)]))
+            yield self._prepare(xb), yb
+
+    # -- construction ----------------------------------------------------------------------------------
     @classmethod
-    def from_dataset(cls, dataset, device="cpu", limit: int | None = None) -> "EvalSet":
-        """From a :class:`widthkit.data.Dataset` (normalised with its own constants)."""
-        x = dataset.normalized(device=device)
-        y = dataset.labels.to(device)
+    def from_dataset(cls, dataset, device="cpu", limit: int | None = None, max_memory=None) -> "EvalSet":
+        """From a :class:`widthkit.data.Dataset`: uint8 pixels normalised per batch with the dataset's
+        constants; resident on ``device`` when the split fits its budget (``max_memory``, default half the
+        free memory), else streamed."""
+        x, y = dataset.images, dataset.labels
         if limit is not None:
             x, y = x[:limit], y[:limit]
-        return cls(x, y)
+        es = cls(x, y, dataset.mean, dataset.std, device)
+        if es.nbytes <= memory_budget(device, max_memory):
+            if x.device != torch.device(device) or getattr(dataset, "cache", None):
+                x = x.to(device) if x.device != torch.device(device) else x.clone()  # read into memory once
+            return cls(x, y, dataset.mean, dataset.std, device)
+        return es
 
     @classmethod
-    def from_any(cls, data, device="cpu") -> "EvalSet":
+    def from_any(cls, data, device="cpu", max_memory=None) -> "EvalSet":
         """Accepts an EvalSet, a widthkit Dataset, an ``(x, y)`` pair of tensors, or an iterable of
         ``(x, y)`` batches such as a ``DataLoader`` (read once, concatenated)."""
         if isinstance(data, EvalSet):
-            return data.to(device)
-        if hasattr(data, "normalized") and hasattr(data, "labels"):
-            return cls.from_dataset(data, device)
+            return data.to(device) if data.resident or torch.device(device) == data.x.device else data.streamed_to(device)
+        if hasattr(data, "images") and hasattr(data, "labels") and hasattr(data, "mean"):
+            return cls.from_dataset(data, device, max_memory=max_memory)
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-            return cls(data[0].to(device=device, dtype=torch.float32), data[1].to(device))
+            return cls(data[0].to(device), data[1], device=device)
         if isinstance(data, Iterable):
             xs, ys = [], []
             for batch in data:
                 if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
                     raise ValueError("a data loader must yield (inputs, labels) batches")
-                xs.append(batch[0].float())
+                xs.append(batch[0])
                 ys.append(batch[1])
             if not xs:
                 raise ValueError("the data loader yielded no batches")
-            return cls(torch.cat(xs).to(device), torch.cat(ys).to(device))
+            return cls(torch.cat(xs).to(device), torch.cat(ys), device=device)
         raise TypeError(
             f"cannot use {type(data).__name__} as evaluation data: pass a widthkit Dataset, an (x, y) pair of "
             "tensors, or a DataLoader of (x, y) batches"
         )
+
+
+def _prefetch(x: torch.Tensor, batch_size: int, n: int, index: torch.Tensor | None, device: torch.device):
+    """Yield ``(start, batch)`` of ``x`` (or of ``x[index]``) on ``device``, read ahead by a background thread
+    into a ring of reused buffers (pinned when the device is CUDA, so the copies run asynchronously)."""
+    import queue
+    import threading
+
+    depth = 3
+    cuda = device.type == "cuda"
+    shape = (min(batch_size, n),) + tuple(x.shape[1:])
+    ring = [torch.empty(shape, dtype=x.dtype, pin_memory=cuda) for _ in range(depth)]
+    free: queue.Queue = queue.Queue()
+    for i in range(depth):
+        free.put((i, None))
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for start in range(0, n, batch_size):
+                stop_at = min(start + batch_size, n)
+                while True:
+                    if stop.is_set():
+                        return
+                    try:
+                        slot, event = free.get(timeout=0.1)
+                        break
+                    except queue.Empty:
+                        continue
+                if event is not None:
+                    event.synchronize()  # the device has finished copying out of this buffer
+                buf = ring[slot][:stop_at - start]
+                src = x[start:stop_at] if index is None else x.index_select(0, index[start:stop_at])
+                buf.copy_(src)
+                ready.put((start, slot, buf))
+            ready.put(None)
+        except BaseException as err:  # handed to the consumer, raised there
+            ready.put(err)
+
+    thread = threading.Thread(target=produce, name="widthkit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            start, slot, buf = item
+            if cuda:
+                xb = buf.to(device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                xb, event = buf.clone(), None
+            free.put((slot, event))
+            yield start, xb
+    finally:
+        stop.set()
+        thread.join()
 
 
 ChunkCallback = Callable[[np.ndarray, dict], None]
@@ -137,11 +287,16 @@ class Evaluator:
                     break
         self.device = torch.device(device or "cpu")
         check_amp(self.device, config.amp)
-        self.train = EvalSet.from_any(train, self.device) if train is not None else None
-        self.test = EvalSet.from_any(test, self.device) if test is not None else None
+        self.objective = config.objective()
+        if config.points_in_flight > 1 and self.objective.forward_fn is not None:
+            raise ValueError("points_in_flight > 1 calls the model through torch.func and cannot use a forward= "
+                             "adapter; use points_in_flight=1 with forward=")
+        self.train = EvalSet.from_any(train, self.device, config.max_memory) if train is not None else None
+        self.test = EvalSet.from_any(test, self.device, config.max_memory) if test is not None else None
         for split in self.splits:
             if getattr(self, split) is None:
                 raise ValueError(f"the {split} split is needed (splits={self.splits}) but none was given")
+            self.objective.check_targets(getattr(self, split).y, split)
         if config.bn_mode == "recompute" and self.train is None:
             raise ValueError("bn_mode='recompute' needs the training data to recompute BatchNorm statistics")
 
@@ -161,8 +316,13 @@ class Evaluator:
 
     @property
     def metrics(self) -> list[str]:
-        """The metrics every point gets (see :func:`widthkit.engine.objectives.metric_names`)."""
-        return metric_names(self.splits, self.weight_decay)
+        """The metrics every point gets (see :meth:`widthkit.engine.objectives.Objective.metric_names`)."""
+        return self.objective.metric_names(self.splits, self.weight_decay)
+
+    @property
+    def n_sums(self) -> int:
+        """Raw sums per point: (sum, count) per metric and split, and ‖θ‖²."""
+        return 2 * len(self.objective.metrics) * len(SPLITS) + 1
 
     # -- set-up --------------------------------------------------------------------------------------
     def _bn_subset_index(self) -> torch.Tensor | None:
@@ -179,16 +339,15 @@ class Evaluator:
 
     # -- one point -----------------------------------------------------------------------------------
     def _recompute_bn(self) -> None:
-        x = self.train.x if self.bn_index is None else self.train.x.index_select(0, self.bn_index)
         momenta = [m.momentum for m in self.bn]
         for m in self.bn:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the pass, like update_bn
             m.train()
         try:
-            for start in range(0, x.shape[0], self.batch_size):
+            for xb, _ in self.train.batches(self.batch_size, self.bn_index):
                 with self._autocast():
-                    self.model(x[start:start + self.batch_size])
+                    self.objective.output(self.model, xb)
         finally:
             for m, mom in zip(self.bn, momenta):
                 m.momentum = mom
@@ -198,20 +357,24 @@ class Evaluator:
         return autocast(self.device, self.config.amp)
 
     def _split_sums(self, data: EvalSet, out: torch.Tensor) -> None:
-        """Accumulate (loss sum, error count) over a split into ``out`` (2,) float64, on the device."""
-        split_sums(self.model, data.x, data.y, self.batch_size, out, self.config.amp)
+        """Accumulate each metric's (sum, count) over a split into ``out`` (2·metrics,) float64, on the device."""
+        for xb, yb in data.batches(self.batch_size):
+            with self._autocast():
+                output = self.objective.output(self.model, xb)
+            self.objective.accumulate(output, yb, out)
 
     def _point(self, out: torch.Tensor) -> None:
-        """Evaluate the point currently in ``self.flat``; write raw sums into ``out`` (4,) float64."""
+        """Evaluate the point currently in ``self.flat``; write raw sums into ``out`` (n_sums - 1,) float64."""
         if self.config.bn_mode == "recompute" and self.bn:
             self._recompute_bn()
         if self.config.bn_mode == "batch":
             for m in self.bn:
                 m.train()
         try:
+            width = 2 * len(self.objective.metrics)
             for i, split in enumerate(SPLITS):
                 if split in self.splits:
-                    self._split_sums(getattr(self, split), out[2 * i:2 * i + 2])
+                    self._split_sums(getattr(self, split), out[width * i:width * (i + 1)])
         finally:
             for m in self.bn:
                 m.eval()
@@ -234,7 +397,7 @@ class Evaluator:
     # -- several points per forward pass -------------------------------------------------------------
     def _stacked_sums(self, thetas: torch.Tensor, out: torch.Tensor) -> None:
         """K points at once (``thetas`` (K, D)): ``torch.func.vmap`` over stacked weights, buffers shared
-        (bn_mode "keep"); convolutions become grouped ones. Writes raw sums into ``out`` (K, 5)."""
+        (bn_mode "keep"); convolutions become grouped ones. Writes raw sums into ``out`` (K, n_sums)."""
         from torch.func import functional_call, vmap
 
         k = thetas.shape[0]
@@ -245,20 +408,16 @@ class Evaluator:
             return functional_call(self.model, (p, buffers), (x,))
 
         stacked = vmap(forward, in_dims=(0, None))
+        width = 2 * len(self.objective.metrics)
         for i, split in enumerate(SPLITS):
             if split not in self.splits:
                 continue
-            data = getattr(self, split)
-            for start in range(0, len(data), self.batch_size):
-                xb = data.x[start:start + self.batch_size]
-                yb = data.y[start:start + self.batch_size]
+            for xb, yb in getattr(self, split).batches(self.batch_size):
                 with self._autocast():
-                    logits = stacked(params, xb)  # (K, B, classes)
-                logits = logits.float()
-                loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1)
-                out[:, 2 * i] += loss.sum(dim=1).double()
-                out[:, 2 * i + 1] += (logits.argmax(dim=2) != yb).sum(dim=1).double()
-        out[:, 4] = thetas.double().square().sum(dim=1)
+                    outputs = stacked(params, xb)  # (K, B, ...)
+                for j in range(k):
+                    self.objective.accumulate(outputs[j], yb, out[j, width * i:width * (i + 1)])
+        out[:, -1] = thetas.double().square().sum(dim=1)
 
     # -- many points ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -303,11 +462,9 @@ class Evaluator:
         metrics = self.metrics
         results = {m: np.full(len(coords), np.nan) for m in metrics}
         cs = self.config.chunk_size
-        sizes = {"train": len(self.train) if self.train is not None else 1,
-                 "test": len(self.test) if self.test is not None else 1}
         for start in range(0, len(coords), cs):
             stop = min(start + cs, len(coords))
-            sums = torch.zeros(stop - start, 5, dtype=torch.float64, device=self.device)
+            sums = torch.zeros(stop - start, self.n_sums, dtype=torch.float64, device=self.device)
             if self.config.points_in_flight > 1:
                 k = self.config.points_in_flight
                 for j in range(start, stop, k):
@@ -317,25 +474,29 @@ class Evaluator:
                 for j, p in enumerate(range(start, stop)):
                     # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
                     torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
-                    self._with_retry(self._point, sums[j, :4])
+                    self._with_retry(self._point, sums[j, :-1])
                     if L2_METRIC in metrics:
-                        sums[j, 4] = self.flat.double().square().sum()
+                        sums[j, -1] = self.flat.double().square().sum()
             host = sums.cpu().numpy()  # the one synchronisation per chunk
-            chunk = self._finish(host, sizes, metrics)
+            chunk = self._finish(host, metrics)
             for m in metrics:
                 results[m][start:stop] = chunk[m]
             if on_chunk is not None:
                 on_chunk(ids[start:stop], chunk)
         return results
 
-    def _finish(self, host: np.ndarray, sizes: dict, metrics: list[str]) -> dict[str, np.ndarray]:
-        out = {
-            "train_loss": host[:, 0] / sizes["train"],
-            "train_err": 100.0 * host[:, 1] / sizes["train"],
-            "test_loss": host[:, 2] / sizes["test"],
-            "test_err": 100.0 * host[:, 3] / sizes["test"],
-        }
-        out[L2_METRIC] = out["train_loss"] + 0.5 * self.weight_decay * host[:, 4]
+    def _finish(self, host: np.ndarray, metrics: list[str]) -> dict[str, np.ndarray]:
+        """Means from the raw (sum, count) pairs: errors in %, a metric with no counted example NaN."""
+        out = {}
+        width = 2 * len(self.objective.metrics)
+        for i, split in enumerate(SPLITS):
+            for j, metric in enumerate(self.objective.metrics):
+                total, count = host[:, width * i + 2 * j], host[:, width * i + 2 * j + 1]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    value = np.where(count > 0, total / np.where(count > 0, count, 1.0), np.nan)
+                out[f"{split}_{metric.name}"] = 100.0 * value if metric.error else value
+        if L2_METRIC in metrics:
+            out[L2_METRIC] = out["train_loss"] + 0.5 * self.weight_decay * host[:, -1]
         return {m: out[m] for m in metrics}
 
     def evaluate_weights(self, theta: torch.Tensor) -> dict[str, float]:

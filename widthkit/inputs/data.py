@@ -32,6 +32,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..fileio import atomic_write, to_json
+from ..runtime import random_subset
+from . import imagefolder
+from .imagefolder import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "DEFAULT_DATASET",
     "Dataset",
@@ -43,7 +48,6 @@ __all__ = [
 DEFAULT_DATASET = "digits"
 SPLITS = ("train", "test")
 IMAGEFOLDER_PREFIX = "imagefolder:"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
@@ -76,11 +80,15 @@ class Dataset:
     std: tuple[float, ...]
     split: str
     classes: tuple[str, ...] = field(default=())
+    full_size: int | None = None  # examples in the whole split (before a subset was drawn)
+    cache: str | None = None  # the decoded cache folder the images are memory-mapped from (image folders)
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
         self.std = tuple(float(s) for s in self.std)
         self.classes = tuple(str(c) for c in self.classes)
+        if self.full_size is None:
+            self.full_size = int(self.images.shape[0])
         _check_dataset(self)
 
     def __len__(self) -> int:
@@ -106,7 +114,7 @@ class Dataset:
         Normalisation (``mean``/``std``), name, split and classes are kept; the tensors are copies.
         """
         idx = _as_index(indices, len(self))
-        return replace(self, images=self.images[idx].clone(), labels=self.labels[idx].clone())
+        return replace(self, images=self.images[idx].clone(), labels=self.labels[idx].clone(), cache=None)
 
 
 def _as_index(indices, n: int) -> torch.Tensor:
@@ -202,7 +210,10 @@ def list_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train") -> Dataset:
+def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train", *,
+                 subset: int | None = None, subset_seed: int = 0, image_size: int | None = None,
+                 normalize: str = "auto", cache_dir: str | os.PathLike | None = None, workers: int | None = None,
+                 progress: bool = True) -> Dataset:
     """Load one split of a dataset by name.
 
     Args:
@@ -211,9 +222,16 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
         root: folder holding ``cifar-10-batches-py/`` / ``cifar-100-python/`` (or that folder itself);
             default ``$WIDTHKIT_DATA``, else ``./data``. Unused by ``digits`` and ``imagefolder:``.
         split: ``"train"`` or ``"test"``.
+        subset: keep ``subset`` fixed random examples (``runtime.random_subset(n, subset, subset_seed)``,
+            in their order in the split); an image folder decodes only those.
+        image_size: image folders: resize + centre-crop to this size (see :mod:`widthkit.inputs.imagefolder`).
+        normalize: ``"dataset"`` (the train split's channel statistics), ``"imagenet"`` (torchvision's
+            constants), ``"auto"`` (imagenet for resized photo folders, else dataset).
+        cache_dir, workers, progress: image folders: where the decoded cache lives, how many processes decode,
+            whether a progress bar is shown while it is built.
 
     Returns:
-        a :class:`Dataset`; ``mean``/``std`` always come from the train split.
+        a :class:`Dataset`; with ``normalize="dataset"`` ``mean``/``std`` come from the train split.
 
     Raises:
         ValueError: unknown name or split, or malformed files.
@@ -223,12 +241,21 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if not isinstance(name, str):
         raise ValueError(f"dataset name must be a string, got {type(name).__name__}")
+    if normalize not in ("auto", "dataset", "imagenet"):
+        raise ValueError(f"unknown normalize {normalize!r}; valid choices: auto, dataset, imagenet")
     if name.startswith(IMAGEFOLDER_PREFIX):
-        return _load_imagefolder(name, split)
+        return _load_imagefolder(name, split, subset=subset, subset_seed=subset_seed, image_size=image_size,
+                                 normalize=normalize, cache_dir=cache_dir, workers=workers, progress=progress)
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {list_datasets()}, "
                          f"or '{IMAGEFOLDER_PREFIX}PATH' for a folder with one sub-folder of images per class")
-    return _LOADERS[name](None if root is None else Path(root), split)
+    ds = _LOADERS[name](None if root is None else Path(root), split)
+    if normalize == "imagenet":
+        if ds.images.shape[1] != 3:
+            raise ValueError(f"normalize='imagenet' needs RGB images; {name} has {ds.images.shape[1]} channel(s)")
+        ds = replace(ds, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    idx = random_subset(len(ds), subset, subset_seed)
+    return ds if idx is None else replace(ds.subset(idx), full_size=len(ds))
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -451,117 +478,51 @@ def _load_cifar100(root: Path | None, split: str) -> Dataset:
 # imagefolder:PATH
 # --------------------------------------------------------------------------------------------------------
 
-_GRAY_MODES = ("1", "L", "LA")
-
-
-def _class_files(folder: Path) -> dict[str, list[Path]]:
-    """{class name: sorted image paths} for the non-hidden sub-folders of ``folder`` (searched recursively)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder.resolve()} does not exist")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise FileNotFoundError(f"{folder.resolve()} has no class sub-folders; expected {folder}/<class>/<image> "
-                                f"with one sub-folder of images per class")
-    files = {c: sorted(p for p in (folder / c).rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
-    empty = [c for c, fs in files.items() if not fs]
-    if empty:
-        raise FileNotFoundError(f"class folder(s) {', '.join(empty)} in {folder.resolve()} hold no images "
-                                f"(extensions {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")
-    return files
-
-
-def _image_headers(paths: list[Path]) -> list[tuple[Path, str, tuple[int, int]]]:
-    """(path, PIL mode, (width, height)) per file, reading headers only."""
-    from PIL import Image
-
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
-                out.append((p, img.mode, img.size))
-        except OSError as e:  # PIL.UnidentifiedImageError is an OSError
-            raise ValueError(f"cannot read image {p}: {e}") from e
-    return out
-
-
-def _decode_images(paths: list[Path], mode: str, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (N, C, H, W) with C = 1 for mode "L", 3 for "RGB"."""
-    from PIL import Image
-
-    width, height = size
-    channels = 1 if mode == "L" else 3
-    out = np.empty((len(paths), channels, height, width), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as img:
-                pixels = np.asarray(img.convert(mode), dtype=np.uint8)
-        except OSError as e:
-            raise ValueError(f"cannot decode image {p}: {e}") from e
-        out[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-    return torch.from_numpy(out)
-
-
-def _load_imagefolder(name: str, split: str) -> Dataset:
-    """Images in one sub-folder per class, decoded once to uint8.
-
-    Layout: ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` when ``PATH/train/`` exists (test classes
-    must equal train's); otherwise ``PATH/<class>/*`` is the train split and there is no test split.
-    Classes are sorted alphabetically (label = index). All images of both splits must share one size.
-    If every image is grayscale (PIL mode 1/L/LA) the data has 1 channel, else every image is converted to
-    RGB. 8-bit images are expected. ``mean``/``std`` come from the train images. A relative PATH is taken
-    relative to the current directory.
-    """
+def _load_imagefolder(name: str, split: str, *, subset, subset_seed, image_size, normalize, cache_dir, workers,
+                      progress) -> Dataset:
+    """An image folder's split through the decoded uint8 cache (:mod:`widthkit.inputs.imagefolder`)."""
     raw = name[len(IMAGEFOLDER_PREFIX):]
     if not raw:
         raise ValueError(f"'{IMAGEFOLDER_PREFIX}' needs a folder: '{IMAGEFOLDER_PREFIX}PATH'")
     path = Path(raw).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"image folder {path.resolve()} (from {name!r}) does not exist")
-    if (path / "train").is_dir():
-        train_files = _class_files(path / "train")
-        if not (path / "test").is_dir():
-            test_files = None
-        else:
-            test_files = _class_files(path / "test")
-            if list(test_files) != list(train_files):
-                raise ValueError(
-                    f"{path / 'test'} and {path / 'train'} must hold the same class folders; "
-                    f"only in train: {sorted(set(train_files) - set(test_files))}, "
-                    f"only in test: {sorted(set(test_files) - set(train_files))}")
-    else:
-        train_files, test_files = _class_files(path), None
-    if split == "test" and test_files is None:
-        has_train = (path / "train").is_dir()
-        raise FileNotFoundError(
-            f"{path.resolve()} has no test split: " + (f"{path / 'train'} exists but {path / 'test'} does not"
-                                                        if has_train else "it has no train/ and test/ sub-folders")
-            + f"; arrange it as {path}/train/<class>/* and {path}/test/<class>/*, or use split='train'")
+    listing = imagefolder.list_folder(path, name)
+    if split not in listing.files:
+        raise imagefolder.no_test_split(path)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else imagefolder.default_cache_dir(path)
+    transform = imagefolder.choose_transform(listing, image_size, cache)
+    idx = random_subset(len(listing.files[split]), subset, subset_seed)
+    part = imagefolder.cached_split(listing, split, transform, cache, idx, workers, progress)
+    if normalize == "imagenet" or normalize == "auto" and transform.photos:
+        if transform.channels != 3:
+            raise ValueError(f"normalize='imagenet' needs RGB images; {path} holds grayscale images")
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:  # the train split's statistics, from a fixed sample of it
+        n_train = len(listing.files["train"])
+        sample = random_subset(n_train, imagefolder.STATS_SAMPLE, 0)
+        same = sample is None and idx is None or sample is not None and idx is not None and torch.equal(sample, idx)
+        stats_part = part if split == "train" and same else imagefolder.cached_split(
+            listing, "train", transform, cache, sample, workers, progress)
+        mean, std = _cached_stats(stats_part.folder, stats_part.images)
+    return Dataset(name=name, images=part.images, labels=part.labels, num_classes=len(listing.classes), mean=mean,
+                   std=std, split=split, classes=listing.classes, full_size=part.full_size, cache=str(part.folder))
 
-    classes = tuple(train_files)
 
-    def flat(files: dict[str, list[Path]]) -> tuple[list[Path], list[int]]:
-        paths = [p for c in classes for p in files[c]]
-        return paths, [k for k, c in enumerate(classes) for _ in files[c]]
+def _cached_stats(folder: Path, images: torch.Tensor):
+    """channel_stats of cached images, remembered beside them (a pass over a large cache takes a while)."""
+    import json
 
-    train_paths, train_labels = flat(train_files)
-    test_paths, test_labels = flat(test_files) if test_files is not None else ([], [])
-    headers = _image_headers(train_paths + test_paths)
-    first_path, _, first_size = headers[0]
-    for p, _, size in headers:
-        if size != first_size:
-            raise ValueError(f"all images must share one size, but {first_path} is {first_size[0]}x{first_size[1]} "
-                             f"and {p} is {size[0]}x{size[1]} (width x height); resize them to one size first")
-    mode = "L" if all(m in _GRAY_MODES for _, m, _ in headers) else "RGB"
-
-    train_images = _decode_images(train_paths, mode, first_size)
-    mean, std = channel_stats(train_images)
-    if split == "train":
-        images, labels = train_images, train_labels
-    else:
-        images, labels = _decode_images(test_paths, mode, first_size), test_labels
-    return Dataset(name=name, images=images, labels=torch.tensor(labels, dtype=torch.int64),
-                   num_classes=len(classes), mean=mean, std=std, split=split, classes=classes)
+    memo = folder / "stats.json"
+    try:
+        d = json.loads(memo.read_text())
+        return tuple(d["mean"]), tuple(d["std"])
+    except (OSError, ValueError, KeyError):
+        pass
+    mean, std = channel_stats(images)
+    try:
+        atomic_write(memo, to_json({"mean": mean, "std": std}))
+    except OSError:
+        pass  # a read-only cache: computed again next time
+    return mean, std
 
 
 # --------------------------------------------------------------------------------------------------------

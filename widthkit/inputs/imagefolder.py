@@ -1,0 +1,391 @@
+"""Image folders of real photos: the evaluation transform, and a decoded uint8 cache built once in parallel.
+
+Layout (``imagefolder:PATH``): ``PATH/train/<class>/*`` with ``PATH/test/<class>/*`` or ``PATH/val/<class>/*``
+(ImageNet's own layout works as it is), or ``PATH/<class>/*`` alone (a train split only). Classes are the
+sorted sub-folder names of the train split (label = index); any format and size PIL reads.
+
+**Transform** (evaluation only; the trainer's augmentation never enters it): images that all share one size
+are kept as they are (1 channel when every image is grayscale, else RGB). Photos of mixed sizes, or any folder
+given an ``image_size`` N, are converted to RGB, resized so the shorter side is round(N / 0.875) (256 for
+224) with bilinear filtering, and centre-cropped to N x N: torchvision's ``Resize(256)`` + ``CenterCrop(224)``
+on the PIL image, pixel for pixel (tests compare them).
+
+**Cache.** Each split is decoded once, by worker processes, into ``<cache>/<split>-<key>/images.u8``, a raw
+uint8 ``(N, C, H, W)`` array that every later command (and every torchrun rank) memory-maps instead of
+decoding. The key covers the files' relative names, sizes and modification times, their labels, the
+transform and the subset, so any change to the folder builds a new cache. Building is resumable (finished
+chunks are marked in ``done.bin``; a killed build continues where it stopped), and concurrent processes wait
+for the one that builds (a blocking ``flock``). The cache lives in ``PATH/.widthkit-cache`` when PATH is
+writable, else in ``$XDG_CACHE_HOME/widthkit`` (``~/.cache/widthkit``); ``cache_dir`` chooses another place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..fileio import atomic_write, to_json
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PHOTO_SIZE = 224
+CACHE_VERSION = 1
+CHUNK = 256  # images per decoding task (and per done-mark)
+STATS_SAMPLE = 10_000  # train images the "dataset" normalisation statistics come from (a fixed sample)
+_GRAY_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """The evaluation transform: ``size`` (crop, None = as is), ``resize`` (shorter side), ``mode`` ("RGB" or "L"),
+    ``shape`` (H, W) of the images when kept as they are."""
+
+    mode: str
+    size: int | None = None
+    resize: int | None = None
+    shape: tuple[int, int] | None = None
+
+    @classmethod
+    def for_size(cls, size: int) -> "Transform":
+        return cls("RGB", size, int(round(size / 0.875)))
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return (self.size, self.size) if self.size is not None else tuple(self.shape)
+
+    @property
+    def photos(self) -> bool:
+        return self.size is not None
+
+    def describe(self) -> str:
+        if self.size is None:
+            return f"as they are ({self.shape[1]}x{self.shape[0]}, {self.mode})"
+        return f"RGB, shorter side resized to {self.resize}, centre crop {self.size}x{self.size}"
+
+    def apply(self, img) -> np.ndarray:
+        """A PIL image -> uint8 (C, H, W)."""
+        from PIL import Image
+
+        img = img.convert(self.mode)
+        if self.size is not None:
+            w, h = img.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.resize, int(self.resize * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), Image.BILINEAR)
+            top = int(round((new_h - self.size) / 2.0))
+            left = int(round((new_w - self.size) / 2.0))
+            img = img.crop((left, top, left + self.size, top + self.size))
+        elif img.size != (self.shape[1], self.shape[0]):
+            raise ValueError(f"image is {img.size[0]}x{img.size[1]}, but the folder's images are "
+                             f"{self.shape[1]}x{self.shape[0]}")
+        pixels = np.asarray(img, dtype=np.uint8)
+        return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# listing
+# --------------------------------------------------------------------------------------------------------
+
+
+def class_files(folder: Path) -> dict[str, list[Path]]:
+    """{class name: sorted image paths} for the non-hidden sub-folders of ``folder`` (searched recursively)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder.resolve()} does not exist")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{folder.resolve()} has no class sub-folders; expected {folder}/<class>/<image> "
+                                f"with one sub-folder of images per class")
+    files = {c: sorted(p for p in (folder / c).rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
+    empty = [c for c, fs in files.items() if not fs]
+    if empty:
+        raise FileNotFoundError(f"class folder(s) {', '.join(empty)} in {folder.resolve()} hold no images "
+                                f"(extensions {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")
+    return files
+
+
+@dataclass
+class Listing:
+    """The files of both splits of an image folder, with labels and class names."""
+
+    root: Path
+    classes: tuple[str, ...]
+    files: dict  # split -> list[Path]
+    labels: dict  # split -> list[int]
+
+
+def list_folder(root: Path, name: str) -> Listing:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root.resolve()} (from {name!r}) does not exist")
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if (root / "train").is_dir():
+        train = class_files(root / "train")
+        test = class_files(test_dir) if test_dir is not None else None
+        if test is not None and list(test) != list(train):
+            raise ValueError(
+                f"{test_dir} and {root / 'train'} must hold the same class folders; "
+                f"only in train: {sorted(set(train) - set(test))}, only in {test_dir.name}: "
+                f"{sorted(set(test) - set(train))}")
+    else:
+        train, test = class_files(root), None
+    classes = tuple(train)
+
+    def flat(files):
+        return [p for c in classes for p in files[c]], [k for k, c in enumerate(classes) for _ in files[c]]
+
+    out = Listing(root, classes, {}, {})
+    out.files["train"], out.labels["train"] = flat(train)
+    if test is not None:
+        out.files["test"], out.labels["test"] = flat(test)
+    return out
+
+
+def no_test_split(root: Path) -> FileNotFoundError:
+    has_train = (root / "train").is_dir()
+    return FileNotFoundError(
+        f"{root.resolve()} has no test split: " + (f"{root / 'train'} exists but {root / 'test'} does not (nor "
+                                                    f"{root / 'val'})" if has_train
+                                                    else "it has no train/ and test/ sub-folders (val/ works as test/)")
+        + f"; arrange it as {root}/train/<class>/* and {root}/test/<class>/* (or val/), or use split='train'")
+
+
+# --------------------------------------------------------------------------------------------------------
+# choosing the transform
+# --------------------------------------------------------------------------------------------------------
+
+
+def _header(path: Path) -> tuple[str, tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.mode, img.size
+    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def choose_transform(listing: Listing, image_size: int | None, cache: Path) -> Transform:
+    """``image_size`` given: photos at that size. Else images of one size are kept as they are and mixed
+    sizes get the photo transform at 224. The decision for a folder is remembered in the cache (reading every
+    header of a large folder again would delay every command)."""
+    if image_size is not None:
+        return Transform.for_size(image_size)
+    paths = listing.files["train"] + listing.files.get("test", [])
+    key = _digest([_listing_entries(listing.root, paths, stat=True)])
+    memo = cache / f"transform-{key[:20]}.json"
+    try:
+        return Transform(**{k: tuple(v) if k == "shape" and v else v for k, v in json.loads(memo.read_text()).items()})
+    except (OSError, ValueError, TypeError):
+        pass
+    # a probe first: photo folders (mixed sizes) show it within the first few files
+    step = max(1, len(paths) // 256)
+    first_mode, first_size = _header(paths[0])
+    modes, transform = set(), None
+    for p in paths[::step]:
+        mode, size = _header(p)
+        modes.add(mode)
+        if size != first_size:
+            transform = Transform.for_size(PHOTO_SIZE)
+            break
+    if transform is None:
+        for p in paths:
+            mode, size = _header(p)
+            modes.add(mode)
+            if size != first_size:
+                transform = Transform.for_size(PHOTO_SIZE)
+                break
+    if transform is None:
+        gray = all(m in _GRAY_MODES for m in modes)
+        transform = Transform("L" if gray else "RGB", shape=(first_size[1], first_size[0]))
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, to_json(asdict(transform)))
+    except OSError:
+        pass  # a read-only cache: decided again next time
+    return transform
+
+
+# --------------------------------------------------------------------------------------------------------
+# the cache
+# --------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir(root: Path) -> Path:
+    """``PATH/.widthkit-cache`` when the image folder is writable, else the user's cache folder."""
+    here = root / ".widthkit-cache"
+    if here.is_dir() and os.access(here, os.W_OK) or not here.exists() and os.access(root, os.W_OK):
+        return here
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "widthkit"
+
+
+def _listing_entries(root: Path, paths: list[Path], stat: bool) -> list:
+    out = []
+    for p in paths:
+        rel = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+        if stat:
+            st = p.stat()
+            out.append((rel, st.st_size, st.st_mtime_ns))
+        else:
+            out.append(rel)
+    return out
+
+
+def _digest(parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, separators=(",", ":"), default=str).encode())
+    return h.hexdigest()
+
+
+@contextmanager
+def _build_lock(path: Path):
+    """A blocking exclusive ``flock``: one process builds a cache entry, the others wait and then reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], transform: Transform) -> int:
+    """Decode ``paths`` into rows ``start..`` of the memory-mapped ``target`` (runs in a worker process)."""
+    from PIL import Image
+
+    images = np.memmap(target, dtype=np.uint8, mode="r+", shape=shape)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as img:
+                images[start + i] = transform.apply(img)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot decode image {p}: {e}") from None
+    images.flush()
+    del images
+    return len(paths)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | None, progress: bool,
+           what: str) -> None:
+    """Decode ``paths`` into ``entry/images.u8`` (resuming a killed build), then mark it complete."""
+    n = len(paths)
+    shape = (n, transform.channels, *transform.out_hw)
+    partial = entry / "images.u8.partial"
+    done_path = entry / "done.bin"
+    n_chunks = (n + CHUNK - 1) // CHUNK
+    entry.mkdir(parents=True, exist_ok=True)
+    nbytes = int(np.prod(shape))
+    if not partial.exists() or partial.stat().st_size != nbytes or not done_path.exists():
+        with open(partial, "wb") as f:
+            f.truncate(nbytes)  # sparse: the disk fills as images are written
+        done_path.write_bytes(bytes(n_chunks))
+    done = bytearray(done_path.read_bytes())
+    if len(done) != n_chunks:
+        done = bytearray(n_chunks)
+        done_path.write_bytes(bytes(done))
+    todo = [c for c in range(n_chunks) if not done[c]]
+    workers = workers or min(os.cpu_count() or 1, 16)
+    bar = _progress(n, f"decoding {what} into the cache", progress)
+    bar.update(sum(min(CHUNK, n - c * CHUNK) for c in range(n_chunks) if done[c]))
+    with open(done_path, "r+b") as marks:
+        def mark(c: int, count: int) -> None:
+            marks.seek(c)
+            marks.write(b"\x01")
+            marks.flush()
+            bar.update(count)
+
+        args = [(str(partial), shape, c * CHUNK, [str(p) for p in paths[c * CHUNK:(c + 1) * CHUNK]], transform)
+                for c in todo]
+        if workers <= 1 or len(todo) <= 1:
+            for c, a in zip(todo, args):
+                mark(c, _decode_chunk(*a))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+                futures = {pool.submit(_decode_chunk, *a): c for c, a in zip(todo, args)}
+                try:
+                    for fut in as_completed(futures):
+                        mark(futures[fut], fut.result())
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    bar.close()
+    fd = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, entry / "images.u8")
+    done_path.unlink(missing_ok=True)
+
+
+@dataclass
+class CachedSplit:
+    """One decoded split: ``images`` uint8 (N, C, H, W) memory-mapped from the cache, ``labels`` (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    folder: Path
+    transform: Transform
+    full_size: int
+
+
+def cached_split(listing: Listing, split: str, transform: Transform, cache: Path, indices: torch.Tensor | None,
+                 workers: int | None = None, progress: bool = True) -> CachedSplit:
+    """The split's images (those at ``indices``, or all) from the cache, building it first when needed."""
+    paths, labels = listing.files[split], listing.labels[split]
+    full_size = len(paths)
+    if indices is not None:
+        idx = indices.tolist()
+        paths, labels = [paths[i] for i in idx], [labels[i] for i in idx]
+    key = _digest([CACHE_VERSION, split, asdict(transform), labels, _listing_entries(listing.root, paths, stat=True)])
+    entry = cache / f"{split}-{key[:20]}"
+    shape = (len(paths), transform.channels, *transform.out_hw)
+    meta_path = entry / "meta.json"
+    if not meta_path.exists():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create the image cache folder {cache}: {e.strerror}; pass --cache-dir DIR "
+                          "(a writable folder with room for the decoded images)") from None
+        with _build_lock(cache / f".{entry.name}.lock"):
+            if not meta_path.exists():  # another process may have built it while this one waited
+                what = f"{len(paths)} {split} images ({transform.describe()})"
+                _build(entry, paths, transform, workers, progress, what)
+                atomic_write(meta_path, to_json({"version": CACHE_VERSION, "split": split, "shape": list(shape),
+                                                 "transform": asdict(transform), "root": str(listing.root),
+                                                 "classes": list(listing.classes), "n_files": full_size}, indent=1))
+    meta = json.loads(meta_path.read_text())
+    if list(meta["shape"]) != list(shape):
+        raise ValueError(f"the image cache {entry} does not match its folder (shape {meta['shape']} vs {list(shape)});"
+                         f" delete {entry} and run again")
+    images = np.memmap(entry / "images.u8", dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never altered
+    return CachedSplit(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), entry, transform, full_size)
