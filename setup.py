@@ -19,5 +19,5 @@ setup(
         "tqdm",
         "scikit-learn",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest", "pytest-timeout"], "timm": ["timm"]},
 )

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 CIFAR_INPUT_SHAPE = (3, 32, 32)
 DIGITS_INPUT_SHAPE = (1, 8, 8)
 TORCHVISION_INPUT_SHAPE = (3, 224, 224)
@@ -75,9 +76,9 @@ def register_model(name: str, *, input_shape: tuple[int, ...] = CIFAR_INPUT_SHAP
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if name.startswith(TORCHVISION_PREFIX):
-        raise ValueError(f"model name {name!r} may not start with {TORCHVISION_PREFIX!r}: that prefix is reserved "
-                         "for torchvision models")
+    if name.startswith((TORCHVISION_PREFIX, TIMM_PREFIX)):
+        raise ValueError(f"model name {name!r} may not start with {TORCHVISION_PREFIX!r} or {TIMM_PREFIX!r}: those "
+                         "prefixes are reserved for torchvision and timm models")
     shape = tuple(input_shape)
     if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"input_shape must be a tuple of positive ints such as (3, 32, 32), got {input_shape!r}")
@@ -123,6 +124,8 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     _check_int("num_classes", num_classes, minimum=1)
     if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
         return _create_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, kwargs)
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        return _create_timm(name[len(TIMM_PREFIX):], num_classes, kwargs)
     entry = _lookup(name)
     _check_kwargs(name, entry.factory, kwargs)
     return entry.factory(num_classes=num_classes, **kwargs)
@@ -134,7 +137,35 @@ def model_input_shape(name: str) -> tuple[int, ...]:
     if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX):
         _check_torchvision_name(name[len(TORCHVISION_PREFIX):])
         return TORCHVISION_INPUT_SHAPE
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        model = _create_timm(name[len(TIMM_PREFIX):], 1, {})
+        return tuple(getattr(model, "pretrained_cfg", {}).get("input_size") or TORCHVISION_INPUT_SHAPE)
     return _lookup(name).input_shape
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("'timm:NAME' models need timm, which is not installed: pip install timm (or "
+                         "pip install 'widthkit[timm]'); the weights still come from your checkpoint") from None
+    return timm
+
+
+def _create_timm(arch: str, num_classes: int, kwargs: dict) -> nn.Module:
+    """``timm.create_model(arch, pretrained=False, num_classes=...)``: nothing is downloaded, the weights come
+    from the user's checkpoint."""
+    timm = _timm()
+    if not arch:
+        raise ValueError(f"'{TIMM_PREFIX}' needs a model name, e.g. '{TIMM_PREFIX}resnet18'")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise ValueError(f"timm has no model {arch!r}" + (f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?"
+                                                          if close else "; see timm.list_models()"))
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"{TIMM_PREFIX}{arch} does not take the options {sorted(kwargs)}: {err}") from None
 
 
 def _lookup(name: str) -> _Entry:

@@ -216,9 +216,13 @@ class Analysis:
 
     def default_thresholds(self) -> list[str]:
         """The paper's two width questions: test error 5 points above the start, and train loss (with the L2
-        term when the weight decay is known) 0.5 nats above it."""
-        has_l2 = "train_loss_l2" in next(iter(self.models.values()))["metrics"]
-        return ["test_err=+5", "train_loss_l2=+0.5" if has_l2 else "train_loss=+0.5"]
+        term when the weight decay is known) 0.5 nats above it. Without an error metric (a regression loss in
+        units of its own): where the train and test losses double."""
+        stored = next(iter(self.models.values()))["metrics"]
+        train_loss = "train_loss_l2" if "train_loss_l2" in stored else "train_loss"
+        if "test_err" in stored:
+            return ["test_err=+5", f"{train_loss}=+0.5"]
+        return [f"{m}=x2" for m in (train_loss, "test_loss") if m in stored]
 
     def record_widths(self, reports: Sequence[dict]) -> None:
         """Store width reports in the file (root attributes ``widths`` — the first threshold, drawn on the

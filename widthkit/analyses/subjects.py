@@ -139,7 +139,7 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
                               image_size=cfg.image_size, normalize=cfg.normalize, cache_dir=cfg.cache_dir,
                               workers=cfg.workers)
             if k is not None and k > ds.full_size:
-                raise ValueError(f"--{split}-subset {k} asks for more images than the {name} {split} split has "
+                raise ValueError(f"--{split}-subset {k} asks for more images than the {name} split has "
                                  f"({ds.full_size}); pass at most {ds.full_size}, or leave it unset to use them all")
             splits[split] = EvalSet.from_dataset(ds, device, max_memory=cfg.max_memory)
         train, test = splits["train"], splits["test"]
@@ -164,8 +164,8 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
         train = _subset(train, cfg.train_subset, cfg.seed)
         test = _subset(test, cfg.test_subset, cfg.seed + 1)
     if cfg.bn_subset is not None and cfg.bn_subset > len(train):
-        raise ValueError(f"--bn-subset {cfg.bn_subset} asks for more images than the {desc['name']} train split "
-                         f"has ({len(train)}); pass at most {len(train)}, or leave it unset to use them all")
+        raise ValueError(f"--bn-subset {cfg.bn_subset} asks for more images than the {desc['name']} split has "
+                         f"({len(train)}); pass at most {len(train)}, or leave it unset to use them all")
     desc.update(train_subset=cfg.train_subset, test_subset=cfg.test_subset, n_train=len(train), n_test=len(test))
     return train, test, desc
 
@@ -205,15 +205,9 @@ def check_model_fits_data(model: nn.Module, train: EvalSet, test: EvalSet, name:
             raise ValueError(f"the model cannot take the {name} inputs, shaped {tuple(train.x.shape[1:])} per "
                              f"example: {first}. Check --dataset and --arch (a model built for other images?)"
                              + (", and forward=" if objective.forward_fn is not None else "")) from None
-        try:
-            objective.accumulate(out, train.y[:2], torch.zeros(2 * len(objective.metrics), dtype=torch.float64,
-                                                             device=train.device))
-        except RuntimeError as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise ValueError(f"the metrics {objective.names} cannot score the model's output "
-                             f"{tuple(getattr(out, 'shape', ()))} against the {name} labels: {first}") from None
     if not (torch.is_tensor(out) and out.dim() == 2) or train.y.is_floating_point() or train.y.dim() != 1:
-        return  # not a (batch, classes) classifier: the objective's own checks above are what applies
+        _check_scores(objective, out, train, name)  # not a (batch, classes) classifier: the objective says
+        return
     classes = out.shape[1]
     for split, es in (("train", train), ("test", test)):
         lo, hi = int(es.y.min()), int(es.y.max())
@@ -221,3 +215,15 @@ def check_model_fits_data(model: nn.Module, train: EvalSet, test: EvalSet, name:
             raise ValueError(f"the {name} {split} labels run from {lo} to {hi}, but the model has {classes} outputs "
                              f"(classes 0..{classes - 1}); use a checkpoint trained on this data, or data with at "
                              f"most {classes} classes labelled 0..{classes - 1}")
+    _check_scores(objective, out, train, name)
+
+
+def _check_scores(objective, out, train: EvalSet, name: str) -> None:
+    with torch.no_grad():
+        try:
+            objective.accumulate(out, train.y[:2], torch.zeros(2 * len(objective.metrics), dtype=torch.float64,
+                                                             device=train.device))
+        except (RuntimeError, IndexError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ValueError(f"the metrics {objective.names} cannot score the model's output "
+                             f"{tuple(getattr(out, 'shape', ()))} against the {name} labels: {first}") from None

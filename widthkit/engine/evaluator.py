@@ -61,7 +61,7 @@ class EvalSet:
     ``device``.
     """
 
-    def __init__(self, x, y, mean=None, std=None, device=None):
+    def __init__(self, x, y, mean=None, std=None, device=None, streamed: bool = False):
         if not torch.is_tensor(x) or not torch.is_tensor(y):
             raise TypeError(f"EvalSet needs tensors x and y, got {type(x).__name__} and {type(y).__name__}")
         if x.shape[0] != y.shape[0]:
@@ -82,21 +82,22 @@ class EvalSet:
         self.mean = tuple(float(m) for m in mean) if mean is not None else None
         self.std = tuple(float(s) for s in std) if std is not None else None
         self._norm = None
+        self._streamed = bool(streamed) or x.device != self.device
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     @property
     def resident(self) -> bool:
-        """Whether the inputs live on the evaluation device (else they are streamed batch by batch)."""
-        return self.x.device == self.device
+        """Whether the inputs are kept on the evaluation device (else they are streamed batch by batch)."""
+        return not self._streamed
 
     @property
     def nbytes(self) -> int:
         return self.x.numel() * self.x.element_size()
 
     def describe(self) -> str:
-        how = "resident on" if self.resident else f"streamed from {self.x.device.type} memory to"
+        how = "resident on" if self.resident else f"streamed from {self.x.device.type} memory (or its cache) to"
         return f"{len(self)} examples, {self.nbytes / 1e6:.1f} MB {str(self.x.dtype).replace('torch.', '')}, {how} {self.device}"
 
     def to(self, device) -> "EvalSet":
@@ -104,20 +105,22 @@ class EvalSet:
         return EvalSet(self.x.to(device), self.y, self.mean, self.std, device)
 
     def streamed_to(self, device) -> "EvalSet":
-        """The same split, inputs left where they are, evaluated on ``device``."""
-        return EvalSet(self.x, self.y, self.mean, self.std, device)
+        """The same split, inputs left where they are, streamed to ``device``."""
+        return EvalSet(self.x, self.y, self.mean, self.std, device, streamed=True)
 
     def subset(self, index: torch.Tensor) -> "EvalSet":
         """The examples at ``index`` (int64 indices), resident or streamed as this split."""
         x = self.x.index_select(0, index.to(self.x.device))
-        return EvalSet(x, self.y.index_select(0, index.to(self.device)), self.mean, self.std, self.device)
+        return EvalSet(x, self.y.index_select(0, index.to(self.device)), self.mean, self.std, self.device,
+                       streamed=self._streamed)
 
     # -- batches ---------------------------------------------------------------------------------------
     def _prepare(self, xb: torch.Tensor) -> torch.Tensor:
         """One batch, on the device, as the model takes it."""
+        # one memory layout whatever the source's strides (a kernel may pick another path for another layout)
         if xb.dtype != torch.uint8:
-            return xb.float() if xb.is_floating_point() else xb
-        x = xb.to(torch.float32)  # always a copy
+            return xb.to(torch.float32, memory_format=torch.contiguous_format) if xb.is_floating_point() else xb
+        x = xb.to(torch.float32, memory_format=torch.contiguous_format)  # always a copy
         if self.mean is None:
             return x.div_(255.0)
         if self._norm is None or self._norm[0].device != x.device:
@@ -159,7 +162,7 @@ class EvalSet:
         x, y = dataset.images, dataset.labels
         if limit is not None:
             x, y = x[:limit], y[:limit]
-        es = cls(x, y, dataset.mean, dataset.std, device)
+        es = cls(x, y, dataset.mean, dataset.std, device, streamed=True)
         if es.nbytes <= memory_budget(device, max_memory):
             if x.device != torch.device(device) or getattr(dataset, "cache", None):
                 x = x.to(device) if x.device != torch.device(device) else x.clone()  # read into memory once
@@ -171,7 +174,7 @@ class EvalSet:
         """Accepts an EvalSet, a widthkit Dataset, an ``(x, y)`` pair of tensors, or an iterable of
         ``(x, y)`` batches such as a ``DataLoader`` (read once, concatenated)."""
         if isinstance(data, EvalSet):
-            return data.to(device) if data.resident or torch.device(device) == data.x.device else data.streamed_to(device)
+            return data.to(device) if data.resident else data.streamed_to(device)
         if hasattr(data, "images") and hasattr(data, "labels") and hasattr(data, "mean"):
             return cls.from_dataset(data, device, max_memory=max_memory)
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):

@@ -95,24 +95,30 @@ _BN_TEXT = {
 
 
 def metric_label(metric: str) -> str:
-    """Axis label with units for ``metric``, e.g. ``"test error (%)"`` for ``"test_err"``.
+    """Axis label with units for ``metric``, e.g. ``"test error (%)"`` for ``"test_err"``; other stored
+    metrics (``test_top5_err`` -> ``"test top-5 error (%)"``) are labelled from their name.
 
     Raises:
-        ValueError: unknown metric (the message lists the valid ones).
+        ValueError: not a metric name (the message lists the known ones).
     """
     check_metric(metric)
-    return METRIC_LABELS[metric]
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    split, _, rest = metric.partition("_")
+    words = {"top5_err": "top-5 error"}.get(rest) or rest.replace("class_err_", "error on class ").replace("_", " ")
+    return f"{split} {words}" + (" (%)" if is_error(metric) else "")
 
 
 def check_metric(metric) -> None:
-    """Raise ValueError unless ``metric`` is one of :data:`METRIC_LABELS` (the message lists them)."""
-    if metric not in METRIC_LABELS:
-        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRIC_LABELS)}")
+    """Raise ValueError unless ``metric`` is one of :data:`METRIC_LABELS` or another ``train_``/``test_`` metric."""
+    if metric not in METRIC_LABELS and not (isinstance(metric, str) and re.fullmatch(r"(train|test)_[a-z0-9_]+", metric)):
+        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRIC_LABELS)}, or another stored "
+                         "train_/test_ metric (test_top5_err, ...)")
 
 
 def is_error(metric: str) -> bool:
-    """Whether ``metric`` is an error in percent (``*_err``) rather than a loss in nats."""
-    return metric.endswith("_err")
+    """Whether ``metric`` is an error in percent (``*_err``, ``*_class_err_K``) rather than a loss."""
+    return metric.endswith("_err") or "_class_err_" in metric
 
 
 def _checkpoint_key(label) -> str:

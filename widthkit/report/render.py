@@ -163,7 +163,8 @@ def _metric_values(model: Mapping, metric: str) -> np.ndarray:
 def _available(models: Mapping) -> list[str]:
     """Metrics every model holds, in :data:`METRIC_LABELS` order."""
     sets = [set(m["metrics"]) for m in models.values()]
-    return [m for m in METRIC_LABELS if all(m in s for s in sets)]
+    others = sorted(set.intersection(*sets) - set(METRIC_LABELS)) if sets else []
+    return [m for m in METRIC_LABELS if all(m in s for s in sets)] + others
 
 
 def _metrics_to_plot(models: Mapping, metric) -> list[str]:

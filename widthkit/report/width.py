@@ -75,14 +75,24 @@ __all__ = [
     "nonfinite_line",
 ]
 
-#: Metrics a threshold may refer to (the store's dataset names). Losses in nats, errors in % (0..100).
+#: The default metrics a threshold may refer to (the store's dataset names). Losses in nats, errors in %
+#: (0..100). Any other stored ``<split>_<metric>`` works too (``test_top5_err``, ``test_class_err_3``, ...).
 METRICS = ("train_loss", "train_err", "test_loss", "test_err", "train_loss_l2")
+_METRIC_NAME = re.compile(r"^(train|test)_[a-z0-9_]+$")
 
 NAN_POLICIES = ("unknown", "raise")
 
 #: Error metric -> the loss of the same split: where that loss is non-finite, the logits were, and the error
 #: count there means nothing (see :func:`nonfinite_points`).
 SAME_SPLIT_LOSS = {"test_err": "test_loss", "train_err": "train_loss"}
+
+
+def same_split_loss(metric: str) -> str | None:
+    """``test_err``/``test_top5_err``/``test_class_err_3`` -> ``test_loss`` (None for a loss)."""
+    if metric in SAME_SPLIT_LOSS:
+        return SAME_SPLIT_LOSS[metric]
+    split, _, rest = metric.partition("_")
+    return f"{split}_loss" if split in ("train", "test") and "err" in rest else None
 
 _THRESHOLD_FORMS = (
     "'METRIC=+DELTA' (DELTA above the value at distance 0 on each ray, e.g. 'test_err=+5'), "
@@ -125,8 +135,9 @@ class Threshold:
     factor: bool = False
 
     def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r} in threshold; valid metrics: {', '.join(METRICS)}")
+        if self.metric not in METRICS and not _METRIC_NAME.match(self.metric):
+            raise ValueError(f"unknown metric {self.metric!r} in threshold; valid metrics: {', '.join(METRICS)}, or "
+                             "any other stored train_/test_ metric (test_top5_err, ...)")
         value = float(self.value)
         if not math.isfinite(value):
             raise ValueError(f"threshold value must be finite, got {self.value!r}")
@@ -292,7 +303,7 @@ def nonfinite_points(metric: str, metrics: Mapping[str, np.ndarray], done=None) 
     """
     values = np.asarray(metrics[metric], dtype=np.float64)
     broken = ~np.isfinite(values)
-    loss = SAME_SPLIT_LOSS.get(metric)
+    loss = same_split_loss(metric)
     if loss in metrics:
         broken |= ~np.isfinite(np.asarray(metrics[loss], dtype=np.float64))
     if done is not None:
@@ -891,7 +902,7 @@ def nonfinite_line(
         n_grid_widths: rays whose grid width ends at a broken point (:attr:`GridWidths.at_nonfinite`, not
             refined): their width is the last finite distance below the level, short by less than a grid step.
     """
-    loss = SAME_SPLIT_LOSS.get(metric)
+    loss = same_split_loss(metric)
     what = f"{metric} (or {loss})" if loss else metric
     line = f"{name}: {n_nonfinite} of {n_computed} computed points have non-finite {what} (counted as crossed)"
     if n_at_start:
