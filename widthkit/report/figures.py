@@ -825,7 +825,7 @@ def _mark_points(ax: Axes, P: np.ndarray, labels, colors, x: np.ndarray, y: np.n
         top = py > y[0] + 0.85 * (y[-1] - y[0])
         ax.annotate(label, xy=(px, py), xytext=(-6 if right else 6, -6 if top else 6), textcoords="offset points",
                     ha="right" if right else "left", va="top" if top else "bottom", fontsize="small",
-                    fontweight="bold", color="black", path_effects=_outlined(), zorder=6)
+                    fontweight="bold", color="black", path_effects=_outlined(), zorder=6, gid=f"point-label:{label}")
 
 
 def _check_marks(coords, labels, distances=None) -> tuple[np.ndarray, list[str], np.ndarray | None]:
@@ -875,21 +875,75 @@ def plot_plane_marks(ax: Axes, coords, labels: Sequence[str] | None = None, dist
     palette = checkpoint_colors(labels, colors)
     x0, x1 = sorted(ax.get_xlim())
     y0, y1 = sorted(ax.get_ylim())
+    texts = []
     for k, ((px, py), label) in enumerate(zip(P, labels)):
         inside = x0 <= px <= x1 and y0 <= py <= y1
         ax.plot([px], [py], marker=_MARK_MARKER, ms=13, ls="none", color=palette[label], mec="white", mew=1.2,
                 zorder=7, clip_on=not inside, label="_nolegend_")[0].set_gid(f"mark:{label}")
-        if not inside:
-            continue
-        # towards the wider side, and below the star (a plane's own points are labelled above theirs: a mark
-        # sitting on one, such as SWA on the mean of its iterates, keeps both labels readable)
-        right = px > x0 + 0.5 * (x1 - x0)
-        low = py < y0 + 0.2 * (y1 - y0)
-        ax.annotate(mark_text(label, None if distances is None else distances[k]), xy=(px, py),
-                    xytext=(-8 if right else 8, 8 if low else -8), textcoords="offset points",
-                    ha="right" if right else "left", va="bottom" if low else "top", fontsize="small",
-                    fontweight="bold", color="black", path_effects=_outlined(), zorder=8)
+        if inside:
+            texts.append(ax.annotate(mark_text(label, None if distances is None else distances[k]), xy=(px, py),
+                                     xytext=(8, -8), textcoords="offset points", ha="left", va="top",
+                                     fontsize="small", fontweight="bold", color="black", path_effects=_outlined(),
+                                     zorder=8, gid=f"mark-label:{label}"))
+    # the plane's own point labels move too: a mark next to a point would otherwise hide its label
+    _place_labels(ax, [t for t in ax.texts if (t.get_gid() or "").startswith(("point-label:", "mark-label:"))])
     return ax
+
+
+# Where a label may go (offset in points, alignment), in order of preference: beside the marker diagonally,
+# then a line further up or down.
+_LABEL_SPOTS = tuple((dx, dy * far, "left" if dx > 0 else "right", "bottom" if dy > 0 else "top")
+                     for far in (1, 3) for dx, dy in ((8, -8), (8, 8), (-8, -8), (-8, 8)))
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _place_labels(ax: Axes, texts, passes: int = 3) -> None:
+    """Move each annotation in ``texts`` to the spot of :data:`_LABEL_SPOTS` where it covers least: of the
+    other texts of ``ax`` (by area), of the markers drawn (a marker weighs as much as a whole label), and of the
+    space outside the Axes (ten times as much: a label sticking out would squeeze the plot). Repeated over all
+    of them (``passes`` times, until none moves), so that an early label can make way for a later one."""
+    if not texts:
+        return
+    fig = ax.figure
+    fig.draw_without_rendering()  # the final layout: positions in pixels are meaningful from here on
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    fixed = [t.get_window_extent(renderer) for t in ax.texts if t.get_visible() and t.get_text() and t not in texts]
+    markers = [xy for line in ax.get_lines() if line.get_marker() not in (None, "None", "none", "")
+               for xy in line.get_transform().transform(np.asarray(line.get_xydata(), dtype=np.float64))
+               if np.isfinite(xy).all()]
+
+    def put(text, spot):
+        dx, dy, ha, va = spot
+        text.set_position((dx, dy))
+        text.set_horizontalalignment(ha)
+        text.set_verticalalignment(va)
+        return text.get_window_extent(renderer).padded(3)  # labels that merely touch read as one
+
+    boxes = {id(t): t.get_window_extent(renderer).padded(3) for t in texts}
+    for _ in range(passes):
+        moved = False
+        for text in texts:
+            others = fixed + [b for k, b in boxes.items() if k != id(text)]
+            current = (*text.get_position(), text.get_horizontalalignment(), text.get_verticalalignment())
+            best, best_cost = None, np.inf
+            for i, spot in enumerate(_LABEL_SPOTS):
+                box = put(text, spot)
+                area = max(box.width * box.height, 1.0)
+                cost = sum(_overlap(box, b) for b in others) / area
+                cost += sum(1.0 for x, y in markers if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1)
+                cost += 10.0 * (1.0 - _overlap(box, frame) / area) + 0.01 * i  # ties: the nearer, earlier spot
+                if cost < best_cost - 1e-9:
+                    best, best_cost = spot, cost
+            boxes[id(text)] = put(text, best)
+            moved = moved or tuple(best) != tuple(current)
+        if not moved:
+            break
 
 
 def plot_plane_trajectory(ax: Axes, coords, label: str | None = "trajectory", color=_TRAJECTORY_COLOR) -> Axes:
@@ -991,8 +1045,6 @@ def plot_plane(
         plot_plane_trajectory(ax, trajectory, label=trajectory_label)
     ax.set_xlim(*limits[0])
     ax.set_ylim(*limits[1])
-    if marks is not None:
-        plot_plane_marks(ax, marks, mark_labels, mark_distances, colors)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if _to_scale(x, y):
@@ -1006,6 +1058,8 @@ def plot_plane(
     if trajectory is not None and trajectory_label:
         # under the plot when the figure is ours (a legend inside a small plane would squeeze it), else inside
         _add_legend([ax], [h for h in ax.get_lines() if h.get_gid() == "trajectory"], own_figure=own_figure)
+    if marks is not None:  # last: their labels go where they hide least of everything else
+        plot_plane_marks(ax, marks, mark_labels, mark_distances, colors)
     return ax
 
 
