@@ -204,6 +204,20 @@ def test_pca_plane_centred_on_a_checkpoint(run):
     np.testing.assert_allclose(d["axes"]["points"], [[0.0, 0.0]])
 
 
+def test_plane_takes_modules_as_iterates_and_marks(run):
+    """In Python the iterates and marks may be nn.Modules: the same numbers as from their files."""
+    it = run["iterates"]
+    modules = [load_checkpoint(p).model for p in it]
+    a = widthkit.plane(None, "digits", pca=modules, mark={"SWA": load_checkpoint(run["swa"]).model}, **FAST)
+    b = widthkit.plane(None, pca=it, mark=[f"SWA={run['swa']}"], **FAST)
+    da, db = read(a.path, load_large=True), read(b.path, load_large=True)
+    for key in ("basis", "marks", "mark_distances", "pca_variances", "x", "y"):
+        np.testing.assert_array_equal(da["axes"][key], db["axes"][key])
+    np.testing.assert_array_equal(da["models"]["plane"]["metrics"]["train_loss"],
+                                  db["models"]["plane"]["metrics"]["train_loss"])
+    assert da["config"]["plane"]["mark"] == ["SWA=<DigitsCNN>"] and db["config"]["plane"]["pca"] == it
+
+
 def test_plane_refuses_bad_geometry(run):
     it = run["iterates"]
     with pytest.raises(ValueError, match="2 iterate\\(s\\) do not span a plane about their mean: pass at least 3"):
@@ -326,8 +340,29 @@ def test_plot_plane_draws_marks_and_trajectory():
     # given an Axes (a 3D one: the surface), the marks and the trajectory sit on the surface
     ax3 = plt.figure().add_subplot(projection="3d")
     figures.plot_plane_surface(x, y, Z, ax=ax3, marks=[[0.5, 0.5]], mark_labels=["SWA"], trajectory=traj)
-    assert [c.get_gid() for c in ax3.collections if c.get_gid()] [-1] == "mark:SWA"
+    assert [c.get_gid() for c in ax3.collections if c.get_gid()][-1] == "mark:SWA"
     assert [a.get_gid() for a in ax3.get_lines()] == ["trajectory"]
+
+
+def test_mark_labels_make_way_for_the_planes_own_labels():
+    """A mark right beside a point (SGD next to the first iterate, as on the digits run): every label stays
+    inside the plot and none covers another."""
+    x, y = np.linspace(-0.2, 1.2, 8), np.linspace(-0.05, 0.3, 6)
+    Z = np.add.outer(x, y) + 1
+    ax = figures.plot_plane(x, y, Z, [[0, 0], [0.5, 0], [1.0, 0.25]], ["swa_iter_001", "swa_iter_008", "swa_iter_015"],
+                            metric="train_loss", marks=[[0.04, 0.0], [0.5, 0.06]], mark_labels=["SGD", "SWA"],
+                            mark_distances=[0.03, 0.033])
+    fig = ax.figure
+    fig.draw_without_rendering()
+    r = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if (t.get_gid() or "").startswith(("point-label:", "mark-label:"))]
+    assert len(labels) == 5
+    boxes = [t.get_window_extent(r) for t in labels]
+    frame = ax.get_window_extent(r)
+    for i, a in enumerate(boxes):
+        assert frame.x0 - 1 <= a.x0 and a.x1 <= frame.x1 + 1 and frame.y0 - 1 <= a.y0 and a.y1 <= frame.y1 + 1
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (labels[i].get_text(), a, b)
 
 
 def test_elongated_plane_is_drawn_not_to_scale_and_says_so():
@@ -361,6 +396,14 @@ def test_cli_iterate_plane_pca_plane_and_pca_rays(run, tmp_path, capsys):
     assert len(pngs) == 2 and all(p.stat().st_size > 10_000 for p in pngs)
     ax = render.draw(d)
     assert [a.get_gid() for a in ax.get_lines() if a.get_gid() in ("mark:SWA", "trajectory")] == ["trajectory", "mark:SWA"]
+    # the same command again resumes the finished file: nothing recomputed, nothing changed
+    created = d["attrs"]["created"]
+    assert plane_cli.main(["--ckpt", it[0], "--ckpt", it[2], "--ckpt", it[4], "--mark", f"SWA={swa}",
+                           "--trajectory", *it, "--resolution", "4", "--out", str(out), "--no-plot", *SMALL]) == 0
+    again = read(out, load_large=True)
+    assert again["attrs"]["created"] == created
+    np.testing.assert_array_equal(again["axes"]["marks"], d["axes"]["marks"])
+    capsys.readouterr()
 
     # the PCA plane of the run's folder (its iterates only: swa.pt and the trainer's state are left out)
     out = tmp_path / "pca.h5"

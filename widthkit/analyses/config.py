@@ -85,7 +85,9 @@ class LineConfig:
 
 @dataclass
 class PlaneConfig:
-    """A grid on a plane: through three models (Izmailov et al. 2018, Figure 1) or random around one."""
+    """A grid on a plane: through three models (Izmailov et al. 2018, Figure 1), random around one (Li et al.
+    2018), or spanned by the top two principal directions of iterates; further checkpoints marked at their
+    projections, iterates drawn as a trajectory."""
 
     resolution: tuple[int, ...] = option((21, 21), "grid points along x and y: one number for both, or two",
                                          nargs="+", type=int, metavar="N")

@@ -233,7 +233,8 @@ def plane(models=None, data=None, *, config: EvalConfig | None = None, out=None,
         setup = prepare(models if has_models else {_source_label(first): first.item}, data, cfg, arch=arch,
                         which=which)
     else:
-        setup = prepare(models, data, cfg, arch=arch, which=which, count=(1,) if spec.random else (3,),
+        setup = prepare(models if has_models else [], data, cfg, arch=arch, which=which,
+                        count=(1,) if spec.random else (3,),
                         what="a random plane (--random)" if spec.random
                         else "a plane through checkpoints (or --random with one, or --pca ITERATES)")
     ev = setup.evaluator(0)
