@@ -202,6 +202,11 @@ def test_pca_plane_centred_on_a_checkpoint(run):
     np.testing.assert_allclose(d["axes"]["pca_variances"], S[:2] ** 2 / 3, rtol=1e-6)
     assert d["attrs"]["point_labels"] == ["swa_iter_005"] and d["attrs"]["pca"]["center"] == "swa_iter_005"
     np.testing.assert_allclose(d["axes"]["points"], [[0.0, 0.0]])
+    # centred on a model given by its label: that model is the plane's point, the others stay marks
+    res = widthkit.plane({"SWA": run["swa"], "last": it[4]}, pca=it[:3], pca_center="LAST", **FAST)
+    d2 = read(res.path, load_large=True)
+    np.testing.assert_array_equal(d2["axes"]["basis"], d["axes"]["basis"])
+    assert d2["attrs"]["point_labels"] == ["last"] and d2["attrs"]["mark_labels"] == ["SWA"]
 
 
 def test_plane_takes_modules_as_iterates_and_marks(run):

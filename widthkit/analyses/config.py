@@ -43,7 +43,8 @@ _EXCLUDE_HELP = "parameter kinds left out of the directions: bias, norm, biasbn 
 class RaysConfig:
     """Rays from each model along the same random directions (Izmailov et al. 2018, section 3.4)."""
 
-    dirs: int = option(10, "number of random directions, the same for every checkpoint")
+    dirs: int = option(10, "number of directions: random ones, the same for every checkpoint, or the top ones "
+                           "of --dirs-from")
     max_dist: float | None = option(None, "largest distance along a ray (default: ‖θ‖/2 of the first checkpoint, "
                                           "rounded up to 1, 2 or 5·10^k, for unit directions; 1 otherwise)")
     steps: int = option(21, "grid points per ray, distance 0 included")

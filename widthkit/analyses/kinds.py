@@ -261,10 +261,12 @@ def plane(models=None, data=None, *, config: EvalConfig | None = None, out=None,
             raise ValueError(f"--pca: {len(iterates)} iterate(s) do not span a plane "
                              f"{'about their mean: pass at least 3' if center is None else 'about a centre: pass at least 2'}")
         origin, basis, variances, ratio = pca_basis(iterates.thetas, "mean" if center is None else center, k=2)
-        if given is not None:  # the models of a PCA plane are marked like --mark checkpoints
-            keep = [i for i, label in enumerate(given.labels) if label != center_label]
-            marks = _join(Weights([given.labels[i] for i in keep], given.thetas[keep],
-                                  [given.paths[i] for i in keep], [given.sha256[i] for i in keep]), marks)
+        # the models of a PCA plane are marked like --mark checkpoints, except the centre (the plane's point)
+        marks = _join(given, marks)
+        if marks is not None and center is not None:
+            keep = [i for i, label in enumerate(marks.labels) if label != center_label]
+            marks = Weights([marks.labels[i] for i in keep], marks.thetas[keep], [marks.paths[i] for i in keep],
+                            [marks.sha256[i] for i in keep]) if keep else None
         cover.append(project(iterates.thetas, origin, basis)[0].numpy())
         points, point_labels = np.zeros((1, 2)), [center_label]
         r = ratio.numpy()
