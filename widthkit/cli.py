@@ -155,7 +155,7 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: C
 
     geometry = geometry_cls(**config_values(args, geometry_cls))
     config = EvalConfig(**config_values(args, EvalConfig))
-    out = Path(args.out or default_out(kind, args.ckpt))
+    out = Path(args.out or default_out(kind, args.ckpt or []))
     figures = figure_options(args)
     for folder in (out.parent, figures.folder):  # before any point is computed, not after
         if folder is not None:
@@ -163,7 +163,7 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: C
     progress, close = progress_bar(not args.quiet, kind)
     timer = Timer()
     try:
-        res = analysis(models_from(args.ckpt), config=config, out=out, overwrite=args.overwrite, progress=progress,
+        res = analysis(models_from(args.ckpt or []), config=config, out=out, overwrite=args.overwrite, progress=progress,
                        arch=args.arch, which=args.which, after=(make_after or finish_after)(figures),
                        **dataclasses.asdict(geometry))
     finally:
@@ -173,21 +173,21 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: C
     return 0
 
 
-def analysis_parser(prog: str, doc: str, how_many: str, *configs) -> argparse.ArgumentParser:
+def analysis_parser(prog: str, doc: str, how_many: str, *configs, ckpt_required: bool = True) -> argparse.ArgumentParser:
     """The parser of an analysis command: ``--ckpt``, a group of flags per ``(title, config class)``, the
     evaluation flags (:class:`~widthkit.engine.config.EvalConfig`) and the output flags."""
     from .engine.config import EvalConfig
 
     p = argparse.ArgumentParser(prog=f"python -m widthkit.{prog}", description=doc.split("\n\n")[0])
-    add_ckpt_flags(p, how_many)
+    add_ckpt_flags(p, how_many, required=ckpt_required)
     for title, cls in (*configs, ("evaluation", EvalConfig)):
         add_config_flags(p.add_argument_group(title), cls)
     add_output_flags(p)
     return p
 
 
-def add_ckpt_flags(p: argparse.ArgumentParser, how_many: str) -> None:
-    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+def add_ckpt_flags(p: argparse.ArgumentParser, how_many: str, required: bool = True) -> None:
+    p.add_argument("--ckpt", action="append", required=required, metavar="PATH",
                    help=f"checkpoint file ({how_many}); repeat the flag for several. LABEL=PATH sets the label; "
                         "PATH#swa / PATH#sgd picks one model of a file that holds both")
     p.add_argument("--arch", help="architecture for bare state dicts (default: recorded in the file, or detected)")
@@ -215,7 +215,7 @@ def default_out(kind: str, ckpts: list[str]) -> Path:
     for label, path in map(parse_ckpt, ckpts):
         pick = f"-{path.rpartition('#')[2]}" if path.endswith(("#swa", "#sgd")) else ""
         stems.append(label or Path(path).stem + pick)
-    return Path("analyses") / f"{kind}-{'-'.join(stems)}.h5"
+    return Path("analyses") / (f"{kind}-{'-'.join(stems)}.h5" if stems else f"{kind}.h5")
 
 
 def progress_bar(enabled: bool, desc: str):

@@ -214,6 +214,35 @@ class Analysis:
                         f"(defined on {r['n_defined']}/{len(r['plus'])} directions)")
         return {**out, "table": "\n".join(rows)}
 
+    def projections(self) -> dict:
+        """What a plane records besides its grid: the marked checkpoints, the trajectory and the PCA variance.
+
+        Returns ``{"units": coordinate units, "marks": [{"label", "x", "y", "distance"}], "trajectory":
+        [{"label", "x", "y", "distance"}] (in order), "pca": {"center", "n_iterates", "explained_ratio" [2],
+        "variances" [2]} or None, "table": printable text}``; distances from the plane are ‖w − proj(w)‖₂ in
+        weight-space units, coordinates in the plane's units.
+
+        Raises:
+            ValueError: not a plane analysis.
+        """
+        if self.kind != "plane":
+            raise ValueError(f"projections belong to planes; this is a {self.kind!r} analysis")
+        axes, attrs = self.data["axes"], self.data["attrs"]
+        units = (self.data.get("axis_attrs", {}).get("x") or {}).get("units", "")
+        out: dict = {"units": units, "marks": [], "trajectory": [], "pca": None}
+        for key, stem in (("marks", "mark"), ("trajectory", "trajectory")):
+            if key in axes:
+                out[key] = [{"label": str(label), "x": float(c[0]), "y": float(c[1]), "distance": float(d)}
+                            for label, c, d in zip(attrs[f"{stem}_labels"], np.asarray(axes[key]).reshape(-1, 2),
+                                                   np.ravel(axes[f"{stem}_distances"]))]
+        if "pca_explained_ratio" in axes:
+            pca = attrs.get("pca") or {}
+            out["pca"] = {"center": pca.get("center"), "n_iterates": pca.get("n_iterates"),
+                          "explained_ratio": np.ravel(axes["pca_explained_ratio"]).tolist(),
+                          "variances": np.ravel(axes["pca_variances"]).tolist()}
+        out["table"] = _projection_table(out)
+        return out
+
     def default_thresholds(self) -> list[str]:
         """The paper's two width questions: test error 5 points above the start, and train loss (with the L2
         term when the weight decay is known) 0.5 nats above it. Without an error metric (a regression loss in
@@ -255,6 +284,25 @@ class Analysis:
     def __repr__(self) -> str:
         shapes = {g: next(iter(m["metrics"].values())).shape for g, m in self.models.items()}
         return f"Analysis(kind={self.kind!r}, path='{self.path}', grids={shapes}, complete={self.complete()})"
+
+
+def _projection_table(p: dict) -> str:
+    """The printed summary of :meth:`Analysis.projections`."""
+    rows = []
+    if p["pca"]:
+        r, v = p["pca"]["explained_ratio"], p["pca"]["variances"]
+        rows.append(f"PCA plane of {p['pca']['n_iterates']} iterates, centre {p['pca']['center']}: explained variance "
+                    f"PC1 {r[0]:.1%}, PC2 {r[1]:.1%} (variances {v[0]:.4g}, {v[1]:.4g})")
+    if p["marks"]:
+        width = max(8, *(len(m["label"]) for m in p["marks"]))
+        rows.append(f"marked checkpoints: projection onto the plane ({p['units']}) and distance from it (weight-space L2)")
+        rows.append(f"{'label':<{width}}  {'x':>10}  {'y':>10}  {'distance':>10}")
+        rows += [f"{m['label']:<{width}}  {m['x']:>10.4g}  {m['y']:>10.4g}  {m['distance']:>10.4g}" for m in p["marks"]]
+    if p["trajectory"]:
+        d = np.array([t["distance"] for t in p["trajectory"]])
+        rows.append(f"trajectory: {len(d)} iterates from {p['trajectory'][0]['label']} to {p['trajectory'][-1]['label']}, "
+                    f"distance from the plane {d.min():.4g} to {d.max():.4g} (median {np.median(d):.4g})")
+    return "\n".join(rows)
 
 
 def load(path) -> Analysis:

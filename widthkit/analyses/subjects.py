@@ -1,7 +1,10 @@
-"""What an analysis evaluates: the models (labelled, with provenance) and the data splits."""
+"""What an analysis evaluates: the models (labelled, with provenance) and the data splits; the further
+weight vectors its geometry needs (iterates for principal directions and trajectories, checkpoints marked on a
+plane) and directions read from files (Hessian eigenvectors)."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ from torch import nn
 from ..engine.config import EvalConfig
 from ..engine.evaluator import EvalSet
 from ..engine.objectives import Objective
-from ..inputs.checkpoints import Checkpoint, load_checkpoint
+from ..inputs.checkpoints import Checkpoint, CheckpointError, load_checkpoint
 from ..inputs.data import load_dataset
 from ..runtime import random_subset
 
@@ -42,6 +45,8 @@ class Subject:
 def _label_from(path: str | None, role: str | None, index: int) -> str:
     if role in ("sgd", "swa"):
         return role.upper()
+    if role == "iterate" and path:  # every iterate has this role: its file name tells them apart
+        return Path(path).stem
     if role:
         return role
     if path:
@@ -227,3 +232,178 @@ def _check_scores(objective, out, train: EvalSet, name: str) -> None:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise ValueError(f"the metrics {objective.names} cannot score the model's output "
                              f"{tuple(getattr(out, 'shape', ()))} against the {name} labels: {first}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Weight vectors that only shape the geometry: iterates, marked checkpoints
+# --------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".tar", ".bin")
+
+
+@dataclass
+class Source:
+    """One weight vector to load: a path (``"file.pt#swa"`` picks one model of a file holding two), a
+    Checkpoint or an nn.Module, with its label (None: from the checkpoint) and whether it came from a folder
+    (then only checkpoints recorded as iterates are kept)."""
+
+    item: object
+    label: str | None = None
+    from_folder: bool = False
+
+
+def expand_sources(items, what: str) -> list[Source]:
+    """The weight vectors ``items`` names, in order: each entry a path, a glob (``runs/swa_iter_*.pt``, sorted),
+    a folder (its checkpoint files, sorted; only those recorded as iterates are kept when loaded), a
+    Checkpoint or an nn.Module. A mapping ``{label: item}`` or ``(label, item)`` pairs give labels.
+
+    Raises:
+        ValueError: a glob that matches nothing, a folder without checkpoint files.
+    """
+    if items is None:
+        return []
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+    elif isinstance(items, (str, os.PathLike, nn.Module, Checkpoint)):
+        pairs = [(None, items)]
+    else:
+        pairs = [tuple(x) if isinstance(x, tuple) and len(x) == 2 else (None, x) for x in items]
+    out: list[Source] = []
+    for label, item in pairs:
+        if not isinstance(item, (str, os.PathLike)):
+            out.append(Source(item, label))
+            continue
+        text = str(item)
+        if os.path.isdir(text):
+            files = sorted(str(f) for f in Path(text).iterdir() if f.is_file() and f.suffix in CHECKPOINT_SUFFIXES)
+            if not files:
+                raise ValueError(f"{what}: the folder {text} holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
+            out += [Source(f, None, True) for f in files]
+        elif glob.has_magic(text) and not os.path.exists(text):
+            files = sorted(glob.glob(text))
+            if not files:
+                raise ValueError(f"{what}: no file matches {text!r}")
+            out += [Source(f) for f in files]
+        else:
+            out.append(Source(text, label))
+    return out
+
+
+@dataclass
+class Weights:
+    """Loaded weight vectors: ``thetas`` (n, D) float32 on the CPU in the analysis' θ layout, with a label, a
+    path and a SHA-256 each (empty for modules)."""
+
+    labels: list[str]
+    thetas: torch.Tensor
+    paths: list[str]
+    sha256: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def record(self) -> dict:
+        """What the analysis file records of them: ``{"labels", "checkpoints", "sha256"}``."""
+        return {"labels": list(self.labels), "checkpoints": list(self.paths), "sha256": list(self.sha256)}
+
+
+def load_weights(sources: Sequence[Source], reference: Subject, layout, *, what: str, arch: str | None = None,
+                 which: str | None = None, label_by: str = "role", cache: dict | None = None) -> Weights:
+    """Load ``sources`` one at a time (only their θ is kept) and check each shares ``reference``'s architecture.
+
+    Args:
+        sources: from :func:`expand_sources`.
+        reference: the analysis' first model: its parameter names and shapes are the ones every source needs.
+        layout: the :class:`~widthkit.engine.space.ThetaLayout` θ is flattened in.
+        what: names the sources in errors (``"--mark"``, ``"--pca"``).
+        label_by: default label of an unlabelled file: ``"role"`` (SGD / SWA / the file's stem) or ``"stem"``
+            (the file's stem: iterates, whose roles are all "iterate").
+        cache: ``{path: (Subject, θ)}`` shared between calls, so a file given twice (``--pca`` and
+            ``--trajectory``) is read once.
+
+    Raises:
+        ValueError: no sources, another architecture, a folder without iterates, a missing or unreadable file.
+    """
+    cache = {} if cache is None else cache
+    labels, rows, paths, shas = [], [], [], []
+    for i, src in enumerate(sources):
+        key = str(src.item) if isinstance(src.item, (str, os.PathLike)) else None
+        if key is not None and key in cache:
+            subject, theta = cache[key]
+        else:
+            try:
+                subject = as_subjects([src.item], arch=arch, which=which)[0]
+            except CheckpointError:
+                if src.from_folder:  # a training folder also holds the trainer's state and logs
+                    continue
+                raise
+            if src.from_folder and subject.role != "iterate":
+                continue  # a folder of a training run also holds its start, SGD and SWA checkpoints
+            _check_same_architecture([reference, subject])
+            theta = layout.flatten(subject.model).detach().float().cpu()
+            subject.model = None  # only θ is needed: do not keep every model of a long list
+            if key is not None:
+                cache[key] = (subject, theta)
+        if src.from_folder and subject.role != "iterate":
+            continue
+        stem = Path(subject.path).stem if subject.path else f"{what.strip('-')}{i}"
+        labels.append(src.label or (stem if label_by == "stem" else subject.label if subject.path else stem))
+        rows.append(theta)
+        paths.append(subject.path or "")
+        shas.append(subject.sha256 or "")
+    if not rows:
+        folders = any(s.from_folder for s in sources)
+        raise ValueError(f"{what}: no checkpoint to use" + (" (the folders hold no checkpoint recorded as an iterate: "
+                                                            "train with --save-iterates, or name the files)"
+                                                            if folders else ""))
+    if len(set(labels)) != len(labels):
+        labels = [f"{label} #{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+    return Weights(labels, torch.stack(rows), paths, shas)
+
+
+def hessian_directions(path, subjects: Sequence[Subject], layout, k: int) -> tuple[list[torch.Tensor], list]:
+    """Each model's top ``k`` Hessian eigenvectors from a curvature file, unit-normalised over θ.
+
+    The file holds one group per model, named like the analysis' groups (``/sgd/``, ``/swa/``: the model's
+    label in lower case) or by its label, with a (K, D) float dataset ``eigenvectors`` (rows: eigenvectors,
+    largest eigenvalue first) and optionally ``eigenvalues`` (K,).
+
+    Returns:
+        ``([directions (k, D) float32 per model], [eigenvalues (k,) float64 numpy array or None per model])``.
+
+    Raises:
+        ValueError: no such file, no group for a model (names the groups there), fewer than ``k`` vectors,
+            vectors of another length than θ, non-finite or zero vectors.
+    """
+    import h5py
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise ValueError(f"--dirs-from hessian:{path}: no such file")
+    dirs, values = [], []
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as err:
+        raise ValueError(f"--dirs-from hessian:{path} is not a readable HDF5 file ({err})") from None
+    with f:
+        for s in subjects:
+            name = next((n for n in (s.group, s.label) if n in f and isinstance(f[n], h5py.Group)), None)
+            if name is None or "eigenvectors" not in f[name]:
+                groups = sorted(n for n in f if isinstance(f[n], h5py.Group) and "eigenvectors" in f[n])
+                raise ValueError(f"the curvature file {path} has no /{s.group}/eigenvectors for {s.label}; groups with "
+                                 f"eigenvectors: {groups or 'none'} (label the model to match: --ckpt LABEL=PATH)")
+            ds = f[name]["eigenvectors"]
+            if ds.ndim != 2 or ds.shape[1] != layout.size:
+                raise ValueError(f"{path}: /{name}/eigenvectors is shaped {ds.shape}, but {s.label}'s θ has "
+                                 f"{layout.size} entries: expected (k, {layout.size}) (another model or θ layout?)")
+            if ds.shape[0] < k:
+                raise ValueError(f"{path} holds {ds.shape[0]} eigenvector(s) of {s.label}, fewer than the {k} "
+                                 f"directions asked for: pass --dirs {ds.shape[0]} (or compute more)")
+            vecs = torch.from_numpy(np.asarray(ds[:k], dtype=np.float64))
+            norms = torch.linalg.vector_norm(vecs, dim=1, keepdim=True)
+            if not bool(torch.isfinite(vecs).all()) or bool((norms == 0).any()):
+                raise ValueError(f"{path}: /{name}/eigenvectors holds non-finite or zero vectors")
+            dirs.append((vecs / norms).float())
+            ev = f[name].get("eigenvalues")
+            values.append(np.asarray(ev[:k], dtype=np.float64) if ev is not None and len(ev) >= k else None)
+    return dirs, values

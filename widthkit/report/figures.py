@@ -47,6 +47,8 @@ __all__ = [
     "plot_rays_panel",
     "plot_line",
     "plot_plane",
+    "plot_plane_marks",
+    "plot_plane_trajectory",
     "plot_plane_surface",
 ]
 
@@ -76,6 +78,8 @@ PLANE_SIZE = (5.0, 4.2)  # 3D surface figures
 _FIXED_COLORS = {"swa": mcolors.to_hex("tab:blue"), "sgd": mcolors.to_hex("tab:green")}
 _TAB10 = [mcolors.to_hex(c) for c in plt.get_cmap("tab10").colors]
 _POINT_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_MARK_MARKER = "*"  # checkpoints projected onto a plane (not on it): a star, unlike the plane's own points
+_TRAJECTORY_COLOR = "tab:red"
 # Line plot: colour by unit (matches its y axis), line style by split.
 _LINE_STYLES = {
     "test_err": ("tab:red", "-"),
@@ -766,10 +770,25 @@ def contour_levels(Z, levels="log", n_levels: int = 20, decades: float = 3.0):
     return np.unique(bounds), norm
 
 
-def _plane_figsize(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """A figure whose plot area has the plane's aspect, so the colour bar is as tall as the plot."""
+#: A plane drawn to scale (equal aspect) unless one side is more than this many times the other: a PCA plane
+#: whose first direction explains most of the variance would otherwise be a thin strip.
+MAX_PLANE_ASPECT = 2.5
+
+
+def _to_scale(x: np.ndarray, y: np.ndarray) -> bool:
     aspect = (y[-1] - y[0]) / (x[-1] - x[0])
-    w, h = (3.4, 3.4 * aspect) if aspect <= 1.3 else (4.4 / aspect, 4.4)
+    return 1 / MAX_PLANE_ASPECT <= aspect <= MAX_PLANE_ASPECT
+
+
+def _plane_figsize(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """A figure whose plot area has the plane's aspect, so the colour bar is as tall as the plot (3:4 when the
+    plane is not drawn to scale)."""
+    aspect = (y[-1] - y[0]) / (x[-1] - x[0]) if _to_scale(x, y) else 0.75
+    if aspect <= 1.3:  # a flat plane gets a wider figure, so that its height still holds the y label
+        w = min(6.0, max(3.4, 2.2 / aspect))
+        w, h = w, w * aspect
+    else:
+        w, h = 4.4 / aspect, 4.4
     return (max(w, 1.6) + 1.7, max(h, 1.6) + 1.4)
 
 
@@ -812,7 +831,147 @@ def _mark_points(ax: Axes, P: np.ndarray, labels, colors, x: np.ndarray, y: np.n
         top = py > y[0] + 0.85 * (y[-1] - y[0])
         ax.annotate(label, xy=(px, py), xytext=(-6 if right else 6, -6 if top else 6), textcoords="offset points",
                     ha="right" if right else "left", va="top" if top else "bottom", fontsize="small",
-                    fontweight="bold", color="black", path_effects=_outlined(), zorder=6)
+                    fontweight="bold", color="black", path_effects=_outlined(), zorder=6, gid=f"point-label:{label}")
+
+
+def _check_marks(coords, labels, distances=None) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    P = np.asarray(coords, dtype=np.float64)
+    if P.ndim != 2 or P.shape[1] != 2:
+        raise ValueError(f"marks must be (M, 2) plane coordinates, got shape {P.shape}")
+    labels = [f"mark {k}" for k in range(len(P))] if labels is None else [str(s) for s in labels]
+    if len(labels) != len(P):
+        raise ValueError(f"got {len(labels)} labels for {len(P)} marks; pass one label per mark")
+    if distances is not None:
+        distances = np.ravel(np.asarray(distances, dtype=np.float64))
+        if distances.size != len(P):
+            raise ValueError(f"got {distances.size} distances for {len(P)} marks; pass one per mark")
+    return P, labels, distances
+
+
+def _check_trajectory(coords) -> np.ndarray:
+    T = np.asarray(coords, dtype=np.float64)
+    if T.ndim != 2 or T.shape[1] != 2 or len(T) < 1:
+        raise ValueError(f"trajectory must be (T, 2) plane coordinates with T >= 1, got shape {T.shape}")
+    return T
+
+
+def mark_text(label: str, distance: float | None) -> str:
+    """The text beside a marked checkpoint: its label and, when known, how far it lies off the plane."""
+    if distance is None or not np.isfinite(distance):
+        return label
+    return f"{label}\n{distance:.2g} off the plane"
+
+
+def plot_plane_marks(ax: Axes, coords, labels: Sequence[str] | None = None, distances=None,
+                     colors: Mapping[str, Any] | None = None) -> Axes:
+    """Checkpoints marked at their projections onto a plane (Izmailov et al. 2018, Figure 1 middle: SWA
+    projected onto the plane of three SGD iterates): a star each, with its label and, given ``distances``, its
+    distance from the plane. Marks outside the Axes' limits are clipped (their coordinates are in the file).
+
+    Args:
+        ax: the plane's Axes (e.g. from :func:`plot_plane`).
+        coords: (M, 2) plane coordinates of the projections.
+        labels: (M,) names; distances: optional (M,) ‖w − proj(w)‖₂ (weight-space units).
+        colors: label -> colour overrides (default: SWA blue, SGD green, others tab10).
+
+    Returns:
+        ``ax``; each star has gid ``"mark:<label>"``.
+    """
+    P, labels, distances = _check_marks(coords, labels, distances)
+    palette = checkpoint_colors(labels, colors)
+    x0, x1 = sorted(ax.get_xlim())
+    y0, y1 = sorted(ax.get_ylim())
+    texts = []
+    for k, ((px, py), label) in enumerate(zip(P, labels)):
+        inside = x0 <= px <= x1 and y0 <= py <= y1
+        ax.plot([px], [py], marker=_MARK_MARKER, ms=13, ls="none", color=palette[label], mec="white", mew=1.2,
+                zorder=7, clip_on=not inside, label="_nolegend_")[0].set_gid(f"mark:{label}")
+        if inside:
+            texts.append(ax.annotate(mark_text(label, None if distances is None else distances[k]), xy=(px, py),
+                                     xytext=(8, -8), textcoords="offset points", ha="left", va="top",
+                                     fontsize="small", fontweight="bold", color="black", path_effects=_outlined(),
+                                     zorder=8, gid=f"mark-label:{label}"))
+    # the plane's own point labels move too: a mark next to a point would otherwise hide its label
+    _place_labels(ax, [t for t in ax.texts if (t.get_gid() or "").startswith(("point-label:", "mark-label:"))])
+    return ax
+
+
+# Where a label may go (offset in points, alignment), in order of preference: beside the marker diagonally,
+# then a line further up or down.
+_LABEL_SPOTS = tuple((dx, dy * far, "left" if dx > 0 else "right", "bottom" if dy > 0 else "top")
+                     for far in (1, 3) for dx, dy in ((8, -8), (8, 8), (-8, -8), (-8, 8)))
+
+
+def _overlap(a, b) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _place_labels(ax: Axes, texts, passes: int = 3) -> None:
+    """Move each annotation in ``texts`` to the spot of :data:`_LABEL_SPOTS` where it covers least: of the
+    other texts of ``ax`` (by area), of the markers drawn (a marker weighs as much as a whole label), and of the
+    space outside the Axes (ten times as much: a label sticking out would squeeze the plot). Repeated over all
+    of them (``passes`` times, until none moves), so that an early label can make way for a later one."""
+    if not texts:
+        return
+    fig = ax.figure
+    fig.draw_without_rendering()  # the final layout: positions in pixels are meaningful from here on
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    fixed = [t.get_window_extent(renderer) for t in ax.texts if t.get_visible() and t.get_text() and t not in texts]
+    markers = [xy for line in ax.get_lines() if line.get_marker() not in (None, "None", "none", "")
+               for xy in line.get_transform().transform(np.asarray(line.get_xydata(), dtype=np.float64))
+               if np.isfinite(xy).all()]
+
+    def put(text, spot):
+        dx, dy, ha, va = spot
+        text.set_position((dx, dy))
+        text.set_horizontalalignment(ha)
+        text.set_verticalalignment(va)
+        return text.get_window_extent(renderer).padded(3)  # labels that merely touch read as one
+
+    boxes = {id(t): t.get_window_extent(renderer).padded(3) for t in texts}
+    for _ in range(passes):
+        moved = False
+        for text in texts:
+            others = fixed + [b for k, b in boxes.items() if k != id(text)]
+            current = (*text.get_position(), text.get_horizontalalignment(), text.get_verticalalignment())
+            best, best_cost = None, np.inf
+            for i, spot in enumerate(_LABEL_SPOTS):
+                box = put(text, spot)
+                area = max(box.width * box.height, 1.0)
+                cost = sum(_overlap(box, b) for b in others) / area
+                cost += sum(1.0 for x, y in markers if box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1)
+                cost += 10.0 * (1.0 - _overlap(box, frame) / area) + 0.01 * i  # ties: the nearer, earlier spot
+                if cost < best_cost - 1e-9:
+                    best, best_cost = spot, cost
+            boxes[id(text)] = put(text, best)
+            moved = moved or tuple(best) != tuple(current)
+        if not moved:
+            break
+
+
+def plot_plane_trajectory(ax: Axes, coords, label: str | None = "trajectory", color=_TRAJECTORY_COLOR) -> Axes:
+    """Iterates' projections onto a plane joined in order (Li et al. 2018, section 7): a line with a dot per
+    iterate, a ring at the first and an arrow into the last; clipped to the Axes.
+
+    Args:
+        ax: the plane's Axes; coords: (T, 2) plane coordinates in the iterates' order.
+        label: legend text (None: no legend entry); color: any matplotlib colour.
+
+    Returns:
+        ``ax``; the path has gid ``"trajectory"``.
+    """
+    T = _check_trajectory(coords)
+    line = ax.plot(T[:, 0], T[:, 1], "-o", color=color, lw=1.4, ms=3.5, mec="white", mew=0.5, zorder=6,
+                   path_effects=_outlined(width=2.8), label=label if label else "_nolegend_")[0]
+    line.set_gid("trajectory")
+    ax.plot(T[:1, 0], T[:1, 1], "o", ms=8, mfc="none", mec=color, mew=1.5, zorder=6, label="_nolegend_")
+    if len(T) >= 2:
+        ax.annotate("", xy=tuple(T[-1]), xytext=tuple(T[-2]), zorder=6,
+                    arrowprops={"arrowstyle": "-|>", "color": color, "lw": 1.4, "shrinkA": 0, "shrinkB": 0})
+    return ax
 
 
 def plot_plane(
@@ -833,10 +992,18 @@ def plot_plane(
     xlabel: str = PLANE_XLABEL,
     ylabel: str = PLANE_YLABEL,
     title: str | None = None,
+    marks=None,
+    mark_labels: Sequence[str] | None = None,
+    mark_distances=None,
+    trajectory=None,
+    trajectory_label: str | None = "trajectory",
 ) -> Axes:
     """A metric on the plane through three checkpoints (paper fig. 1): filled contours (or a heatmap) with
     levels spaced on a log scale above the minimum (see :func:`contour_levels`), a colour bar with the metric
-    and its units, the defining points marked and labelled, NaN cells left blank, equal aspect.
+    and its units, the defining points marked and labelled, NaN cells left blank, equal aspect (unless one side
+    is over :data:`MAX_PLANE_ASPECT` times the other: then "axes not to scale" is written on it); optionally
+    further checkpoints at their projections (:func:`plot_plane_marks`) and a trajectory of iterates
+    (:func:`plot_plane_trajectory`, with a legend entry).
 
     Args:
         x: (X,) increasing coordinates along u (weight-space units unless ``xlabel`` says otherwise).
@@ -850,16 +1017,24 @@ def plot_plane(
         cmap, colorbar, colors: colour map; whether to add a colour bar; checkpoint colour overrides.
         xlabel, ylabel, title: axis labels with units (defaults: distances along u and v in weight-space
             units); optional title.
+        marks, mark_labels, mark_distances: (M, 2) projections of further checkpoints, their names and
+            distances from the plane (see :func:`plot_plane_marks`).
+        trajectory, trajectory_label: (T, 2) projections of iterates in order, and their legend text.
 
     Returns:
         The Axes (the colour bar is a separate Axes of the same figure). The filled contour set or mesh has
-        gid ``"plane:<kind>"``.
+        gid ``"plane:<kind>"``; marks ``"mark:<label>"``, the trajectory ``"trajectory"``.
     """
     check_metric(metric)
     if kind not in PLANE_KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(PLANE_KINDS)}")
     x, y, Z, P, labels = _check_plane(x, y, Z, points, labels)
+    if marks is not None:
+        _check_marks(marks, mark_labels, mark_distances)
+    if trajectory is not None:
+        _check_trajectory(trajectory)
     bounds, norm = contour_levels(Z, levels, n_levels, decades)
+    own_figure = ax is None
     ax = ax if ax is not None else _new_axes(_plane_figsize(x, y))
     Zyx = np.ma.masked_invalid(Z.T)  # matplotlib wants rows = y, columns = x
     if kind == "contourf":
@@ -870,13 +1045,27 @@ def plot_plane(
     if colorbar:
         # uniform spacing: every contour band gets the same height, i.e. a log scale above the minimum
         _colorbar(ax.figure, mappable, ax, metric, bounds, **({"spacing": "uniform"} if kind == "contourf" else {}))
+    limits = ax.get_xlim(), ax.get_ylim()  # the grid's: marks and trajectory outside it are clipped
     _mark_points(ax, P, labels, colors, x, y)
+    if trajectory is not None:
+        plot_plane_trajectory(ax, trajectory, label=trajectory_label)
+    ax.set_xlim(*limits[0])
+    ax.set_ylim(*limits[1])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_aspect("equal")
+    if _to_scale(x, y):
+        ax.set_aspect("equal")
+    else:  # say so where the reader looks: a unit along x is not a unit along y
+        ax.text(0.99, 0.01, "axes not to scale", transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
+                color="black", path_effects=_outlined(), zorder=8, gid="not-to-scale")
     if title:
         ax.set_title(title)
     _fit_texts(ax)
+    if trajectory is not None and trajectory_label:
+        # under the plot when the figure is ours (a legend inside a small plane would squeeze it), else inside
+        _add_legend([ax], [h for h in ax.get_lines() if h.get_gid() == "trajectory"], own_figure=own_figure)
+    if marks is not None:  # last: their labels go where they hide least of everything else
+        plot_plane_marks(ax, marks, mark_labels, mark_distances, colors)
     return ax
 
 
@@ -906,13 +1095,22 @@ def plot_plane_surface(
     title: str | None = None,
     xlabel: str = SURFACE_XLABEL,
     ylabel: str = SURFACE_YLABEL,
+    marks=None,
+    mark_labels: Sequence[str] | None = None,
+    mark_distances=None,
+    trajectory=None,
+    trajectory_label: str | None = "trajectory",
 ):
     """The plane's metric as a 3D surface, coloured like :func:`plot_plane` (log scale above the minimum);
-    checkpoints marked on the surface. Same arguments as :func:`plot_plane`; ``ax`` must be a 3D Axes
-    (``fig.add_subplot(projection="3d")``) or None. NaN cells leave holes. Returns the 3D Axes.
+    checkpoints, marks and the trajectory drawn on the surface (where it is computed and they lie inside the
+    grid). Same arguments as :func:`plot_plane`; ``ax`` must be a 3D Axes (``fig.add_subplot(projection="3d")``)
+    or None. NaN cells leave holes. Returns the 3D Axes.
     """
     check_metric(metric)
     x, y, Z, P, labels = _check_plane(x, y, Z, points, labels)
+    M, mark_labels, mark_distances = _check_marks(marks, mark_labels, mark_distances) if marks is not None \
+        else (np.zeros((0, 2)), [], None)
+    T = _check_trajectory(trajectory) if trajectory is not None else None
     if ax is None:
         fig = plt.figure(figsize=PLANE_SIZE, layout="constrained")
         ax = fig.add_subplot(projection="3d")
@@ -931,6 +1129,21 @@ def plot_plane_surface(
             ax.scatter([px], [py], [pz], marker=_POINT_MARKERS[k % len(_POINT_MARKERS)], s=40, color=palette[label],
                        edgecolors="white", depthshade=False, zorder=5)
             ax.text(px, py, pz, f" {label}", fontsize="small", fontweight="bold", path_effects=_outlined())
+    inside = lambda px, py: x[0] <= px <= x[-1] and y[0] <= py <= y[-1]  # noqa: E731
+    mark_palette = checkpoint_colors(mark_labels, colors)
+    for k, ((px, py), label) in enumerate(zip(M, mark_labels)):
+        pz = _bilinear(x, y, Z, px, py) if inside(px, py) else np.nan
+        if np.isfinite(pz):
+            ax.scatter([px], [py], [pz], marker=_MARK_MARKER, s=110, color=mark_palette[label], edgecolors="white",
+                       depthshade=False, zorder=7).set_gid(f"mark:{label}")
+            text = mark_text(label, None if mark_distances is None else mark_distances[k])
+            ax.text(px, py, pz, f" {text}", fontsize="small", fontweight="bold", path_effects=_outlined())
+    if T is not None:
+        keep = np.array([inside(px, py) for px, py in T])
+        tz = np.array([_bilinear(x, y, Z, px, py) if ok else np.nan for (px, py), ok in zip(T, keep)])
+        line = ax.plot(T[:, 0], T[:, 1], tz, "-o", color=_TRAJECTORY_COLOR, lw=1.4, ms=3, zorder=6,
+                       label=trajectory_label or "_nolegend_")[0]
+        line.set_gid("trajectory")
     xlabel, ylabel = wrap_text(xlabel, SURFACE_LABEL_CHARS), wrap_text(ylabel, SURFACE_LABEL_CHARS)
     # each extra line of a label moves it off the ticks, and the colour bar off the y label
     ax.set_xlabel(xlabel, labelpad=4 + 12 * xlabel.count("\n"))

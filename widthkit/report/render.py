@@ -279,10 +279,25 @@ def _rays_inputs(data: Mapping, metrics: Sequence[str]) -> dict[str, Any]:
               for m in metrics}
     widths, thresholds = _rays_widths(data, labels, metrics)
     n_dirs = data["axes"].get("directions_shape", next(iter(curves[metrics[0]].values())).shape)[0]
-    detail = describe(int(n_dirs), _setting(data, "rays", "norm"), _setting(data, "eval", "bn_mode"))
+    detail = _directions_text(data, int(n_dirs)) or describe(int(n_dirs), _setting(data, "rays", "norm"),
+                                                             _setting(data, "eval", "bn_mode"))
     return {"distances": _axis(data, "distances"), "curves": curves, "widths": widths, "thresholds": thresholds,
             "xlabel": axis_label(data, "distances", RAYS_XLABEL),
             "head": "Rays from " + " and ".join(labels.values()), "detail": detail}
+
+
+def _directions_text(data: Mapping, n_dirs: int) -> str:
+    """The caption's directions and BN mode when the rays did not follow random directions (``--dirs-from``):
+    "3 principal directions of 20 iterates" or "each model's top 3 Hessian eigenvectors"; "" otherwise."""
+    source = (data.get("attrs") or {}).get("directions_source")
+    if not isinstance(source, Mapping):
+        return ""
+    if source.get("kind") == "pca":
+        what = f"{n_dirs} principal direction{'s' if n_dirs != 1 else ''} of {len(source.get('labels') or [])} iterates"
+    else:
+        what = f"each model's top {n_dirs} Hessian eigenvector{'s' if n_dirs != 1 else ''}"
+    bn = _bn_text(data)
+    return f"{what}, {bn}" if bn else what
 
 
 def _rays_figures(data: Mapping, metric, plane_kind: str) -> list[tuple[str, Figure]]:
@@ -342,7 +357,25 @@ def _plane_inputs(data: Mapping) -> dict[str, Any]:
     bn = _bn_text(data)
     return {"x": _axis(data, "x"), "y": _axis(data, "y"), "model": _single_model(data, "plane"), "points": P,
             "labels": labels, "title": f"{title}\n{bn}" if bn else str(title),
-            "xlabel": axis_label(data, "x"), "ylabel": axis_label(data, "y")}
+            "xlabel": axis_label(data, "x"), "ylabel": axis_label(data, "y"), "overlays": _plane_overlays(data)}
+
+
+def _plane_overlays(data: Mapping) -> dict[str, Any]:
+    """Keywords of :func:`plot_plane` for what a plane file holds besides its checkpoints: ``marks`` (M, 2) with
+    ``mark_labels`` and ``mark_distances`` (distance from the plane), the ``trajectory`` (T, 2) with its legend
+    text (first → last iterate). Empty for a file without them."""
+    axes, attrs = data["axes"], data.get("attrs", {})
+    out: dict[str, Any] = {}
+    if "marks" in axes:
+        M = np.asarray(axes["marks"], dtype=np.float64).reshape(-1, 2)
+        labels = attrs.get("mark_labels") or [f"mark {k}" for k in range(len(M))]
+        out.update(marks=M, mark_labels=[str(s) for s in labels], mark_distances=axes.get("mark_distances"))
+    if "trajectory" in axes:
+        T = np.asarray(axes["trajectory"], dtype=np.float64).reshape(-1, 2)
+        labels = attrs.get("trajectory_labels") or []
+        ends = f"{labels[0]} → {labels[-1]}, " if len(labels) >= 2 else ""
+        out.update(trajectory=T, trajectory_label=f"trajectory ({ends}{len(T)} iterates)")
+    return out
 
 
 def _plot_plane_metric(p: Mapping[str, Any], metric: str, ax, plane_kind: str) -> Axes:
@@ -352,10 +385,11 @@ def _plot_plane_metric(p: Mapping[str, Any], metric: str, ax, plane_kind: str) -
     if plane_kind == "surface" or getattr(ax, "name", None) == "3d":
         return plot_plane_surface(p["x"], p["y"], Z, p["points"], p["labels"], ax=ax, metric=metric,
                                   title=p["title"], xlabel=p["xlabel"] or SURFACE_XLABEL,
-                                  ylabel=p["ylabel"] or SURFACE_YLABEL)
+                                  ylabel=p["ylabel"] or SURFACE_YLABEL, **p["overlays"])
     kind = "contourf" if plane_kind == "contour" else "heatmap"
     return plot_plane(p["x"], p["y"], Z, p["points"], p["labels"], ax=ax, metric=metric, title=p["title"],
-                      kind=kind, xlabel=p["xlabel"] or PLANE_XLABEL, ylabel=p["ylabel"] or PLANE_YLABEL)
+                      kind=kind, xlabel=p["xlabel"] or PLANE_XLABEL, ylabel=p["ylabel"] or PLANE_YLABEL,
+                      **p["overlays"])
 
 
 def _plane_figures(data: Mapping, metric, plane_kind: str) -> list[tuple[str, Figure]]:
