@@ -32,11 +32,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import autocast, check_amp, default_batch_size, random_subset
+from ..runtime import autocast, default_batch_size, precision_policy, random_subset
 from .config import EvalConfig
+from .levers import Levers, stacked_sums
 from .objectives import L2_METRIC, SPLITS, metric_names, split_sums
 from .space import ThetaLayout, bind_flat_parameters
 
@@ -120,10 +120,15 @@ class Evaluator:
         test: test split, likewise.
         config: an :class:`EvalConfig`.
         device: where to evaluate (default: the device of ``train``/``test`` tensors, else CPU).
+        graph_backend: how CUDA graphs are captured (default: CUDA's own on CUDA; the tests pass
+            :class:`widthkit.engine.levers.EmulatedGraphs` to run the graph path on CPU).
+
+    The speed levers of ``config`` (channels-last, CUDA graphs, compile, points in flight) live in
+    :mod:`widthkit.engine.levers`; ``config.precision`` is applied around every :meth:`evaluate`.
     """
 
     def __init__(self, model: nn.Module, train=None, test=None, config: EvalConfig | None = None, device=None,
-                 splits: Sequence[str] = SPLITS):
+                 splits: Sequence[str] = SPLITS, graph_backend=None):
         self.config = config = config or EvalConfig()
         self.splits = tuple(splits)
         bad = [s for s in self.splits if s not in SPLITS]
@@ -136,7 +141,6 @@ class Evaluator:
                     device = s.device
                     break
         self.device = torch.device(device or "cpu")
-        check_amp(self.device, config.amp)
         self.train = EvalSet.from_any(train, self.device) if train is not None else None
         self.test = EvalSet.from_any(test, self.device) if test is not None else None
         for split in self.splits:
@@ -158,6 +162,9 @@ class Evaluator:
         if config.bn_mode == "batch":
             for m in self.bn:
                 m.momentum = 0.0  # batch statistics are used, running statistics left untouched
+        self.levers = Levers(self.model, self.flat, self.layout, config, self.device, self._with_retry,
+                             lambda: (self.test if self.test is not None else self.train).x[:self.batch_size],
+                             graphs=graph_backend)
 
     @property
     def metrics(self) -> list[str]:
@@ -183,10 +190,13 @@ class Evaluator:
         momenta = [m.momentum for m in self.bn]
         for m in self.bn:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average over the pass, like update_bn
             m.train()
         try:
-            for start in range(0, x.shape[0], self.batch_size):
+            for i, start in enumerate(range(0, x.shape[0], self.batch_size)):
+                # cumulative average over the pass, like update_bn's momentum=None, which computes the same
+                # 1/(batches so far) but reads the batch count back from the device (no CUDA graph then)
+                for m in self.bn:
+                    m.momentum = 1.0 / (i + 1)
                 with self._autocast():
                     self.model(x[start:start + self.batch_size])
         finally:
@@ -195,11 +205,11 @@ class Evaluator:
                 m.eval()
 
     def _autocast(self):
-        return autocast(self.device, self.config.amp)
+        return autocast(self.device, self.config.precision)
 
     def _split_sums(self, data: EvalSet, out: torch.Tensor) -> None:
         """Accumulate (loss sum, error count) over a split into ``out`` (2,) float64, on the device."""
-        split_sums(self.model, data.x, data.y, self.batch_size, out, self.config.amp)
+        split_sums(self.levers.forward, data.x, data.y, self.batch_size, out, self.config.precision)
 
     def _point(self, out: torch.Tensor) -> None:
         """Evaluate the point currently in ``self.flat``; write raw sums into ``out`` (4,) float64."""
@@ -233,34 +243,27 @@ class Evaluator:
 
     # -- several points per forward pass -------------------------------------------------------------
     def _stacked_sums(self, thetas: torch.Tensor, out: torch.Tensor) -> None:
-        """K points at once (``thetas`` (K, D)): ``torch.func.vmap`` over stacked weights, buffers shared
-        (bn_mode "keep"); convolutions become grouped ones. Writes raw sums into ``out`` (K, 5)."""
-        from torch.func import functional_call, vmap
-
-        k = thetas.shape[0]
-        params = {e.name: thetas[:, e.slice].view(k, *e.shape) for e in self.layout}
-        buffers = dict(self.model.named_buffers())
-
-        def forward(p, x):
-            return functional_call(self.model, (p, buffers), (x,))
-
-        stacked = vmap(forward, in_dims=(0, None))
-        for i, split in enumerate(SPLITS):
-            if split not in self.splits:
-                continue
-            data = getattr(self, split)
-            for start in range(0, len(data), self.batch_size):
-                xb = data.x[start:start + self.batch_size]
-                yb = data.y[start:start + self.batch_size]
-                with self._autocast():
-                    logits = stacked(params, xb)  # (K, B, classes)
-                logits = logits.float()
-                loss = F.cross_entropy(logits.flatten(0, 1), yb.repeat(k), reduction="none").view(k, -1)
-                out[:, 2 * i] += loss.sum(dim=1).double()
-                out[:, 2 * i + 1] += (logits.argmax(dim=2) != yb).sum(dim=1).double()
-        out[:, 4] = thetas.double().square().sum(dim=1)
+        """K points at once (``thetas`` (K, D)) through ``torch.func.vmap``, BN statistics kept or recomputed
+        per point inside the stacked calls (:func:`widthkit.engine.levers.stacked_sums`); raw sums into
+        ``out`` (K, 5)."""
+        splits = [(i, getattr(self, s).x, getattr(self, s).y) for i, s in enumerate(SPLITS) if s in self.splits]
+        bn_x = None
+        if self.config.bn_mode == "recompute" and self.bn:
+            bn_x = self.train.x if self.bn_index is None else self.train.x.index_select(0, self.bn_index)
+        stacked_sums(self.model, self.layout, thetas, splits, self.batch_size, out, self.config.bn_mode, bn_x,
+                     self.config.precision)
 
     # -- many points ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def levers_report(self) -> dict:
+        """The speed levers as resolved for this evaluator (points in flight measured, CUDA graphs captured by
+        evaluating θ₀ once where they are on): what provenance records."""
+        with precision_policy(self.config.precision, self.device):
+            self.levers.points_in_flight  # noqa: B018 - resolves (measures) it
+        if self.levers.graphs_on and not self.levers.steps:
+            self.evaluate_weights(self._theta0)
+        return self.levers.describe()
+
     @torch.no_grad()
     def evaluate(
         self,
@@ -283,6 +286,10 @@ class Evaluator:
         Returns:
             ``{metric: (P,) float64 array}``: losses in nats, errors in %.
         """
+        with precision_policy(self.config.precision, self.device):
+            return self._evaluate(origin, basis, coords, ids, on_chunk)
+
+    def _evaluate(self, origin, basis, coords, ids, on_chunk) -> dict[str, np.ndarray]:
         self.layout.check(origin)
         origin = origin.to(device=self.device, dtype=torch.float32)
         basis = basis.to(device=self.device, dtype=torch.float32)
@@ -302,22 +309,22 @@ class Evaluator:
         coords_dev = coords.to(device=self.device, dtype=torch.float32)
         metrics = self.metrics
         results = {m: np.full(len(coords), np.nan) for m in metrics}
-        cs = self.config.chunk_size
+        k = self.levers.points_in_flight
+        cs = -(-self.config.chunk_size // k) * k  # whole groups of K points per chunk
         sizes = {"train": len(self.train) if self.train is not None else 1,
                  "test": len(self.test) if self.test is not None else 1}
         for start in range(0, len(coords), cs):
             stop = min(start + cs, len(coords))
             sums = torch.zeros(stop - start, 5, dtype=torch.float64, device=self.device)
-            if self.config.points_in_flight > 1:
-                k = self.config.points_in_flight
+            if k > 1:
                 for j in range(start, stop, k):
                     thetas = torch.addmm(origin, coords_dev[j:min(j + k, stop)], basis)  # (K, D)
-                    self._with_retry(lambda out, thetas=thetas: self._stacked_sums(thetas, out), sums[j - start:j - start + len(thetas)])
+                    self.levers.run_stacked(self._stacked_sums, thetas, sums[j - start:j - start + len(thetas)])
             else:
                 for j, p in enumerate(range(start, stop)):
                     # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
                     torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
-                    self._with_retry(self._point, sums[j, :4])
+                    self.levers.run_point(self._point, sums[j, :4])
                     if L2_METRIC in metrics:
                         sums[j, 4] = self.flat.double().square().sum()
             host = sums.cpu().numpy()  # the one synchronisation per chunk
