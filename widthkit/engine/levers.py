@@ -459,8 +459,7 @@ class Levers:
         k = self._k or {}
         return {
             "channels_last": self.channels_last, "channels_last_reason": self.channels_last_reason,
-            "cuda_graphs": self.backend is not None and any(s is not None for s in self.steps.values())
-            if self.steps else self.backend is not None,
+            "cuda_graphs": self.backend is not None,  # None once a capture failed
             "cuda_graphs_reason": self.graphs_reason,
             "compile": bool(self.config.compile), "compile_reason": self.compile_reason,
             "points_in_flight": k.get("points_in_flight"), "points_in_flight_chosen_by": k.get("chosen_by"),
