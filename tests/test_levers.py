@@ -15,7 +15,7 @@ from torch import nn
 from widthkit import EvalConfig, Evaluator, cli
 from widthkit.engine.directions import random_directions
 from widthkit.engine.levers import (CaptureFailed, EmulatedGraphs, GraphedStep, choose_points_in_flight,
-                                    forward_probe, stacked_sums)
+                                    forward_probe, resolve_channels_last, stacked_sums)
 from widthkit.engine.space import ThetaLayout
 from widthkit.runtime import precision_policy, precision_record, provenance, tf32_state
 
@@ -202,11 +202,24 @@ def test_channels_last_equals_contiguous(setup):
     assert ev.model.layouts and all(ev.model.layouts)  # every forward pass got an NHWC input
     assert ev.levers.describe()["channels_last"] is True
     check_against_loop(res, setup, "recompute", ev.bn_index.cpu(), rel=1e-5)
-    auto = evaluator(setup, bn_mode="keep")  # auto on CPU: off, with its reason
-    assert auto.levers.describe()["channels_last_reason"] == "off (auto: CPU, where it was not measured faster)"
-    auto.model.layouts.clear()
-    auto.evaluate_weights(auto.theta0)
-    assert not any(auto.model.layouts)
+    off = evaluator(setup, bn_mode="keep", channels_last=False)
+    off.model.layouts.clear()
+    off.evaluate_weights(off.theta0)
+    assert off.model.layouts and not any(off.model.layouts)
+
+
+def test_channels_last_auto_is_a_fixed_rule(setup):
+    """auto: on for CUDA conv nets, on CPU with bf16 only (never a run-time timing: it changes last bits)."""
+    net = setup[0]
+    assert resolve_channels_last("auto", net, "cuda") == (True, "on (auto: CUDA conv net)")
+    assert resolve_channels_last("auto", net, "cpu", "bf16")[0] is True
+    assert resolve_channels_last("auto", net, "cpu", "fp32") == \
+        (False, "off (auto: CPU with fp32, where it was not reliably faster)")
+    assert resolve_channels_last(True, nn.Linear(3, 2), "cuda") == (False, "off (no convolution in the model)")
+    ev = evaluator(setup, bn_mode="keep", precision="bf16")
+    ev.model.layouts.clear()
+    ev.evaluate_weights(ev.theta0)
+    assert ev.levers.describe()["channels_last"] is True and ev.model.layouts and all(ev.model.layouts)
 
 
 @pytest.mark.slow

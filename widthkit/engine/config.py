@@ -88,7 +88,8 @@ class EvalConfig:
         "recompute); auto: 1 on CPU, on CUDA the fastest of 1, 4, 16 in a short measurement",
         type=parse_auto_int, metavar="K|auto")
     channels_last: Auto | bool = option(
-        "auto", "channels-last (NHWC) inputs for convolutions; auto: on for CUDA conv nets, off on CPU",
+        "auto", "channels-last (NHWC) inputs for convolutions; auto: on for CUDA conv nets, on CPU with bf16 only "
+        "(where it was measured faster)",
         type=parse_auto_bool, metavar="auto|on|off")
     cuda_graphs: Auto | bool = option(
         "auto", "capture one point's forward passes in a CUDA graph and replay it per point; auto: on CUDA, "

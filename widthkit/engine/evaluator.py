@@ -259,7 +259,7 @@ class Evaluator:
         """The speed levers as resolved for this evaluator (points in flight measured, CUDA graphs captured by
         evaluating θ₀ once where they are on): what provenance records."""
         with precision_policy(self.config.precision, self.device):
-            self.levers.points_in_flight  # noqa: B018 - resolves (measures) it
+            self.levers.prepare()
         if self.levers.graphs_on and not self.levers.steps:
             self.evaluate_weights(self._theta0)
         return self.levers.describe()
@@ -309,6 +309,7 @@ class Evaluator:
         coords_dev = coords.to(device=self.device, dtype=torch.float32)
         metrics = self.metrics
         results = {m: np.full(len(coords), np.nan) for m in metrics}
+        self.levers.prepare()  # once: channels-last and K resolved (measured where "auto")
         k = self.levers.points_in_flight
         cs = -(-self.config.chunk_size // k) * k  # whole groups of K points per chunk
         sizes = {"train": len(self.train) if self.train is not None else 1,
