@@ -238,12 +238,17 @@ def test_compile_equals_the_loop(setup):
 
 # -- CUDA graphs ------------------------------------------------------------------------------------------------
 
-def test_cuda_graphs_fall_back_on_cpu_with_the_reason(setup):
+def test_cuda_graphs_fall_back_on_cpu_with_the_reason(setup, caplog):
     for setting in (True, "auto"):
-        ev = evaluator(setup, bn_mode="keep", cuda_graphs=setting)
-        res = ev.evaluate(*setup[3:])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="widthkit"):
+            ev = evaluator(setup, bn_mode="keep", cuda_graphs=setting)
+            res = ev.evaluate(*setup[3:])
         d = ev.levers.describe()
         assert d["cuda_graphs"] is False and "CUDA graphs need a CUDA device" in d["cuda_graphs_reason"]
+        # asked for: one logged line with the reason; auto: only recorded (every CPU run would say it)
+        assert [r.getMessage() for r in caplog.records] == ([f"cuda_graphs: {d['cuda_graphs_reason']}"]
+                                                            if setting is True else [])
         check_against_loop(res, setup, "keep")
     assert evaluator(setup, cuda_graphs=False).levers.describe()["cuda_graphs_reason"] == "off (asked)"
 

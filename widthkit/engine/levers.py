@@ -373,6 +373,8 @@ class Levers:
             self.forward = torch.compile(model, dynamic=False)
             self.compile_reason = "on (torch.compile of the evaluation forward pass; compiled on first use)"
         self.backend, self.graphs_reason = self._resolve_graphs(graphs)
+        if config.cuda_graphs is True and self.backend is None:  # asked for and not possible: say so, once
+            log.warning("cuda_graphs: %s", self.graphs_reason)
         self.steps: dict = {}  # key -> GraphedStep, or None where capture failed
         self.static_thetas: dict[int, torch.Tensor] = {}
         self._k: dict | None = None
