@@ -19,7 +19,7 @@ is the forward work that mode needs per point: N images, plus the BN subset in `
 
 Correctness is checked in the same run: at every timed point the evaluator's loss and error must equal the
 loop's (same BN subset, same BN batch size: ``update_bn``'s cumulative average depends on the partition into
-batches). On CUDA the script also measures the bf16 ``EvalConfig(amp=True)`` deviation from fp32 and, where
+batches). On CUDA the script also measures the bf16 ``EvalConfig(precision="bf16")`` deviation from fp32 and, where
 both modes are run, the recompute-vs-keep time ratio and metric differences.
 
 Data are random CIFAR-shaped images (standard normal, already "normalised") and random labels; the models
@@ -94,7 +94,7 @@ class BenchConfig:
     ceiling_batch_sizes: tuple[int, ...] | None = None  # CPU 64,128,256; CUDA 512..8192
     radius: float = 0.2  # point coordinates drawn uniformly from [-radius, radius]² (filter-normalised units)
     seed: int = 0
-    amp_check: bool | None = None  # time and compare EvalConfig(amp=True) (CUDA only; default on there)
+    amp_check: bool | None = None  # time and compare EvalConfig(precision="bf16") (default on for CUDA)
     bf16_ceiling: bool | None = None  # also time a bf16 autocast + channels-last ceiling (default: CUDA only)
     cudnn_benchmark: bool = False
     threads: int | None = None  # torch.set_num_threads (CPU)
@@ -128,8 +128,6 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     if cfg.bn_subset is None:
         cfg.bn_subset = max(1, min(5000, cfg.n_images // 10))
     cfg.ceiling_batch_sizes = tuple(cfg.ceiling_batch_sizes)
-    if cfg.amp_check and not cuda:
-        raise ValueError("--amp-check needs --device cuda (widthkit's bf16 autocast is CUDA-only)")
     for name in ("n_images", "points", "rounds", "bn_subset", "loop_batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -345,7 +343,7 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict
             _warm_up(loop_model, x_dev, [cfg.loop_batch_size])
         if cfg.amp_check:
             aev = Evaluator(model, train=data if mode == "recompute" else None, test=data,
-                            config=ecfg.replace(amp=True), splits=("test",))
+                            config=ecfg.replace(precision="bf16"), splits=("test",))
             contestants.append(Contestant(f"evaluator-amp/{mode}", make_evaluator_run(aev, theta0, basis, coords),
                                           cfg.points))
     ceiling_model = copy.deepcopy(model).eval()
@@ -555,7 +553,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--radius", type=float, default=0.2, help="coordinates uniform in [-r, r] (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp-check", action=argparse.BooleanOptionalAction, default=None,
-                   help="time and compare EvalConfig(amp=True) (CUDA only; default on there)")
+                   help="time and compare EvalConfig(precision='bf16') (default on for CUDA; bf16 autocast on CPU otherwise)")
     p.add_argument("--bf16-ceiling", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a bf16 autocast + channels-last ceiling (default on for CUDA only)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")

@@ -244,8 +244,14 @@ def test_evalconfig_validation():
         EvalConfig(bn_mode="train")
     with pytest.raises(ValueError, match="eval_batch_size must be an integer >= 1"):
         EvalConfig(eval_batch_size=0)
-    with pytest.raises(ValueError, match="only supported on CUDA"):
-        Evaluator(TinyNet(), train=make_data(4, 0), test=make_data(4, 0), config=EvalConfig(amp=True))
+    # amp is the old name of precision="bf16" (which runs on CPU too): folded in, never stored
+    cfg = EvalConfig(amp=True)
+    assert (cfg.precision, cfg.amp) == ("bf16", False) and "amp" not in cfg.recorded()
+    assert cfg.recorded()["precision"] == "bf16" and EvalConfig().recorded()["precision"] == "fp32"
+    with pytest.raises(ValueError, match="amp=True .* means precision 'bf16' but precision 'tf32'"):
+        EvalConfig(amp=True, precision="tf32")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; valid choices: fp32, tf32, bf16"):
+        EvalConfig(precision="fp16")
 
 
 def test_evalset_from_dataloader():
@@ -334,5 +340,6 @@ def test_points_in_flight_equal_one_at_a_time(net):
         ref = reference_point(net, theta, train, test, "keep", wd=1e-3)
         for m, v in ref.items():
             assert res[m][p] == pytest.approx(v, rel=1e-5, abs=1e-6), (m, p)
-    with pytest.raises(ValueError, match="points_in_flight > 1 needs bn_mode='keep'"):
-        EvalConfig(points_in_flight=2, bn_mode="recompute")
+    # recompute works stacked too (tests/test_levers.py); batch mode does not
+    with pytest.raises(ValueError, match="points_in_flight > 1 needs bn_mode 'keep' or 'recompute'"):
+        EvalConfig(points_in_flight=2, bn_mode="batch")

@@ -114,7 +114,8 @@ def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, pro
     config = {"kind": grid.kind, **grid.geometry, "eval": setup.cfg.recorded(), "data": setup.data_desc,
               "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects],
               "theta_size": ev0.layout.size}
-    prov = {**provenance(setup.device, setup.cfg.amp), **({"thread_choice": thread_choice} if thread_choice else {})}
+    prov = {**provenance(setup.device, precision=setup.cfg.precision),
+            **({"thread_choice": thread_choice} if thread_choice else {}), "levers": ev0.levers_report()}
     attrs = {"theta_layout": ev0.layout.describe(), "provenance": prov, **grid.attrs}
     tmpdir = tempfile.mkdtemp(prefix="widthkit-") if out is None else None
     path = Path(out) if out is not None else Path(tmpdir) / f"{grid.kind}.h5"

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime import autocast, check_amp, default_batch_size, memory_budget, random_subset
+from ..runtime import autocast, default_batch_size, memory_budget, precision_policy, random_subset
 from .config import EvalConfig
+from .levers import Levers, stacked_sums
 from .objectives import L2_METRIC, SPLITS
 from .space import ThetaLayout, bind_flat_parameters
 
@@ -273,10 +274,15 @@ class Evaluator:
         test: test split, likewise.
         config: an :class:`EvalConfig`.
         device: where to evaluate (default: the device of ``train``/``test`` tensors, else CPU).
+        graph_backend: how CUDA graphs are captured (default: CUDA's own on CUDA; the tests pass
+            :class:`widthkit.engine.levers.EmulatedGraphs` to run the graph path on CPU).
+
+    The speed levers of ``config`` (channels-last, CUDA graphs, compile, points in flight) live in
+    :mod:`widthkit.engine.levers`; ``config.precision`` is applied around every :meth:`evaluate`.
     """
 
     def __init__(self, model: nn.Module, train=None, test=None, config: EvalConfig | None = None, device=None,
-                 splits: Sequence[str] = SPLITS):
+                 splits: Sequence[str] = SPLITS, graph_backend=None):
         self.config = config = config or EvalConfig()
         self.splits = tuple(splits)
         bad = [s for s in self.splits if s not in SPLITS]
@@ -289,11 +295,12 @@ class Evaluator:
                     device = s.device
                     break
         self.device = torch.device(device or "cpu")
-        check_amp(self.device, config.amp)
         self.objective = config.objective()
-        if config.points_in_flight > 1 and self.objective.forward_fn is not None:
-            raise ValueError("points_in_flight > 1 calls the model through torch.func and cannot use a forward= "
-                             "adapter; use points_in_flight=1 with forward=")
+        if config.points_in_flight != 1 and self.objective.forward_fn is not None:
+            if config.points_in_flight != "auto":
+                raise ValueError("points_in_flight > 1 calls the model through torch.func and cannot use a forward= "
+                                 "adapter; use points_in_flight=1 with forward=")
+            config = self.config = config.replace(points_in_flight=1)
         self.train = EvalSet.from_any(train, self.device, config.max_memory) if train is not None else None
         self.test = EvalSet.from_any(test, self.device, config.max_memory) if test is not None else None
         for split in self.splits:
@@ -316,6 +323,12 @@ class Evaluator:
         if config.bn_mode == "batch":
             for m in self.bn:
                 m.momentum = 0.0  # batch statistics are used, running statistics left untouched
+        if config.cuda_graphs is not False and any(not d.resident for d in (self.train, self.test) if d is not None):
+            # streamed batches are copied in by a host thread: nothing to capture in a graph
+            config = self.config = config.replace(cuda_graphs=False)
+        self.levers = Levers(self.model, self.flat, self.layout, config, self.device, self._with_retry,
+                             lambda: (self.test if self.test is not None else self.train).inputs(self.batch_size),
+                             graphs=graph_backend)
 
     @property
     def metrics(self) -> list[str]:
@@ -345,10 +358,13 @@ class Evaluator:
         momenta = [m.momentum for m in self.bn]
         for m in self.bn:
             m.reset_running_stats()
-            m.momentum = None  # cumulative average over the pass, like update_bn
             m.train()
         try:
-            for xb, _ in self.train.batches(self.batch_size, self.bn_index):
+            for i, (xb, _) in enumerate(self.train.batches(self.batch_size, self.bn_index)):
+                # cumulative average over the pass, like update_bn's momentum=None, which computes the same
+                # 1/(batches so far) but reads the batch count back from the device (no CUDA graph then)
+                for m in self.bn:
+                    m.momentum = 1.0 / (i + 1)
                 with self._autocast():
                     self.objective.output(self.model, xb)
         finally:
@@ -357,13 +373,13 @@ class Evaluator:
                 m.eval()
 
     def _autocast(self):
-        return autocast(self.device, self.config.amp)
+        return autocast(self.device, self.config.precision)
 
     def _split_sums(self, data: EvalSet, out: torch.Tensor) -> None:
         """Accumulate each metric's (sum, count) over a split into ``out`` (2·metrics,) float64, on the device."""
         for xb, yb in data.batches(self.batch_size):
             with self._autocast():
-                output = self.objective.output(self.model, xb)
+                output = self.objective.output(self.levers.forward, xb)
             self.objective.accumulate(output, yb, out)
 
     def _point(self, out: torch.Tensor) -> None:
@@ -399,30 +415,26 @@ class Evaluator:
 
     # -- several points per forward pass -------------------------------------------------------------
     def _stacked_sums(self, thetas: torch.Tensor, out: torch.Tensor) -> None:
-        """K points at once (``thetas`` (K, D)): ``torch.func.vmap`` over stacked weights, buffers shared
-        (bn_mode "keep"); convolutions become grouped ones. Writes raw sums into ``out`` (K, n_sums)."""
-        from torch.func import functional_call, vmap
-
-        k = thetas.shape[0]
-        params = {e.name: thetas[:, e.slice].view(k, *e.shape) for e in self.layout}
-        buffers = dict(self.model.named_buffers())
-
-        def forward(p, x):
-            return functional_call(self.model, (p, buffers), (x,))
-
-        stacked = vmap(forward, in_dims=(0, None))
+        """K points at once (``thetas`` (K, D)) through ``torch.func.vmap``, BN statistics kept or recomputed
+        per point inside the stacked calls (:func:`widthkit.engine.levers.stacked_sums`); raw sums into
+        ``out`` (K, n_sums)."""
         width = 2 * len(self.objective.metrics)
-        for i, split in enumerate(SPLITS):
-            if split not in self.splits:
-                continue
-            for xb, yb in getattr(self, split).batches(self.batch_size):
-                with self._autocast():
-                    outputs = stacked(params, xb)  # (K, B, ...)
-                for j in range(k):
-                    self.objective.accumulate(outputs[j], yb, out[j, width * i:width * (i + 1)])
-        out[:, -1] = thetas.double().square().sum(dim=1)
+        splits = [(width * i, getattr(self, s)) for i, s in enumerate(SPLITS) if s in self.splits]
+        bn_data = (self.train, self.bn_index) if self.config.bn_mode == "recompute" and self.bn else None
+        stacked_sums(self.model, self.layout, thetas, splits, self.batch_size, out, self.config.bn_mode, bn_data,
+                     self.config.precision, self.objective)
 
     # -- many points ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def levers_report(self) -> dict:
+        """The speed levers as resolved for this evaluator (points in flight measured, CUDA graphs captured by
+        evaluating θ₀ once where they are on): what provenance records."""
+        with precision_policy(self.config.precision, self.device):
+            self.levers.prepare()
+        if self.levers.graphs_on and not self.levers.steps:
+            self.evaluate_weights(self._theta0)
+        return self.levers.describe()
+
     @torch.no_grad()
     def evaluate(
         self,
@@ -445,6 +457,10 @@ class Evaluator:
         Returns:
             ``{metric: (P,) float64 array}``: losses in nats, errors in %.
         """
+        with precision_policy(self.config.precision, self.device):
+            return self._evaluate(origin, basis, coords, ids, on_chunk)
+
+    def _evaluate(self, origin, basis, coords, ids, on_chunk) -> dict[str, np.ndarray]:
         self.layout.check(origin)
         origin = origin.to(device=self.device, dtype=torch.float32)
         basis = basis.to(device=self.device, dtype=torch.float32)
@@ -464,20 +480,21 @@ class Evaluator:
         coords_dev = coords.to(device=self.device, dtype=torch.float32)
         metrics = self.metrics
         results = {m: np.full(len(coords), np.nan) for m in metrics}
-        cs = self.config.chunk_size
+        self.levers.prepare()  # once: channels-last and K resolved (measured where "auto")
+        k = self.levers.points_in_flight
+        cs = -(-self.config.chunk_size // k) * k  # whole groups of K points per chunk
         for start in range(0, len(coords), cs):
             stop = min(start + cs, len(coords))
             sums = torch.zeros(stop - start, self.n_sums, dtype=torch.float64, device=self.device)
-            if self.config.points_in_flight > 1:
-                k = self.config.points_in_flight
+            if k > 1:
                 for j in range(start, stop, k):
                     thetas = torch.addmm(origin, coords_dev[j:min(j + k, stop)], basis)  # (K, D)
-                    self._with_retry(lambda out, thetas=thetas: self._stacked_sums(thetas, out), sums[j - start:j - start + len(thetas)])
+                    self.levers.run_stacked(self._stacked_sums, thetas, sums[j - start:j - start + len(thetas)])
             else:
                 for j, p in enumerate(range(start, stop)):
                     # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
                     torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
-                    self._with_retry(self._point, sums[j, :-1])
+                    self.levers.run_point(self._point, sums[j, :-1])
                     if L2_METRIC in metrics:
                         sums[j, -1] = self.flat.double().square().sum()
             host = sums.cpu().numpy()  # the one synchronisation per chunk

@@ -146,11 +146,11 @@ def _as_sum_count(value, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(value, (tuple, list)) and len(value) == 2:
         total, count = value
         total = torch.as_tensor(total)
-        return total.double().sum(), torch.as_tensor(count, device=total.device).double()
+        return total.double().sum(), count.double() if torch.is_tensor(count) else float(count)
     if torch.is_tensor(value):
         if value.dim() == 0:
             raise ValueError(f"{what} returned one number; return per-example values (B,) or a (sum, count) pair")
-        return value.double().sum(), torch.tensor(float(value.shape[0]), dtype=torch.float64, device=value.device)
+        return value.double().sum(), float(value.shape[0])  # a number: no host-to-device copy (graph capture)
     raise ValueError(f"{what} must return a tensor of per-example values (B,) or a (sum, count) pair, "
                      f"got {type(value).__name__}")
 

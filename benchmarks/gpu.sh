@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The prepared GPU benchmark (issue 14): at most 8 minutes on one GPU, results in one Markdown + JSON file.
+#
+#   bash benchmarks/gpu.sh                   # CUDA: benchmarks/results/gpu-<date>.md (+ .json)
+#   bash benchmarks/gpu.sh --out FILE.md     # elsewhere
+#   bash benchmarks/gpu.sh --dry-run         # the same code on CPU with tiny sizes (the tests run this)
+#
+# Other flags go to benchmarks/gpu_bench.py (--models, --deadline, --no-plane, --commit, --cudnn-benchmark).
+# The run's own deadline is 450 s (each measurement also has its own budget); this wrapper kills it at 480 s
+# whatever happens, and the results file keeps everything measured before that.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+python="${PYTHON:-python}"
+limit=480
+for arg in "$@"; do
+    if [[ "$arg" == "--dry-run" ]]; then limit=170; fi
+done
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+commit_args=()
+if [[ " $* " != *" --commit "* ]] && git -C "$root" rev-parse --short HEAD >/dev/null 2>&1; then
+    commit_args=(--commit "$(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD -- 2>/dev/null || echo '+uncommitted changes')")
+fi
+exec timeout --signal=TERM --kill-after=10 "$limit" "$python" "$here/gpu_bench.py" ${commit_args[@]+"${commit_args[@]}"} "$@"
