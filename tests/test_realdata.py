@@ -403,3 +403,32 @@ def test_rays_on_a_photo_folder_with_a_torchvision_model(tmp_path):
     assert "decoding" not in second.stderr
     data = read(tmp_path / "r.h5")
     assert data["models"][next(iter(data["models"]))]["done"].all()
+
+
+CONCURRENT_LOAD = """
+import sys
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+real = imagefolder._decode_chunk
+decoded = []
+imagefolder._decode_chunk = lambda *a: decoded.append(a[2]) or real(*a)
+ds = load_dataset("imagefolder:" + sys.argv[1], workers=1, cache_dir=sys.argv[2], progress=False)
+print(len(decoded), int(ds.images.sum()))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_concurrent_processes_build_the_cache_once(tmp_path):
+    """Two processes (two torchrun ranks, two commands) open the same folder at once: one decodes, the other
+    waits for it and memory-maps the result."""
+    root = _uniform_folder(tmp_path / "u", 2 * imagefolder.CHUNK)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_LOAD, str(root), str(cache)], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate()[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(int(o[0]) for o in outs) == [0, 2]  # one process decoded both chunks, the other none
+    assert outs[0][1] == outs[1][1]  # the same pixels
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
