@@ -449,16 +449,19 @@ def lanczos(matvec: MatVec, dim: int, *, k: int = 1, tol: float = 1e-4, max_iter
         alphas.append(a)
         theta, S = _tridiagonal_eig(alphas, betas)
         scale = max(float(np.abs(theta).max()), 1e-300)
-        res = np.abs(b * S[-1, :])
         n = len(theta)
-        wanted = list(range(n - 1, max(n - 1 - k, -1), -1)) + [0]
-        enough = n >= min(k + 1, dim)
-        if enough and res[wanted].max() <= tol * scale:
-            converged = True
-            break
+        breakdown = b <= 1e-12 * scale
+        if not breakdown or j + 1 == m_max:
+            res = np.abs(b * S[-1, :])
+            wanted = list(range(n - 1, max(n - 1 - k, -1), -1)) + [0]
+            if n >= min(k + 1, dim) and res[wanted].max() <= tol * scale:
+                converged = True
+                break
         if j + 1 == m_max:
             break
-        if b <= 1e-12 * scale:  # invariant subspace: carry on with a fresh direction orthogonal to it
+        if breakdown:
+            # the Krylov space is invariant (its Ritz pairs are exact), but a start vector can miss eigenvectors
+            # (e.g. the second copy of a repeated eigenvalue): carry on with a fresh direction orthogonal to it
             r = _orthogonalise(torch.randn(dim, generator=gen, dtype=torch.float64).to(device), Q[:j + 1])
             q = r / torch.linalg.vector_norm(r)
             betas.append(0.0)

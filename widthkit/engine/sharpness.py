@@ -9,7 +9,8 @@ the next layer's weights times 1/a), because δ rescales with θ; a plain one do
   (the same draws for every ρ);
 * worst-case: S_p(ρ) = max_{‖ε‖_p ≤ ρ} L(θ + c⊙ε) − L(θ), p = 2 or ∞, by projected gradient ascent in ε
   (normalised gradient steps for p = 2, sign steps for p = ∞, of ``step_size``·ρ), warm-started at the best
-  point of the previous (smaller) ρ, the largest loss seen kept: the value never decreases with ρ;
+  point of the previous (smaller) ρ, the reflection of the best point tried too, the largest loss seen kept:
+  the value never decreases with ρ;
 * Keskar et al. 2017's ε-sharpness: 100·(max L(θ + δ) − L(θ)) / (1 + L(θ)) over |δᵢ| ≤ ε(|θᵢ| + 1), the ℓ∞
   case with c = |θ| + 1;
 * PAC-Bayes flatness (Jiang et al. 2020, "Fantastic generalization measures"): 1/σ'², with σ' the largest σ
@@ -81,7 +82,7 @@ class SharpnessConfig:
                                            type=float, metavar="EPS")
     samples: int = option(16, "Monte-Carlo draws of the average-case measures")
     ascent_steps: int = option(20, "projected gradient ascent steps of a worst-case measure, per radius")
-    step_size: float = option(0.2, "ascent step, as a fraction of the radius")
+    step_size: float = option(0.5, "ascent step, as a fraction of the radius")
     pac_error_rise: float = option(0.1, "PAC-Bayes: the rise of the expected train error (a fraction: 0.1 = 10 "
                                         "points) that fixes σ'")
     pac_samples: int = option(8, "PAC-Bayes: Monte-Carlo draws of the expected error at each σ")
@@ -146,13 +147,15 @@ def average_sharpness(op: HessianOperator, c: torch.Tensor, rhos, *, samples: in
 
 
 def worst_sharpness(op: HessianOperator, c: torch.Tensor, rhos, p: float, *, steps: int = 20,
-                    step_size: float = 0.2, theta: torch.Tensor | None = None,
+                    step_size: float = 0.5, theta: torch.Tensor | None = None,
                     on_step: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """max_{‖ε‖_p ≤ ρ} L(θ + c⊙ε) − L(θ) by projected gradient ascent in ε, for each (increasing) ρ.
 
     p = 2: ε ← Π(ε + η·ρ·g/‖g‖₂); p = ∞: ε ← clip(ε + η·ρ·sign g, −ρ, ρ); g = c ⊙ ∇L(θ + c⊙ε), η = ``step_size``.
     The ascent at each radius starts from the best point found at the previous one (feasible in the larger
-    ball); the value is the largest loss seen, so it never decreases with ρ. Returns (values, the ‖ε‖_p of the
+    ball), and the reflection −ε of the best point is tried at its end (near a minimum ±ε differ only in the
+    cubic term, and an ascent cannot cross from one to the other); the value is the largest loss seen, so it
+    never decreases with ρ. Returns (values, the ‖ε‖_p of the
     maximisers).
     """
     check_choice("p", p, (2, math.inf))
@@ -183,6 +186,11 @@ def worst_sharpness(op: HessianOperator, c: torch.Tensor, rhos, p: float, *, ste
                         eps = eps * (rho / n)
                 else:
                     eps = (eps + step_size * rho * torch.sign(g)).clamp(-rho, rho)
+            # ±ε are both local maxima near a minimum (same quadratic term, cubic terms of opposite sign) and an
+            # ascent cannot cross from one to the other: try the reflection of the best point as well
+            loss = op.loss_and_error(theta - c * best_eps)[0]
+            if loss > best:
+                best, best_eps = loss, -best_eps
         values[i] = best - base
         norms[i] = float(torch.linalg.vector_norm(best_eps, ord=p))
     return values, norms
@@ -196,8 +204,8 @@ def pac_bayes_sigma(op: HessianOperator, *, magnitude: bool = False, error_rise:
     u = σ·z (plain) or z ⊙ √(σ²θ² + ε²) (magnitude-aware), with the same ``samples`` standard-normal draws z at
     every σ (the expectation is then a fixed function of σ). Errors are fractions of the examples.
 
-    Returns ``{"sigma", "flatness" (1/σ'², inf when even σ → 0 exceeds the rise), "base_error", "target",
-    "evaluations"}``.
+    Returns ``{"sigma", "sigma_hi" (the smallest σ seen above the target: σ_hi/σ' ≤ 1 + tol), "flatness" (1/σ'²,
+    inf when even σ → 0 exceeds the rise), "base_error", "target", "evaluations"}``.
     """
     theta = (op.theta0 if theta is None else theta).double()
     _, base = op.loss_and_error(theta)
@@ -235,7 +243,8 @@ def pac_bayes_sigma(op: HessianOperator, *, magnitude: bool = False, error_rise:
             hi = mid
         else:
             lo = mid
-    return {"sigma": lo, "flatness": 1 / lo ** 2, "base_error": base, "target": target, "evaluations": count[0]}
+    return {"sigma": lo, "sigma_hi": hi, "flatness": 1 / lo ** 2, "base_error": base, "target": target,
+            "evaluations": count[0]}
 
 
 def sharpness_of(kind: str, op: HessianOperator, cfg: SharpnessConfig, *, seed: int = 0,

@@ -246,7 +246,7 @@ def curvature_table(data) -> str:
     data = _as_data(data)
     labels, rows = curvature_rows(data) if data["kind"] == "curvature" else sharpness_rows(data)
     done, total = completeness(data)
-    head = f"{data['kind']}: {_describe(data)}" if data["kind"] == "curvature" else "sharpness of the train loss"
+    head = f"Hessian of the {_describe(data)}" if data["kind"] == "curvature" else "Sharpness of the train loss"
     partial = f"\n(partial: {done} of {total} estimators finished; run the same command again to finish)" \
         if done < total else ""
     return head + "\n" + _text_table(labels, rows) + partial
