@@ -116,6 +116,12 @@ def test_operator_equals_the_exact_hessian(problem, exact, method):
     loss, grad = op.loss_and_grad()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model untouched
     assert op.hvp(torch.zeros(op.dim)).abs().max() == 0 and op.hvp_count == 4
+    # keeping the per-batch gradient graphs between products changes nothing, bit for bit
+    kept, fresh = (HessianOperator(model, x, y, weight_decay=0.01, batch_size=10, method=method, cache_graphs=c)
+                   for c in (True, False))
+    v = torch.randn(op.dim, dtype=torch.float64)
+    assert torch.equal(kept.hvp(v), fresh.hvp(v)) and torch.equal(kept.hvp(2 * v), fresh.hvp(2 * v))
+    assert kept.describe()["graph_cache"] and not fresh.describe()["graph_cache"]
 
 
 def test_recompute_bn_uses_statistics_recomputed_once_at_theta0(problem):
