@@ -669,11 +669,12 @@ def spectral_density(nodes: np.ndarray, weights: np.ndarray, *, points: int = 51
 
 
 def log_spectral_density(nodes: np.ndarray, weights: np.ndarray, *, points: int = 512, sigma: float = 0.05,
-                         floor: float = 1e-6) -> dict:
+                         floor: float = 1e-4) -> dict:
     """The SLQ density on a log scale: densities of log10 λ (positive nodes) and of log10(−λ) (negative nodes),
     Gaussian-smoothed with ``sigma`` decades, on one grid of log10 |λ|.
 
-    Nodes with |λ| ≤ ``floor``·max|λ| cannot be placed on a log axis; their mass is returned as ``excluded``.
+    Nodes with |λ| ≤ ``floor``·max|λ| (the bulk at 0, whose Gauss nodes stand for many near-zero eigenvalues at
+    no meaningful magnitude) are left off the log axis; their mass is returned as ``excluded``.
     ``∫ positive + ∫ negative + excluded = 1``.
 
     Returns: ``{"grid" (G,) log10|λ|, "positive" (G,), "negative" (G,), "positive_mass", "negative_mass",

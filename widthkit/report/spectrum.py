@@ -73,16 +73,21 @@ def plot_spectral_density(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], a
 
 
 def plot_log_spectral_density(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                              ax: Axes | None = None, *, colors: Mapping[str, str] | None = None,
+                              ax: Axes | None = None, *, excluded: Mapping[str, float] | None = None,
+                              floor: float = 1e-6, colors: Mapping[str, str] | None = None,
                               title: str | None = None) -> Axes:
-    """Densities over log₁₀|λ|: positive eigenvalues solid, negative ones dashed (``{label: (grid, positive,
-    negative)}``, e.g. from :func:`widthkit.engine.curvature.log_spectral_density`). Returns the Axes."""
+    """Densities over log₁₀|λ| on a log density axis: positive eigenvalues solid, negative ones dashed
+    (``{label: (grid, positive, negative)}``, e.g. from :func:`widthkit.engine.curvature.log_spectral_density`).
+    ``excluded``: ``{label: mass near λ = 0}``, shown in the legend. Returns the Axes."""
     ax = ax or _new_axes()
     palette = checkpoint_colors(list(curves), colors)
+    top = max((float(np.nanmax(np.concatenate([p, n]))) for _, p, n in curves.values()), default=1.0)
     for label, (grid, pos, neg) in curves.items():
-        ax.plot(grid, pos, color=palette[label], label=f"{label}, λ > 0", lw=1.4)
-        if np.nanmax(np.asarray(neg, dtype=float), initial=0.0) > 0:
-            ax.plot(grid, neg, color=palette[label], ls="--", label=f"{label}, λ < 0", lw=1.2)
+        near0 = f" ({100 * excluded[label]:.1f}% at λ≈0)" if excluded and label in excluded else ""
+        ax.plot(grid, np.maximum(pos, floor * top), color=palette[label], label=f"{label}, λ > 0{near0}", lw=1.4)
+        if np.nanmax(np.asarray(neg, dtype=float), initial=0.0) > floor * top:
+            ax.plot(grid, np.maximum(neg, floor * top), color=palette[label], ls="--", label=f"{label}, λ < 0", lw=1.2)
+    ax.set_yscale("log")
     ax.set_xlabel(LOG_XLABEL)
     ax.set_ylabel(LOG_YLABEL)
     if title:
@@ -120,18 +125,19 @@ def spectrum_figure(data) -> Figure:
     if data["kind"] != "curvature":
         raise ValueError(f"{data.get('path', 'this file')} holds a {data['kind']} result; the spectral density is in "
                          "a curvature file")
-    lin, logs = {}, {}
+    lin, logs, near0 = {}, {}, {}
     for group, m in data["models"].items():
         v = m["values"]
         if m["done"].get("slq") and "density" in v:
             lin[_label(data, group)] = (v["density_grid"], v["density"])
             logs[_label(data, group)] = (v["log_density_grid"], v["log_density_positive"], v["log_density_negative"])
+            near0[_label(data, group)] = float(v["log_density_excluded"])
     if not lin:
         raise ValueError(f"{data.get('path', 'the file')} has no finished spectral density (slq_probes 0, or the run "
                          "was interrupted: run the same command again to finish it)")
     fig, (a, b) = plt.subplots(1, 2, figsize=(10.0, 3.8), layout="constrained")
     plot_spectral_density(lin, a)
-    plot_log_spectral_density(logs, b)
+    plot_log_spectral_density(logs, b, excluded=near0)
     fig.suptitle("Hessian spectral density: " + _describe(data), fontsize="medium")
     done, total = completeness(data)
     if done < total:
