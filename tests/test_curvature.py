@@ -525,3 +525,21 @@ def test_two_torchrun_ranks_equal_one_process(digits_ckpts, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("curvature: ") == 1  # one rank reports
     _same_file(one, two)  # bit for bit: every product is summed in the same tree order
+
+
+def test_density_figures_take_arrays_and_an_axes():
+    from widthkit.report.spectrum import plot_log_spectral_density, plot_spectral_density
+
+    grid = np.linspace(-1, 5, 50)
+    curves = {"SGD": (grid, np.exp(-grid ** 2)), "SWA": (grid, np.exp(-(grid - 1) ** 2))}
+    fig, (a, b) = plt.subplots(1, 2)
+    try:
+        assert plot_spectral_density(curves, a) is a
+        assert a.get_yscale() == "log" and "eigenvalue" in a.get_xlabel()
+        assert [t.get_text() for t in a.get_legend().get_texts()] == ["SGD", "SWA"]
+        assert [ln.get_color() for ln in a.get_lines()] == ["#2ca02c", "#1f77b4"]  # SGD green, SWA blue
+        logs = {"SWA": (grid, np.exp(-grid ** 2), np.zeros(50))}
+        assert plot_log_spectral_density(logs, b, excluded={"SWA": 0.9}) is b
+        assert [t.get_text() for t in b.get_legend().get_texts()] == ["SWA, λ > 0 (90.0% at λ≈0)"]
+    finally:
+        plt.close(fig)
