@@ -276,7 +276,8 @@ def curvature_markdown(path) -> str:
                   "(± standard error), effective dimension Σ λ/(λ+α) from the SLQ density.", ""]
     else:
         lines += ["Rise of the train loss under weight perturbations (c = 1 plain, c = |θ| adaptive); PAC-Bayes "
-                  "flatness 1/σ'² (larger is flatter).", ""]
+                  "flatness 1/σ'² (σ': the weight noise that raises the train error by the set amount; a larger "
+                  "1/σ'² is a sharper minimum).", ""]
     lines += ["| quantity | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     done, total = completeness(data)
