@@ -490,6 +490,11 @@ def test_surface_curvature_at_the_origin_and_along_a_ray(digits_ckpts, tmp_path)
     vals = ref["models"]["swa"]["values"]
     assert res["lambda_max"][0] == pytest.approx(float(vals["eigenvalues"][0]), rel=1e-6)
     assert res["lambda_min"][0] == pytest.approx(vals["lambda_min"], rel=1e-4, abs=1e-6)
+    # --l2 adds ½·wd·‖θ‖² with the checkpoint's recorded wd (5e-4): every eigenvalue moves up by wd
+    l2 = widthkit.curvature(digits_ckpts["swa"], top_k=1, trace_hvps=0, slq_probes=0, l2=True, **common)
+    assert l2["attrs"]["operator"]["weight_decay_term"] == 5e-4
+    assert float(l2["models"]["swa"]["values"]["eigenvalues"][0]) - float(vals["eigenvalues"][0]) \
+        == pytest.approx(5e-4, abs=1e-5 * float(vals["eigenvalues"][0]))
     # at the end of the second ray: an operator built by hand on θ₀ + d·direction
     from widthkit.report.store import read
 
