@@ -16,7 +16,10 @@ The commands ``python -m widthkit.{rays,line,plane,plot,train,pipeline}`` are th
 
 from ._version import __version__
 from .analyses import Analysis, LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, load, plane, rays
+from .analyses.hessian import curvature, sharpness, surface_curvature
 from .engine.config import EvalConfig
+from .engine.curvature import CurvatureConfig, LossConfig
+from .engine.sharpness import SharpnessConfig
 from .engine.evaluator import EvalSet, Evaluator
 from .inputs.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from .inputs.data import Dataset, load_dataset
@@ -26,4 +29,5 @@ __all__ = [
     "Analysis", "Checkpoint", "Dataset", "EvalConfig", "EvalSet", "Evaluator", "LineConfig", "PlaneConfig",
     "RaysConfig", "WidthConfig", "create_model", "line", "list_models", "load", "load_checkpoint", "load_dataset",
     "plane", "rays", "save_checkpoint", "__version__",
+    "CurvatureConfig", "LossConfig", "SharpnessConfig", "curvature", "sharpness", "surface_curvature",
 ]
