@@ -136,8 +136,12 @@ def test_recipes_load_and_follow_the_paper():
                  "wrn28x10-cifar10", "wrn28x10-cifar100"]:
         assert name in names
     assert load_recipe("digits") == TrainConfig()  # the embedded default
-    for name in names:
-        load_recipe(name)  # every bundled recipe is a valid config
+    for name in names:  # every bundled recipe is a valid config, or says what it needs from the user
+        if trainer.recipe_info(name).needs:
+            with pytest.raises(ValueError, match=f"recipe '{name}' needs "):
+                load_recipe(name)
+        else:
+            load_recipe(name)
     vgg = load_recipe("vgg16-cifar100")
     assert (vgg.model, vgg.lr, vgg.weight_decay, vgg.epochs, vgg.swa_lr, vgg.batch_size, vgg.swa_budget) == \
         ("vgg16", 0.05, 5e-4, 200, 0.01, 128, 1.5)

@@ -247,8 +247,9 @@ def budget_marks(cfg: TrainConfig, steps_per_epoch: int) -> list[tuple[float, in
         _require(averaged(e), f"swa_evals mark {b:g} (epoch {e}) comes before the first average (after swa_c="
                               f"{cfg.swa_c} {cfg.swa_c_unit} of SWA); drop it or lower swa_c")
         clash = [x for x, ex in out if ex == e]
-        _require(not clash, f"swa_evals marks {clash[0]:g} and {b:g} both fall on epoch {e} (epochs={cfg.epochs}); "
-                            "keep one of them")
+        if clash:
+            raise ValueError(f"swa_evals marks {clash[0]:g} and {b:g} both fall on epoch {e} (epochs={cfg.epochs}); "
+                             "keep one of them")
         out.append((b, e))
     return sorted(out, key=lambda m: m[1])
 

@@ -82,6 +82,7 @@ __all__ = [
     "recipe_info",
     "train",
     "train_branches",
+    "read_log",
     "MODES",
     "SCHEDULES",
     "DEVICES",
@@ -699,6 +700,16 @@ def _write_log(path: Path, rows: list[dict]) -> None:
         writer.writerow({k: ("" if isinstance(row[k], float) and math.isnan(row[k]) else row[k])
                          for k in LOG_COLUMNS})
     atomic_write(path, buf.getvalue())
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a run's ``log.csv`` as dicts: ``phase`` and ``weights`` as text, every other column a float
+    (NaN where empty)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = ("phase", "weights")
+    return [{k: (v if k in text else (float(v) if v not in ("", None) else math.nan)) for k, v in r.items()}
+            for r in rows]
 
 
 def _read_state(out: Path) -> dict | None:
