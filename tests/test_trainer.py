@@ -291,9 +291,9 @@ def test_single_swa_run(tmp_path):
     cfg = TrainConfig(epochs=2, device="cpu", swa_budget=2.0, save_iterates=True)  # swa_start 1, end 4
     paths = train(cfg, tmp_path, "swa", progress=False)
     assert set(paths) == {"swa", "budgets", "iterates", "sgd_iterates", "log", "state"} and len(paths["iterates"]) == 3
-    # budgets 1 and 1.25 -> epochs 2 and 3 (2.5 rounded half up); 1.5 -> epoch 3 again: the first mark kept;
-    # the end of the run (swa_budget 2) is swa.pt
-    assert paths["budgets"] == {1.0: str(tmp_path / "swa_budget1.pt"), 1.25: str(tmp_path / "swa_budget1.25.pt"),
+    # budgets 1 -> epoch 2; 1.25 -> epoch 3 (2.5 rounded half up), which is 1.5 budgets: kept as 1.5; the end of
+    # the run (swa_budget 2) is swa.pt
+    assert paths["budgets"] == {1.0: str(tmp_path / "swa_budget1.pt"), 1.5: str(tmp_path / "swa_budget1.5.pt"),
                                 2.0: str(tmp_path / "swa.pt")}
     with open(paths["log"], newline="") as f:
         rows = list(csv.DictReader(f))

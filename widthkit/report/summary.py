@@ -309,11 +309,11 @@ def seed_table(agg: dict, row_label: str, paper: dict | None = None) -> list[str
     """The paper's Table 1 layout as Markdown rows: SGD and SWA at each budget, test accuracy (%) mean ± std over
     seeds; with ``paper`` (a recipe's ``[paper]`` table) the published numbers in a row beneath, and "—" where
     the source gives none."""
-    budgets = agg["budgets"]
+    budgets = sorted(set(agg["budgets"]) | set((paper or {}).get("swa", {})))
     lines = ["| | SGD | " + " | ".join(_budget_label(b) for b in budgets) + " |",
              "|---|---|" + "---|" * len(budgets),
              f"| {row_label} | {_pm(agg['accuracy']['sgd'])} | "
-             + " | ".join(_pm(agg["accuracy"]["swa"][b]) for b in budgets) + " |"]
+             + " | ".join(_pm(agg["accuracy"]["swa"].get(b)) for b in budgets) + " |"]
     if paper:
         def cell(v):
             return "—" if v is None else f"{v[0]:.2f} ± {v[1]:.2f}"

@@ -223,7 +223,8 @@ def budget_marks(cfg: TrainConfig, steps_per_epoch: int) -> list[tuple[float, in
 
     ``swa_evals`` given: every mark must lie within the SWA phase, after its first average, and no two marks
     may fall on the same epoch (``ValueError`` otherwise). ``swa_evals`` unset: the paper's 1, 1.25 and 1.5
-    budgets that satisfy this (the first of marks sharing an epoch kept).
+    budgets that satisfy this; of marks that round to the same epoch (short runs) the one nearest its true
+    budget, epoch / epochs, is kept.
 
     Args:
         cfg: the run's config.
@@ -237,11 +238,14 @@ def budget_marks(cfg: TrainConfig, steps_per_epoch: int) -> list[tuple[float, in
 
     out: list[tuple[float, int]] = []
     if cfg.swa_evals is None:
+        by_epoch: dict[int, float] = {}
         for b in PAPER_BUDGETS:
             e = budget_epoch(b, cfg.epochs)
-            if start < e <= cfg.swa_end_epoch and averaged(e) and e not in [x for _, x in out]:
-                out.append((b, e))
-        return out
+            # marks that round to one epoch (short runs): the one nearest that epoch's true budget
+            if start < e <= cfg.swa_end_epoch and averaged(e) and (
+                    e not in by_epoch or abs(b - e / cfg.epochs) <= abs(by_epoch[e] - e / cfg.epochs)):
+                by_epoch[e] = b
+        return [(b, e) for e, b in sorted(by_epoch.items())]
     for b in cfg.swa_evals:
         e = _check_mark_range(cfg, b)
         _require(averaged(e), f"swa_evals mark {b:g} (epoch {e}) comes before the first average (after swa_c="
