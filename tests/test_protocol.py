@@ -492,3 +492,41 @@ def test_pipeline_seed_flags_are_checked_before_training(tmp_path, capsys, argv,
     assert pipeline.main(["--root", str(tmp_path), *argv, *TINY]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_training_threads_flag_is_kept_recorded_and_the_callers_count_restored(tmp_path, monkeypatch):
+    torch.set_num_threads(2)
+    try:
+        paths = train(TrainConfig(epochs=1, device="cpu", threads=1), tmp_path / "flag", "sgd", progress=False)
+        assert torch.get_num_threads() == 2  # the caller's count, restored
+    finally:
+        torch.set_num_threads(1)
+    assert load_checkpoint(paths["sgd"]).meta["provenance"]["threads"] == 1
+    assert torch.load(paths["state"], weights_only=True)["threads"] == 1
+    # unset: timed, unless a resumed run recorded its count
+    seen = []
+
+    def fake_choose(measure, requested, recorded):
+        measure()  # the timed work runs on a copy: it must leave the run alone
+        seen.append((requested, recorded))
+        return {"threads": 1}
+
+    monkeypatch.setattr(trainer, "choose_threads", fake_choose)
+    cfg = TrainConfig(epochs=2, device="cpu")
+    real, calls = trainer.train_epoch, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "timed", "sgd", progress=False)
+    monkeypatch.setattr(trainer, "train_epoch", real)
+    resumed = train(cfg, tmp_path / "timed", "sgd", progress=False)
+    assert seen == [(None, None), (None, 1)]
+    reference = train(cfg, tmp_path / "reference", "sgd", progress=False)  # timing does not change the numbers
+    wa, wb = weights(resumed["sgd"]), weights(reference["sgd"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -21,7 +21,8 @@ paper's Table 1 layout (SGD and SWA at each budget, mean ± std over seeds; with
 numbers beneath), widths per seed and pooled, and paired tests across seeds and across directions.
 
 The analysis flags are those of ``rays`` (same names, same defaults), ``--line-*`` those of ``line`` and
-``--plane-*`` those of ``plane``. Data, device, precision, seed and weight decay are the training config's.
+``--plane-*`` those of ``plane``. Data, device, precision, seed, weight decay and the CPU thread count
+(``--threads``; unset: timed by the trainer and by every analysis) are the training config's.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .training.trainer import TrainConfig, layered_config, list_recipes, read_lo
 STAGES = ("train", "rays", "line", "plane")
 # evaluation settings the training config already holds: the pipeline evaluates what it trained
 FROM_TRAINING = {"dataset": "dataset", "data_root": "data_root", "device": "device", "amp": "amp", "seed": "seed",
-                 "weight_decay": "weight_decay"}
+                 "weight_decay": "weight_decay", "threads": "threads"}
 PLANE_THROUGH_CHECKPOINTS = ("random", "span", "norm", "exclude")  # the pipeline's plane is start/SGD/SWA
 # what the pipeline sets unless the recipe's --config file or a flag says otherwise: the SGD iterates of both
 # branches are kept for the analyses through iterates (planes through them, trajectories)

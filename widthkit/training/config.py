@@ -64,6 +64,8 @@ class TrainConfig:
                                     "state dicts included) and run the SWA phase only", metavar="FILE")
     seed: int = option(0, "seed of the model init, the shuffling and the augmentation")
     device: str = option("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
+    threads: int | None = option(None, "CPU threads (default: timed at the start, torch's default vs one, as the "
+                                       "analyses do; a resumed run keeps the count it started with)")
     amp: bool = option(False, "bf16 autocast for forward passes (CUDA only)")
     augment: bool = option(False, "random crop (zero-padded by `pad`, black pixels) and flip of training images")
     pad: int = option(4, "padding of the random crop, pixels per side")
@@ -166,6 +168,7 @@ def _check_values(cfg: TrainConfig) -> None:
     _require(cfg.pad >= 0, f"pad must be >= 0 pixels, got {cfg.pad}")
     _require(cfg.swa_c >= 1, f"swa_c (the cycle length, in {cfg.swa_c_unit}) must be >= 1, got {cfg.swa_c}")
     _require(cfg.device in DEVICES, f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
+    _require(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 (or unset: timed), got {cfg.threads}")
     _require(not (cfg.amp and cfg.device == "cpu"),
              "amp (bf16 autocast) runs on CUDA only, but device='cpu'; set amp = false or device = 'cuda'")
     _check_cyclic(cfg)
