@@ -364,6 +364,14 @@ def _acc(v) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"
 
 
+def _t_text(t: dict) -> str:
+    if t["t_pvalue"] is not None:
+        return f"paired t-test p = {t['t_pvalue']:.3g}"
+    if t["n"] > 1 and not any(t["differences"]):
+        return "identical on every seed"
+    return "no t-test: " + "; ".join(t["notes"]) if t["notes"] else "no t-test"
+
+
 def _signed(v) -> str:
     return "n/a" if v is None else f"{v:+.2f}"
 
@@ -396,7 +404,7 @@ def write_seed_report(path: Path, run: str, cfg, agg: dict, paper: dict | None, 
         cells = [_acc(s["sgd"])] + [_acc(s["swa"].get(b)) for b in budgets]
         lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired across seeds, {names[1]} − {names[0]} test accuracy (points): " + "; ".join(
-        f"at {b:g} budget{'' if b == 1 else 's'} {_signed(t['mean_diff'])} (paired t-test p = {_p(t['t_pvalue'])})"
+        f"at {b:g} budget{'' if b == 1 else 's'} {_signed(t['mean_diff'])} ({_t_text(t)})"
         for b, t in agg["accuracy_tests"].items()) + ".", ""]
     if agg["widths"]:
         lines += ["## Widths along random rays", "",
