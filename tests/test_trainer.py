@@ -136,8 +136,12 @@ def test_recipes_load_and_follow_the_paper():
                  "wrn28x10-cifar10", "wrn28x10-cifar100"]:
         assert name in names
     assert load_recipe("digits") == TrainConfig()  # the embedded default
-    for name in names:
-        load_recipe(name)  # every bundled recipe is a valid config
+    for name in names:  # every bundled recipe is a valid config, or says what it needs from the user
+        if trainer.recipe_info(name).needs:
+            with pytest.raises(ValueError, match=f"recipe '{name}' needs "):
+                load_recipe(name)
+        else:
+            load_recipe(name)
     vgg = load_recipe("vgg16-cifar100")
     assert (vgg.model, vgg.lr, vgg.weight_decay, vgg.epochs, vgg.swa_lr, vgg.batch_size, vgg.swa_budget) == \
         ("vgg16", 0.05, 5e-4, 200, 0.01, 128, 1.5)
@@ -197,8 +201,10 @@ def test_branches_writes_checkpoints_with_metadata(branches):
         assert meta["config"] == cfg.resolved() and meta["config"]["swa_start"] == 3
         assert meta["extra"]["seed"] == 0 and meta["extra"]["epoch"] == expected_epoch[role]
         epochs = meta["metrics"]["epochs"]
-        assert [r["phase"] for r in epochs if r["phase"] != "prefix"] == {
-            "start": [], "sgd": ["sgd", "sgd_final"], "swa": ["swa"] * 3 + ["swa_final"]}[role]
+        # SWA: the iterate of each epoch, the average at budgets 1 (epoch 4) and 1.25 (epoch 5), the final one at 1.5
+        assert [(r["phase"], r["weights"]) for r in epochs if r["phase"] != "prefix"] == {
+            "start": [], "sgd": [("sgd", "iterate"), ("sgd_final", "iterate")],
+            "swa": [("swa", "iterate"), ("swa", "average")] * 2 + [("swa", "iterate"), ("swa_final", "average")]}[role]
         if role != "start":
             final = epochs[-1]
             assert meta["metrics"]["test_err"] == final["test_err"]
@@ -212,15 +218,17 @@ def test_log_csv_rows_follow_the_schedule(branches):
     with open(out / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0].keys()) == LOG_COLUMNS
-    assert [(r["phase"], int(r["epoch"])) for r in rows] == [
-        ("prefix", 1), ("prefix", 2), ("prefix", 3), ("sgd", 4), ("sgd_final", 4),
-        ("swa", 4), ("swa", 5), ("swa", 6), ("swa_final", 6)]
+    assert [(r["phase"], r["weights"], int(r["epoch"]), float(r["budget"])) for r in rows] == [
+        ("prefix", "iterate", 1, 0.25), ("prefix", "iterate", 2, 0.5), ("prefix", "iterate", 3, 0.75),
+        ("sgd", "iterate", 4, 1.0), ("sgd_final", "iterate", 4, 1.0),
+        ("swa", "iterate", 4, 1.0), ("swa", "average", 4, 1.0), ("swa", "iterate", 5, 1.25),
+        ("swa", "average", 5, 1.25), ("swa", "iterate", 6, 1.5), ("swa_final", "average", 6, 1.5)]
     for r in rows:
         if r["phase"] in ("prefix", "sgd"):
             assert float(r["lr"]) == pytest.approx(lr_at(int(r["epoch"]) - 1, cfg, "sgd"))
-        elif r["phase"] == "swa":
+        elif r["weights"] == "iterate" and r["phase"] == "swa":
             assert float(r["lr"]) == cfg.swa_lr
-        else:
+        else:  # evaluations of a finished model or of the average: no learning rate
             assert r["lr"] == "" and 0 <= float(r["test_err"]) <= 100
 
 
@@ -272,7 +280,8 @@ def test_same_seed_twice_is_bit_identical_and_sgd_mode_equals_the_sgd_branch(bra
     for a, b in zip(paths["iterates"], again["iterates"]):
         assert_same_weights(a, b)
     single = train(cfg, tmp_path / "sgd_only", "sgd", progress=False)
-    assert set(single) == {"sgd", "iterates", "log", "state"}
+    assert set(single) == {"sgd", "budgets", "iterates", "sgd_iterates", "log", "state"}
+    assert single["budgets"] == {} and len(single["sgd_iterates"]) == 4  # every epoch of the SGD run
     assert_same_weights(paths["sgd"], single["sgd"])
     other_seed = train(cfg.replace(seed=1), tmp_path / "seed1", "sgd", progress=False)
     assert not torch.equal(weights(other_seed["sgd"])["fc.weight"], weights(paths["sgd"])["fc.weight"])
@@ -281,10 +290,14 @@ def test_same_seed_twice_is_bit_identical_and_sgd_mode_equals_the_sgd_branch(bra
 def test_single_swa_run(tmp_path):
     cfg = TrainConfig(epochs=2, device="cpu", swa_budget=2.0, save_iterates=True)  # swa_start 1, end 4
     paths = train(cfg, tmp_path, "swa", progress=False)
-    assert set(paths) == {"swa", "iterates", "log", "state"} and len(paths["iterates"]) == 3
+    assert set(paths) == {"swa", "budgets", "iterates", "sgd_iterates", "log", "state"} and len(paths["iterates"]) == 3
+    # budgets 1 -> epoch 2; 1.25 -> epoch 3 (2.5 rounded half up), which is 1.5 budgets: kept as 1.5; the end of
+    # the run (swa_budget 2) is swa.pt
+    assert paths["budgets"] == {1.0: str(tmp_path / "swa_budget1.pt"), 1.5: str(tmp_path / "swa_budget1.5.pt"),
+                                2.0: str(tmp_path / "swa.pt")}
     with open(paths["log"], newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [float(r["lr"]) for r in rows if r["phase"] == "swa"] == [lr_at(e, cfg, "swa") for e in range(4)]
+    assert [float(r["lr"]) for r in rows if r["weights"] == "iterate"] == [lr_at(e, cfg, "swa") for e in range(4)]
     assert rows[-1]["phase"] == "swa_final" and rows[-1]["lr"] == ""
 
 

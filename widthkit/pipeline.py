@@ -1,25 +1,35 @@
 """Train SGD and SWA from scratch, then analyse and draw them: one command from nothing to a report.
 
     python -m widthkit.pipeline                      # the bundled digits recipe, a few minutes on 2 CPU cores
+    python -m widthkit.pipeline --seeds 0,1,2        # three seeds and the paper's table over them
     python -m widthkit.pipeline --recipe preresnet164-cifar100 --data-root ~/data --device cuda
 
 Stages (each skipped when already finished, resumed when interrupted):
 
 1. train the paper's protocol (:func:`widthkit.training.trainer.train_branches`): a shared SGD prefix saved as
-   ``start``, then an SGD branch and an SWA branch -> ``checkpoints/<run>/{start,sgd,swa}.pt``;
+   ``start``, then an SGD branch and an SWA branch -> ``checkpoints/<run>/{start,sgd,swa}.pt``, the average at
+   each budget (``swa_budget<B>.pt``) and the SGD iterates of both branches (``save_iterates`` is on unless
+   ``--no-save-iterates``);
 2. rays from SGD and SWA along the same random unit directions, with widths -> ``analyses/<run>/rays.h5``;
 3. the line through SWA and SGD -> ``analyses/<run>/line.h5``;
 4. the plane through start, SGD and SWA -> ``analyses/<run>/plane.h5``;
 5. a one-page Markdown report -> ``analyses/<run>/report.md``; figures of every stage in ``figures/<run>/``.
 
+With ``--seeds 0,1,2`` every seed runs these stages in its own sub-folder (``<run>/seed0``, ...; the run name
+defaults to ``<recipe>-seeds``), and ``analyses/<run>/report.md`` (+ ``aggregate.json``) summarises them: the
+paper's Table 1 layout (SGD and SWA at each budget, mean ± std over seeds; with a paper recipe the published
+numbers beneath), widths per seed and pooled, and paired tests across seeds and across directions.
+
 The analysis flags are those of ``rays`` (same names, same defaults), ``--line-*`` those of ``line`` and
-``--plane-*`` those of ``plane``. Data, device, precision, seed and weight decay are the training config's.
+``--plane-*`` those of ``plane``. Data, device, precision, seed, weight decay and the CPU thread count
+(``--threads``; unset: timed by the trainer and by every analysis) are the training config's.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -27,14 +37,19 @@ from . import cli
 from .analyses import LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, plane, rays
 from .engine.config import EvalConfig
 from .fileio import check_writable
-from .report.summary import FigureOptions, finish_figures, finish_rays, write_report
-from .training.trainer import TrainConfig, layered_config, list_recipes, train_branches
+from .report.summary import FigureOptions, aggregate_seeds, finish_figures, finish_rays, seed_table, \
+    write_report, write_seed_report
+from .training.trainer import TrainConfig, layered_config, list_recipes, read_log, recipe_info, train_branches
 
 STAGES = ("train", "rays", "line", "plane")
 # evaluation settings the training config already holds: the pipeline evaluates what it trained
 FROM_TRAINING = {"dataset": "dataset", "data_root": "data_root", "device": "device", "amp": "amp", "seed": "seed",
-                 "weight_decay": "weight_decay"}
+                 "weight_decay": "weight_decay", "threads": "threads"}
 PLANE_THROUGH_CHECKPOINTS = ("random", "span", "norm", "exclude")  # the pipeline's plane is start/SGD/SWA
+# what the pipeline sets unless the recipe's --config file or a flag says otherwise: the SGD iterates of both
+# branches are kept for the analyses through iterates (planes through them, trajectories)
+PIPELINE_DEFAULTS = {"save_iterates": True}
+LABELS = ("SGD", "SWA")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="digits", help=f"bundled recipe ({', '.join(list_recipes())}) or a TOML file")
     p.add_argument("--config", metavar="FILE", help="TOML file whose keys override the recipe")
     p.add_argument("--run", help="run name: folders checkpoints/<run>, analyses/<run>, figures/<run> "
-                                 "(default: the recipe name, plus -seedN for a non-zero --seed)")
+                                 "(default: the recipe name, plus -seedN for a non-zero --seed, or -seeds with --seeds)")
+    p.add_argument("--seeds", metavar="S,S,...",
+                   help="comma-separated seeds (e.g. 0,1,2): train and analyse each in <run>/seedS, then summarise "
+                        "them (the paper's table, mean ± std; widths pooled; paired tests across seeds)")
     p.add_argument("--root", default=".", help="folder holding checkpoints/, analyses/, figures/ (default: .)")
     p.add_argument("--skip", default="", help=f"comma-separated stages to skip: {', '.join(STAGES[1:])}")
     p.add_argument("--overwrite", action="store_true", help="recompute every stage from scratch")
@@ -67,12 +85,94 @@ def eval_config(args, train_cfg: TrainConfig) -> EvalConfig:
                       **{e: getattr(train_cfg, t) for e, t in FROM_TRAINING.items()})
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (None stays None); ``ValueError`` for anything but distinct integers >= 0."""
+    if text is None:
+        return None
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        seeds = [int(t) for t in parts]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct integers >= 0 such as 0,1,2, got {text!r}")
+    return seeds
+
+
+def _stem(recipe: str) -> str:
+    stem = Path(recipe).name
+    return stem[:-5] if stem.endswith(".toml") else stem
+
+
 def _run_name(args, seed: int) -> str:
     if args.run:
         return args.run
-    stem = Path(args.recipe).name
-    stem = stem[:-5] if stem.endswith(".toml") else stem
+    stem = _stem(args.recipe)
     return stem if seed == 0 else f"{stem}-seed{seed}"
+
+
+@dataclasses.dataclass
+class _Settings:
+    """Everything a stage needs besides the training config (built and validated once, before any work)."""
+
+    args: argparse.Namespace
+    skip: set
+    geometry: dict
+    widths: WidthConfig
+    formats: tuple
+
+
+def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Settings, name: str,
+            title: str = "") -> dict:
+    """Train one seed and analyse it: the stages of the module docstring (``name`` heads its report, ``title``
+    its progress lines). Returns ``{"paths", "results", "timings", "report"}``."""
+    args = s.args
+    config = eval_config(args, cfg)
+    figures = FigureOptions(fig_dir, s.formats)
+    timings, results = {}, {}
+    t0 = time.perf_counter()
+    print(f"[1/5] {title}training {cfg.model} on {cfg.dataset}: prefix {cfg.swa_start_epoch} epochs, SGD to "
+          f"{cfg.epochs}, SWA to {cfg.swa_end_epoch} -> {ck_dir}", flush=True)
+    timer = cli.Timer()
+    paths = train_branches(cfg, ck_dir, overwrite=args.overwrite, progress=args.progress)
+    timings["train"] = timer.seconds
+    stages = [
+        ("rays", rays, {"SGD": paths["sgd"], "SWA": paths["swa"]},
+         finish_rays(s.widths, figures, print, reuse=not args.overwrite)),
+        ("line", line, {"SWA": paths["swa"], "SGD": paths["sgd"]}, finish_figures(figures, print)),
+        ("plane", plane, {"start": paths["start"], "SGD": paths["sgd"], "SWA": paths["swa"]},
+         finish_figures(figures, print)),
+    ]
+    for i, (name, analysis, models, after) in enumerate(stages, start=2):
+        if name in s.skip:
+            continue
+        print(f"[{i}/5] {title}{name}", flush=True)
+        progress, close = cli.progress_bar(args.progress, name)
+        timer = cli.Timer()
+        try:
+            results[name] = analysis(models, config=config, out=an_dir / f"{name}.h5", overwrite=args.overwrite,
+                                     progress=progress, after=after, **dataclasses.asdict(s.geometry[name]))
+        finally:
+            close()
+        timings[name] = timer.seconds
+    print(f"[5/5] {title}report", flush=True)
+    report = write_report(an_dir / "report.md", name, cfg, paths, results, timings, time.perf_counter() - t0)
+    return {"paths": paths, "results": results, "timings": timings, "report": report}
+
+
+def seed_numbers(seed: int, one: dict) -> dict:
+    """One seed's input to :func:`~widthkit.report.summary.aggregate_seeds`: test accuracies (%) as the trainer
+    logged them (``sgd_final``; every evaluation of the average, by budget) and the rays' width reports."""
+    rows = read_log(one["paths"]["log"])
+    acc = {"sgd": None, "swa": {}}
+    for r in rows:
+        if r["phase"] == "sgd_final":
+            acc["sgd"] = 100.0 - r["test_err"]
+        elif r["weights"] == "average" and not math.isnan(r["budget"]):
+            acc["swa"][float(r["budget"])] = 100.0 - r["test_err"]
+    rays_res = one["results"].get("rays")
+    reports = list(getattr(rays_res, "reports", None) or []) if rays_res is not None else []
+    return {"seed": seed, **acc, "widths": reports}
 
 
 def main(argv=None) -> int:
@@ -80,51 +180,55 @@ def main(argv=None) -> int:
 
     def body() -> int:
         t0 = time.perf_counter()
-        skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+        skip = {x.strip() for x in args.skip.split(",") if x.strip()}
         bad = sorted(skip - set(STAGES[1:]))
         if bad:
             raise ValueError(f"unknown stage(s) {bad} in --skip; valid: {', '.join(STAGES[1:])}")
-        cfg = layered_config(args.recipe, args.config, cli.config_values(args, TrainConfig, layered=True))
-        config = eval_config(args, cfg)
-        geometry = {"rays": RaysConfig(**cli.config_values(args, RaysConfig, skip=("two_sided",))),
-                    "line": LineConfig(**cli.config_values(args, LineConfig, prefix="line_")),
-                    "plane": PlaneConfig(**cli.config_values(args, PlaneConfig, prefix="plane_",
-                                                             skip=PLANE_THROUGH_CHECKPOINTS))}
-        widths = WidthConfig(**cli.config_values(args, WidthConfig))
-        run = _run_name(args, cfg.seed)
+        seeds = parse_seeds(args.seeds)
+        overrides = cli.config_values(args, TrainConfig, layered=True)
+        if seeds is not None and "seed" in overrides:
+            raise ValueError("pass either --seed (one run) or --seeds (several), not both")
+        cfg = layered_config(args.recipe, args.config, overrides, defaults=PIPELINE_DEFAULTS)
+        if cfg.init:
+            raise ValueError("the pipeline trains SGD and SWA from scratch; for SWA from given weights run "
+                             "python -m widthkit.train --init FILE, then rays/line on its start.pt and swa.pt")
+        settings = _Settings(
+            args=args, skip=skip,
+            geometry={"rays": RaysConfig(**cli.config_values(args, RaysConfig, skip=("two_sided",))),
+                      "line": LineConfig(**cli.config_values(args, LineConfig, prefix="line_")),
+                      "plane": PlaneConfig(**cli.config_values(args, PlaneConfig, prefix="plane_",
+                                                               skip=PLANE_THROUGH_CHECKPOINTS))},
+            widths=WidthConfig(**cli.config_values(args, WidthConfig)), formats=cli.formats_of(args))
+        eval_config(args, cfg)  # every evaluation flag checked before training
+        FigureOptions(None, settings.formats)  # and the figure formats
         root = check_writable(args.root)
-        ck_dir, an_dir, fig_dir = root / "checkpoints" / run, root / "analyses" / run, root / "figures" / run
-        figures = FigureOptions(fig_dir, cli.formats_of(args))
-        timings, results = {}, {}
+        if seeds is None:
+            run = _run_name(args, cfg.seed)
+            dirs = [root / kind / run for kind in ("checkpoints", "analyses", "figures")]
+            one = run_one(cfg, *dirs, settings, run)
+            print(f"\ncheckpoints: {dirs[0]}\nanalyses:    {dirs[1]}\nfigures:     {dirs[2]}\nreport:      {one['report']}")
+            print(f"total time {time.perf_counter() - t0:.0f} s")
+            return 0
 
-        print(f"[1/5] training {cfg.model} on {cfg.dataset}: prefix {cfg.swa_start_epoch} epochs, SGD to "
-              f"{cfg.epochs}, SWA to {cfg.swa_end_epoch} -> {ck_dir}", flush=True)
-        timer = cli.Timer()
-        paths = train_branches(cfg, ck_dir, overwrite=args.overwrite, progress=args.progress)
-        timings["train"] = timer.seconds
-        stages = [
-            ("rays", rays, {"SGD": paths["sgd"], "SWA": paths["swa"]},
-             finish_rays(widths, figures, print, reuse=not args.overwrite)),
-            ("line", line, {"SWA": paths["swa"], "SGD": paths["sgd"]}, finish_figures(figures, print)),
-            ("plane", plane, {"start": paths["start"], "SGD": paths["sgd"], "SWA": paths["swa"]},
-             finish_figures(figures, print)),
-        ]
-        for i, (name, analysis, models, after) in enumerate(stages, start=2):
-            if name in skip:
-                continue
-            print(f"[{i}/5] {name}", flush=True)
-            progress, close = cli.progress_bar(args.progress, name)
+        run = args.run or f"{_stem(args.recipe)}-seeds"
+        numbers, reports, timings = [], {}, {}
+        for i, seed in enumerate(seeds):
+            dirs = [root / kind / run / f"seed{seed}" for kind in ("checkpoints", "analyses", "figures")]
             timer = cli.Timer()
-            try:
-                results[name] = analysis(models, config=config, out=an_dir / f"{name}.h5", overwrite=args.overwrite,
-                                         progress=progress, after=after, **dataclasses.asdict(geometry[name]))
-            finally:
-                close()
-            timings[name] = timer.seconds
-
-        print("[5/5] report", flush=True)
-        report = write_report(an_dir / "report.md", run, cfg, paths, results, timings, time.perf_counter() - t0)
-        print(f"\ncheckpoints: {ck_dir}\nanalyses:    {an_dir}\nfigures:     {fig_dir}\nreport:      {report}")
+            one = run_one(cfg.replace(seed=seed), *dirs, settings, f"{run}/seed{seed}",
+                          f"seed {seed} ({i + 1}/{len(seeds)}): ")
+            timings[f"seed {seed}"] = timer.seconds
+            numbers.append(seed_numbers(seed, one))
+            reports[seed] = one["report"]
+        agg = aggregate_seeds(numbers, LABELS)
+        paper = recipe_info(args.recipe).paper
+        an_dir = root / "analyses" / run
+        report = write_seed_report(an_dir / "report.md", run, cfg, agg, paper, reports, timings,
+                                   time.perf_counter() - t0, LABELS)
+        print(f"\nTest accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}:")
+        print("\n".join(seed_table(agg, f"{cfg.model} ({cfg.epochs})", paper)))
+        print(f"\ncheckpoints: {root / 'checkpoints' / run}\nanalyses:    {an_dir}\nfigures:     "
+              f"{root / 'figures' / run}\nreport:      {report}")
         print(f"total time {time.perf_counter() - t0:.0f} s")
         return 0
 

@@ -8,6 +8,8 @@ Examples::
 
     python -m widthkit.train --recipe digits --out checkpoints/digits
     python -m widthkit.train --recipe preresnet164-cifar100 --out checkpoints/prn164 --data-root ~/data --amp
+    python -m widthkit.train --recipe imagenet-resnet50 --dataset imagefolder:/data/imagenet \
+        --init resnet50-weights.pth --out checkpoints/imagenet-swa          # SWA from pretrained weights
     python -m widthkit.train --list-recipes
 """
 
@@ -29,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"bundled recipe ({', '.join(list_recipes())}) or a TOML file (default: digits)")
     parser.add_argument("--config", metavar="FILE", help="TOML file whose keys override the recipe")
     parser.add_argument("--out", help="output folder (default: checkpoints/<recipe>)")
-    parser.add_argument("--mode", choices=MODES, default="branches",
-                        help="branches (default): SGD and SWA from one shared prefix; sgd or swa: a single run")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="branches (default): SGD and SWA from one shared prefix; sgd or swa: a single run "
+                             "(swa is the default, and the only choice, with --init)")
     parser.add_argument("--overwrite", action="store_true", help="delete this trainer's files in --out first")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--list-recipes", action="store_true", help="print the bundled recipes and exit")
@@ -55,15 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = layered_config(args.recipe, args.config, cli.config_values(args, TrainConfig, layered=True))
         out = args.out or _default_out(args.recipe)
-        if args.mode == "branches":
+        mode = args.mode or ("swa" if cfg.init else "branches")
+        if mode == "branches":
             paths = train_branches(cfg, out, overwrite=args.overwrite, progress=args.progress)
         else:
-            paths = train(cfg, out, args.mode, overwrite=args.overwrite, progress=args.progress)
+            paths = train(cfg, out, mode, overwrite=args.overwrite, progress=args.progress)
         for role in ("start", "sgd", "swa"):
             if role in paths:
                 print(f"{role:>8}: {paths[role]}")
-        if paths["iterates"]:
-            print(f"iterates: {len(paths['iterates'])} files, {paths['iterates'][0]} ... {paths['iterates'][-1]}")
+        for budget, path in sorted(paths["budgets"].items()):
+            print(f"{'SWA ' + format(budget, 'g') + 'B':>8}: {path}")
+        for key, what in (("iterates", "iterates"), ("sgd_iterates", "SGD its")):
+            if paths[key]:
+                print(f"{what:>8}: {len(paths[key])} files, {paths[key][0]} ... {paths[key][-1]}")
         print(f"     log: {paths['log']}")
         return 0
 

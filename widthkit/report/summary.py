@@ -1,12 +1,18 @@
 """What a finished analysis turns into besides its grid: width tables (terminal + JSON), figures, the
-pipeline's one-page Markdown report. Called while the analysis file is still locked by its writer."""
+pipeline's one-page Markdown report (called while the analysis file is still locked by its writer); and the
+multi-seed summary of the pipeline: the paper's table (mean ± std over seeds), widths per seed and pooled,
+paired tests across seeds and across directions."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats
 
 from ..fileio import atomic_write, write_json
 
@@ -137,4 +143,275 @@ def write_report(path: Path, run: str, cfg, paths: dict, results: dict, timings:
     lines += ["## Files", ""] + [f"- {k}: `{rel(v)}`" for k, v in paths.items() if k in ("start", "sgd", "swa", "log")]
     lines += [f"- {name}: `{rel(res.path)}`" for name, res in results.items()]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s.", ""]
+    return atomic_write(path, "\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Several seeds: the paper's table (mean ± std over runs), widths per seed and pooled, paired tests
+# --------------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """``{"n", "values", "mean", "std"}`` of per-seed numbers; ``std`` is the sample standard deviation
+    (``ddof=1``; None for a single value). NaN values (a seed without the number) are left out."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    n = len(vals)
+    mean = float(np.mean(vals)) if n else None
+    std = float(np.std(vals, ddof=1)) if n > 1 else None
+    return {"n": n, "values": vals, "mean": mean, "std": std}
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], names: tuple[str, str] = ("a", "b")) -> dict:
+    """Paired comparison of two per-seed quantities (seed i of ``a`` with seed i of ``b``): differences b − a,
+    their mean and sample std, a two-sided paired t-test (:func:`scipy.stats.ttest_rel`) and the Wilcoxon
+    signed-rank test (:func:`scipy.stats.wilcoxon`, with the smallest p-value it can give for this n).
+
+    With 3 seeds the Wilcoxon test cannot go below p = 0.25; the t-test assumes roughly normal differences.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired_test needs two equally long 1-D sequences, got shapes {x.shape} and {y.shape}")
+    d = y - x
+    n = int(d.size)
+    out: dict = {"names": list(names), "n": n, "differences": d.tolist(),
+                 "mean_diff": float(d.mean()) if n else None, "std_diff": float(d.std(ddof=1)) if n > 1 else None,
+                 "t": None, "t_pvalue": None, "wilcoxon_statistic": None, "wilcoxon_pvalue": None,
+                 "wilcoxon_min_pvalue": None, "notes": []}
+    if n < 2:
+        out["notes"].append("fewer than 2 seeds: no paired test")
+        return out
+    if np.all(d == d[0]):
+        out["notes"].append("every difference is the same: the t statistic is undefined")
+    else:
+        t = stats.ttest_rel(y, x)
+        out["t"], out["t_pvalue"] = float(t.statistic), float(t.pvalue)
+    nonzero = int(np.count_nonzero(d))
+    if nonzero:
+        w = stats.wilcoxon(d, alternative="two-sided")
+        out["wilcoxon_statistic"], out["wilcoxon_pvalue"] = float(w.statistic), float(w.pvalue)
+        out["wilcoxon_min_pvalue"] = 2.0 / 2 ** nonzero
+    return out
+
+
+def _floats(values) -> np.ndarray:
+    """A width list as stored (floats, "inf"/"nan" strings, None for unknown) -> float64 array."""
+    return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def pool_widths(reports: Sequence[dict], names: tuple[str, str] = ("SGD", "SWA")) -> dict:
+    """Widths of several seeds at one threshold, compared per seed, pooled and across seeds.
+
+    Args:
+        reports: one width report per seed (:meth:`~widthkit.analyses.result.Analysis.widths`, as returned or as
+            stored in the file), all at the same threshold, each holding ``per_direction``, ``crossed`` and
+            ``summaries`` for both ``names``.
+        names: the two models, the second compared with the first.
+
+    Every seed's rays end at its own ``max_distance``; the pooled statistics use the smallest, m, and count a
+    ray that crossed beyond m as not crossed within m (right-censoring at a smaller bound is always true). Only
+    directions complete for both models are used.
+
+    Returns:
+        JSON-serialisable dict: ``threshold``, ``max_distance`` (m), ``per_seed`` (each seed's summaries and
+        comparison as its report holds them), ``pooled`` (``summaries`` of all seeds' directions together and
+        their paired ``comparison`` across directions, :func:`~widthkit.report.width.compare`), ``seed_means``
+        ({name: per-seed mean width, censored rays at m}) with ``seed_means_lower_bound`` and ``across_seeds``
+        (:func:`paired_test` of the per-seed means).
+    """
+    from .width import compare, summarize
+
+    if not reports:
+        raise ValueError("pool_widths needs at least one seed's width report")
+    thresholds = {r["threshold"] for r in reports}
+    if len(thresholds) != 1:
+        raise ValueError(f"pool_widths needs reports at one threshold, got {sorted(thresholds)}")
+    m = min(float(r["summaries"][n]["max_distance"]) for r in reports for n in names)
+    pooled = {n: ([], []) for n in names}
+    means = {n: [] for n in names}
+    lower = False
+    for r in reports:
+        w = {n: _floats(r["per_direction"][n]) for n in names}
+        c = {n: np.asarray(r["crossed"][n], dtype=bool) for n in names}
+        usable = ~np.isnan(w[names[0]]) & ~np.isnan(w[names[1]])
+        for n in names:
+            crossed = c[n][usable] & (w[n][usable] <= m)
+            widths = np.where(crossed, w[n][usable], np.inf)
+            pooled[n][0].append(widths)
+            pooled[n][1].append(crossed)
+            means[n].append(float(np.mean(np.where(crossed, widths, m))) if crossed.size else math.nan)
+            lower = lower or bool((~crossed).any())
+    cat = {n: (np.concatenate(pooled[n][0]), np.concatenate(pooled[n][1])) for n in names}
+    return {
+        "threshold": reports[0]["threshold"],
+        "max_distance": m,
+        "per_seed": [{"summaries": r["summaries"], "comparison": r.get("comparison")} for r in reports],
+        "pooled": {"summaries": {n: summarize(*cat[n], m) for n in names},
+                   "comparison": compare(*cat[names[0]], *cat[names[1]], names=names, max_distance=m)},
+        "seed_means": means,
+        "seed_means_lower_bound": lower,
+        "across_seeds": paired_test(means[names[0]], means[names[1]], names),
+    }
+
+
+def aggregate_seeds(seeds: Sequence[dict], names: tuple[str, str] = ("SGD", "SWA")) -> dict:
+    """The multi-seed summary of the pipeline.
+
+    Args:
+        seeds: one dict per seed: ``{"seed": int, "sgd": test accuracy %, "swa": {budget: test accuracy %},
+            "widths": [width reports, one per threshold] (may be empty)}``; the accuracies as the trainer
+            measured them (eval mode; BatchNorm recomputed for the averages).
+        names: the labels of the SGD and SWA models in the width reports.
+
+    Returns:
+        JSON-serialisable dict: ``seeds``, ``budgets``, ``per_seed`` (the accuracies given); ``accuracy``: ``{"sgd": mean_std, "swa": {budget: mean_std}}``
+        (:func:`mean_std`: sample std over seeds); ``accuracy_tests``: ``{budget: paired_test(SGD, SWA at that
+        budget)}`` across seeds; ``widths``: one :func:`pool_widths` per threshold that every seed reports.
+    """
+    if not seeds:
+        raise ValueError("aggregate_seeds needs at least one seed")
+    budgets = sorted({b for s in seeds for b in s["swa"]})
+    sgd = [s["sgd"] for s in seeds]
+    out: dict = {"seeds": [s["seed"] for s in seeds], "budgets": budgets,
+                 "per_seed": [{"seed": s["seed"], "sgd": s["sgd"], "swa": dict(s["swa"])} for s in seeds],
+                 "accuracy": {"sgd": mean_std(sgd),
+                              "swa": {b: mean_std([s["swa"].get(b, math.nan) for s in seeds]) for b in budgets}},
+                 "accuracy_tests": {}, "widths": []}
+    for b in budgets:
+        pairs = [(s["sgd"], s["swa"][b]) for s in seeds if b in s["swa"] and s["sgd"] is not None]
+        out["accuracy_tests"][b] = paired_test([p[0] for p in pairs], [p[1] for p in pairs], names)
+    by_threshold: dict[str, list] = {}
+    for s in seeds:
+        for r in s.get("widths") or []:
+            by_threshold.setdefault(r["threshold"], []).append(r)
+    for threshold, reports in by_threshold.items():
+        if len(reports) == len(seeds):
+            out["widths"].append(pool_widths(reports, names))
+    return out
+
+
+def _pm(stat: dict | None, digits: int = 2) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    if stat.get("std") is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _budget_label(b: float) -> str:
+    return f"SWA {b:g} budget" + ("" if b == 1 else "s")
+
+
+def _p(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def seed_table(agg: dict, row_label: str, paper: dict | None = None) -> list[str]:
+    """The paper's Table 1 layout as Markdown rows: SGD and SWA at each budget, test accuracy (%) mean ± std over
+    seeds; with ``paper`` (a recipe's ``[paper]`` table) the published numbers in a row beneath, and "—" where
+    the source gives none."""
+    budgets = sorted(set(agg["budgets"]) | set((paper or {}).get("swa", {})))
+    lines = ["| | SGD | " + " | ".join(_budget_label(b) for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets),
+             f"| {row_label} | {_pm(agg['accuracy']['sgd'])} | "
+             + " | ".join(_pm(agg["accuracy"]["swa"].get(b)) for b in budgets) + " |"]
+    if paper:
+        def cell(v):
+            return "—" if v is None else f"{v[0]:.2f} ± {v[1]:.2f}"
+        lines.append(f"| published ({paper.get('runs') or '?'} runs) | {cell(paper.get('sgd'))} | "
+                     + " | ".join(cell(paper["swa"].get(b)) for b in budgets) + " |")
+    return lines
+
+
+def _width_lines(w: dict, seeds: Sequence[int], names: tuple[str, str]) -> list[str]:
+    from .width import format_table
+
+    a, b = names
+    lines = [f"### Width at {w['threshold']}", "",
+             f"| seed | {a} mean | {a} median | {b} mean | {b} median | {b} wider | median ratio {b}/{a} | "
+             f"Wilcoxon p (directions) |", "|---|---|---|---|---|---|---|---|"]
+    for seed, s in zip(seeds, w["per_seed"]):
+        sa, sb, comp = s["summaries"][a], s["summaries"][b], s.get("comparison") or {}
+        ratio = comp.get("median_ratio")
+        wider = comp.get("wider", {})
+        lines.append(f"| {seed} | {_stat(sa, 'mean')} | {_stat(sa, 'median')} | {_stat(sb, 'mean')} | "
+                     f"{_stat(sb, 'median')} | {wider.get(b, '?')}/{comp.get('n', '?')} | "
+                     f"{'?' if ratio is None else (ratio if isinstance(ratio, str) else format(ratio, '.3g'))} | "
+                     f"{_p((comp.get('wilcoxon') or {}).get('pvalue'))} |")
+    pooled = w["pooled"]
+    lines += ["", f"Pooled over {len(seeds)} seeds ({pooled['comparison']['n']} directions; rays censored at the "
+                  f"smallest max distance, {w['max_distance']:.4g}):", "", "```",
+              format_table(pooled["summaries"], pooled["comparison"]), "```", ""]
+    t = w["across_seeds"]
+    bound = " (lower bounds: some rays never crossed)" if w["seed_means_lower_bound"] else ""
+    lines.append(f"Across seeds (per-seed mean widths{bound}: {a} "
+                 + ", ".join(f"{v:.4g}" for v in w["seed_means"][a]) + f"; {b} "
+                 + ", ".join(f"{v:.4g}" for v in w["seed_means"][b])
+                 + f"): mean difference {b} − {a} {_num(t['mean_diff'])}, paired t-test p = {_p(t['t_pvalue'])}, "
+                   f"Wilcoxon p = {_p(t['wilcoxon_pvalue'])}"
+                 + (f" (cannot go below {t['wilcoxon_min_pvalue']:.3g} with {t['n']} seeds)"
+                    if t["wilcoxon_min_pvalue"] else "") + ".")
+    return lines + [""]
+
+
+def _stat(summary: dict, key: str) -> str:
+    v = summary.get(key)
+    if v is None:
+        return "?"
+    return ("> " if (summary.get("lower_bound") or {}).get(key) else "") + f"{v:.4g}"
+
+
+def _acc(v) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"
+
+
+def _t_text(t: dict) -> str:
+    if t["t_pvalue"] is not None:
+        return f"paired t-test p = {t['t_pvalue']:.3g}"
+    if t["n"] > 1 and not any(t["differences"]):
+        return "identical on every seed"
+    return "no t-test: " + "; ".join(t["notes"]) if t["notes"] else "no t-test"
+
+
+def _signed(v) -> str:
+    return "n/a" if v is None else f"{v:+.2f}"
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:+.4g}"
+
+
+def write_seed_report(path: Path, run: str, cfg, agg: dict, paper: dict | None, seed_reports: dict,
+                      timings: dict, total: float, names: tuple[str, str] = ("SGD", "SWA")) -> Path:
+    """The pipeline's multi-seed Markdown page: the paper's table (measured, and published with a paper recipe),
+    accuracies per seed with the paired test across seeds, widths per seed, pooled and across seeds, links to
+    every seed's own report, timings. ``aggregate.json`` beside it holds every number."""
+    rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    seeds = agg["seeds"]
+    lines = [f"# widthkit report: {run} (seeds {', '.join(map(str, seeds))})", "",
+             f"{cfg.model} on {cfg.dataset}; budget {cfg.epochs} epochs, lr {cfg.lr}, weight decay {cfg.weight_decay}; "
+             f"a shared SGD prefix to epoch {cfg.swa_start_epoch}, then an SGD branch to epoch {cfg.epochs} and an "
+             f"SWA branch ({cfg.swa_schedule} learning rate {cfg.swa_lr}) to epoch {cfg.swa_end_epoch}.", "",
+             f"## Test accuracy (%), mean ± std over {len(seeds)} seeds", ""]
+    lines += seed_table(agg, f"{cfg.model} ({cfg.epochs})", paper)
+    lines += ["", "As the trainer measured them: eval mode on the test set; each SWA average with its BatchNorm "
+                  "statistics recomputed on the training set. Std is the sample standard deviation (n − 1)."]
+    if paper:
+        lines += ["", f"Published: {paper['source']}."]
+    budgets = agg["budgets"]
+    lines += ["", "| seed | SGD | " + " | ".join(_budget_label(b) for b in budgets) + " |",
+              "|---|---|" + "---|" * len(budgets)]
+    for s in agg["per_seed"]:
+        cells = [_acc(s["sgd"])] + [_acc(s["swa"].get(b)) for b in budgets]
+        lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired across seeds, {names[1]} − {names[0]} test accuracy (points): " + "; ".join(
+        f"at {b:g} budget{'' if b == 1 else 's'} {_signed(t['mean_diff'])} ({_t_text(t)})"
+        for b, t in agg["accuracy_tests"].items()) + ".", ""]
+    if agg["widths"]:
+        lines += ["## Widths along random rays", "",
+                  "Each seed's rays use their own random directions; pooled, every seed's directions count once.", ""]
+        for w in agg["widths"]:
+            lines += _width_lines(w, seeds, names)
+    lines += ["## Each seed", ""] + [f"- seed {s}: [{rel(p)}]({rel(p)})" for s, p in seed_reports.items()]
+    lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s.", ""]
+    write_json(path.with_name("aggregate.json"), {"run": run, "config": cfg.resolved(), "paper": paper, **agg})
     return atomic_write(path, "\n".join(lines))

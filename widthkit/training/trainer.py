@@ -1,20 +1,34 @@
-"""SGD and SWA training with the learning-rate schedule of the SWA paper, resumable, bit-exact on the CPU.
+"""SGD and SWA training with the learning-rate schedules of the SWA paper, resumable, bit-exact on the CPU.
 
 Izmailov, Podoprikhin, Garipov, Vetrov, Wilson (2018), "Averaging Weights Leads to Wider Optima and Better
 Generalization", https://arxiv.org/abs/1803.05407 (reference code: github.com/timgaripov/swa). The trainer
 produces the checkpoints the width analyses compare: an SGD solution and an SWA solution that share their
-first ``swa_start`` epochs (:func:`train_branches`), or either one on its own (:func:`train`).
+first ``swa_start`` epochs (:func:`train_branches`), either one on its own (:func:`train`), or an SWA phase
+started from given weights (``init``, the paper's ImageNet protocol).
 
-Averaging uses :class:`torch.optim.swa_utils.AveragedModel` (equal weights) and the BatchNorm statistics of
-the averaged weights are recomputed with :func:`torch.optim.swa_utils.update_bn`.
+Averaging uses :class:`torch.optim.swa_utils.AveragedModel` (equal weights) at the end of every cycle of
+``swa_c`` epochs (or steps), with a constant or a cyclic learning rate (:mod:`widthkit.training.schedule`);
+the BatchNorm statistics of the averaged weights are recomputed with :func:`torch.optim.swa_utils.update_bn`.
+During the run the average is also evaluated at the budgets ``swa_evals`` (the paper's 1, 1.25 and 1.5), each
+time on a copy whose BatchNorm statistics are recomputed, so the running average itself is never disturbed.
 
 What a run writes into its output folder:
 
-- ``start.pt`` / ``sgd.pt`` / ``swa.pt`` / ``swa_iter_XXX.pt``: widthkit checkpoints (see
-  :func:`widthkit.checkpoints.save_checkpoint`) with roles ``start`` / ``sgd`` / ``swa`` / ``iterate``, the
-  resolved config, the per-epoch metrics and, for ``sgd``/``swa``, the final train/test loss and error;
-- ``log.csv``: one row per epoch (``phase, epoch, lr, train_loss, train_err, test_loss, test_err, time_s``)
-  plus one ``<phase>_final`` row per finished model; losses in nats, errors in %;
+- ``start.pt`` / ``sgd.pt`` / ``swa.pt``: widthkit checkpoints (see
+  :func:`widthkit.inputs.checkpoints.save_checkpoint`) with roles ``start`` / ``sgd`` / ``swa``, the resolved
+  config, the per-epoch metrics and, for ``sgd``/``swa``, the final train/test loss and error. ``swa.pt`` is
+  the average at the end of the run (``swa_budget``, 1.5 budgets in the paper recipes): the model the width
+  analyses compare with SGD, as before budgets were evaluated. With ``init``, ``start.pt`` holds the given
+  weights (evaluated as they are);
+- ``swa_budget<B>.pt`` (role ``swa``, ``extra["budget"] = B``): the average at each other ``swa_evals`` budget;
+- ``swa_iter_XXX.pt`` / ``sgd_iter_EEE.pt`` (role ``iterate``, with ``save_iterates``): each iterate SWA
+  averaged (XXX = its number in the average), and the SGD branch's iterate after every epoch EEE; each with
+  ``extra["epoch"]`` (fractional when it is averaged mid-epoch, ``swa_c_unit = 'steps'``);
+- ``log.csv``: one row per epoch and per evaluation of an average, columns ``phase, weights, epoch, budget, lr,
+  train_loss, train_err, test_loss, test_err, time_s``. ``weights`` says what a row measured: ``iterate`` (the
+  SGD iterate, its train numbers measured on the fly during the epoch) or ``average`` (the SWA average, BN
+  recomputed, evaluated in eval mode); ``budget`` = epoch / epochs (the mark itself for the budget
+  evaluations); ``<phase>_final`` rows hold each finished model; losses in nats, errors in %;
 - ``train_state.pt``: everything needed to continue after the last finished epoch (written atomically after
   every epoch; plain tensors and containers, readable with ``torch.load(weights_only=True)``);
 - ``branch_state.pt`` (branch protocol only, until both branches are done): the training state at
@@ -26,21 +40,19 @@ different configuration is refused (use a new folder or ``overwrite=True`` / ``-
 
 >>> cfg = load_recipe("digits")
 >>> paths = train_branches(cfg, "checkpoints/digits")
->>> paths["sgd"], paths["swa"]
-('checkpoints/digits/sgd.pt', 'checkpoints/digits/swa.pt')
+>>> paths["sgd"], paths["swa"], paths["budgets"][1.25]
+('checkpoints/digits/sgd.pt', 'checkpoints/digits/swa.pt', 'checkpoints/digits/swa_budget1.25.pt')
 """
 
 from __future__ import annotations
 
+import copy
 import csv
-import dataclasses
 import io
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -51,28 +63,26 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from ..engine.objectives import split_sums
 from ..fileio import WriterLock, atomic_write
-from ..inputs.checkpoints import atomic_save, safe_load, save_checkpoint
-from ..inputs.data import IMAGEFOLDER_PREFIX, augment, list_datasets, load_dataset
-from ..models import create_model, model_input_shape
-from ..runtime import autocast, check_amp, default_batch_size, provenance
+from ..inputs.checkpoints import atomic_save, load_checkpoint, safe_load, save_checkpoint
+from ..inputs.data import IMAGEFOLDER_PREFIX, augment, load_dataset
+from ..models import create_model
+from ..runtime import autocast, check_amp, choose_threads, default_batch_size, provenance
 from ..runtime import resolve_device as runtime_device
-from ..settings import base_type, field_types, from_dict, option
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    try:
-        import tomli as tomllib
-    except ModuleNotFoundError:
-        tomllib = None
+from .config import DEVICES, TrainConfig, budget_marks
+from .recipes import layered_config, list_recipes, load_recipe, read_config_file, recipe_info
+from .schedule import SCHEDULES, averages_at, lr_at, steps_per_epoch, swa_step_lr
 
 __all__ = [
     "TrainConfig",
     "lr_at",
     "list_recipes",
     "load_recipe",
+    "layered_config",
+    "read_config_file",
+    "recipe_info",
     "train",
     "train_branches",
+    "read_log",
     "MODES",
     "SCHEDULES",
     "DEVICES",
@@ -80,296 +90,22 @@ __all__ = [
 ]
 
 MODES = ("branches", "sgd", "swa")  # the CLI's --mode; train() takes the last two
-SCHEDULES = ("sgd", "swa", "swa_branch")  # the `branch` argument of lr_at
-DEVICES = ("auto", "cpu", "cuda")
-SGD_FINAL_RATIO = 0.01  # the SGD schedule ends at 1% of the initial learning rate
-LOG_COLUMNS = ("phase", "epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "time_s")
+LOG_COLUMNS = ("phase", "weights", "epoch", "budget", "lr", "train_loss", "train_err", "test_loss", "test_err",
+               "time_s")
 
 STATE_FILE = "train_state.pt"
 BRANCH_FILE = "branch_state.pt"
 LOG_FILE = "log.csv"
 STATE_FORMAT = "widthkit-train-state"
-STATE_VERSION = 1
+STATE_VERSION = 2
 # config fields that may change between a run and its continuation (they do not change the numbers)
-RESUME_FREE_FIELDS = ("data_root", "device")
+RESUME_FREE_FIELDS = ("data_root", "device", "threads")
+OUTPUT_GLOBS = ("swa_iter_*.pt", "sgd_iter_*.pt", "swa_budget*.pt")
 
 
-
-# --------------------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a training run; the defaults are the bundled ``digits`` recipe.
-
-    Epoch counts are whole epochs; ``epochs`` is the budget B of the paper (the length of a conventional SGD
-    run). Learning rates are per SGD step, weight decay is the L2 coefficient of ``torch.optim.SGD``.
-    Construction validates every value and raises ``ValueError`` saying what to change.
-    """
-
-    model: str = option("digits_cnn", "architecture: a name from widthkit.models.list_models() or 'torchvision:NAME'")
-    model_kwargs: dict = option({}, "extra create_model arguments, e.g. {\"depth\": 56} (CLI: JSON)")
-    dataset: str = option("digits", "dataset: a name from widthkit.data.list_datasets() or 'imagefolder:PATH'")
-    data_root: str | None = option(None, "folder holding the CIFAR folders (default: $WIDTHKIT_DATA or ./data)")
-    epochs: int = option(20, "budget B: epochs of the SGD run")
-    batch_size: int = option(64, "images per SGD step")
-    lr: float = option(0.1, "initial learning rate (constant for the first half of the budget)")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "L2 weight decay of torch.optim.SGD")
-    swa_lr: float = option(0.05, "constant learning rate of the SWA phase")
-    swa_start: int | None = option(None, "epoch at which SWA branches off / starts averaging (default: 0.75*epochs)")
-    swa_budget: float = option(1.5, "SWA ends after swa_budget*epochs epochs (the paper: 1, 1.25 or 1.5)")
-    swa_c: int = option(1, "average every swa_c epochs (1: once per epoch)")
-    seed: int = option(0, "seed of the model init, the shuffling and the augmentation")
-    device: str = option("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
-    amp: bool = option(False, "bf16 autocast for forward passes (CUDA only)")
-    augment: bool = option(False, "random crop (zero-padded by `pad`, black pixels) and flip of training images")
-    pad: int = option(4, "padding of the random crop, pixels per side")
-    flip: bool = option(True, "random horizontal flips when augment is on")
-    save_iterates: bool = option(False, "also save every averaged SWA iterate as swa_iter_XXX.pt")
-
-    def __post_init__(self) -> None:
-        self.model_kwargs = dict(self.model_kwargs) if isinstance(self.model_kwargs, dict) else self.model_kwargs
-        _check_types(self)
-        _check_values(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """Build a config from a plain dict (a TOML table, a checkpoint's recorded config).
-
-        Raises:
-            ValueError: a key that is not a field (the message lists the valid ones) or an invalid value.
-        """
-        return from_dict(cls, values, "training config")
-
-    def to_dict(self) -> dict:
-        """The fields as a plain dict (``model_kwargs`` copied)."""
-        return asdict(self)
-
-    def replace(self, **changes) -> "TrainConfig":
-        """A validated copy with some fields changed (unknown names raise ``ValueError``)."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
-
-    @property
-    def swa_start_epoch(self) -> int:
-        """``swa_start`` with its default filled in: ``floor(0.75 * epochs)``, at least 1."""
-        return self.swa_start if self.swa_start is not None else max(1, math.floor(0.75 * self.epochs))
-
-    @property
-    def swa_end_epoch(self) -> int:
-        """Epoch at which the SWA run ends: ``swa_budget * epochs`` rounded half up."""
-        return math.floor(self.swa_budget * self.epochs + 0.5)
-
-    def resolved(self) -> dict:
-        """The config as saved into outputs: a dict with ``swa_start`` filled in."""
-        return {**self.to_dict(), "swa_start": self.swa_start_epoch}
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    for name, hint in field_types(TrainConfig).items():
-        value = getattr(cfg, name)
-        kind, optional = base_type(hint)
-        if value is None and optional:
-            continue
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-            setattr(cfg, name, value)
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if not ok:
-            want = kind.__name__ + (" or None" if optional else "")
-            raise ValueError(f"training config {name!r} must be of type {want}, got {value!r} "
-                             f"({type(value).__name__})")
-    bad_keys = [k for k in cfg.model_kwargs if not isinstance(k, str)]
-    if bad_keys:
-        raise ValueError(f"model_kwargs keys must be strings (create_model argument names), got {bad_keys}")
-
-
-def _check_values(cfg: TrainConfig) -> None:
-    _check_model_name(cfg.model)
-    _check_dataset_name(cfg.dataset)
-    _require(cfg.epochs >= 1, f"epochs (the budget B) must be >= 1, got {cfg.epochs}")
-    _require(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
-    _require(math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
-    _require(math.isfinite(cfg.swa_lr) and cfg.swa_lr > 0, f"swa_lr must be a positive number, got {cfg.swa_lr}")
-    _require(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
-    _require(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-             f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    _require(cfg.seed >= 0, f"seed must be a non-negative int, got {cfg.seed}")
-    _require(cfg.pad >= 0, f"pad must be >= 0 pixels, got {cfg.pad}")
-    _require(cfg.swa_c >= 1, f"swa_c (average every swa_c epochs) must be >= 1, got {cfg.swa_c}")
-    _require(cfg.device in DEVICES, f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
-    _require(not (cfg.amp and cfg.device == "cpu"),
-             "amp (bf16 autocast) runs on CUDA only, but device='cpu'; set amp = false or device = 'cuda'")
-    if cfg.swa_start is not None:
-        _require(1 <= cfg.swa_start <= cfg.epochs,
-                 f"swa_start={cfg.swa_start} is outside the budget: it must be in [1, epochs={cfg.epochs}]; "
-                 f"lower swa_start (or leave it unset for 0.75*epochs = {max(1, math.floor(0.75 * cfg.epochs))}; "
-                 f"CLI: --swa-start auto) or raise epochs")
-    _require(math.isfinite(cfg.swa_budget) and cfg.swa_budget > 0,
-             f"swa_budget must be a positive number of budgets (1, 1.25, 1.5), got {cfg.swa_budget}")
-    n_avg = (cfg.swa_end_epoch - cfg.swa_start_epoch) // cfg.swa_c
-    _require(n_avg >= 1,
-             f"SWA would average no model: it runs from epoch swa_start={cfg.swa_start_epoch} to "
-             f"swa_budget*epochs={cfg.swa_end_epoch} and averages every swa_c={cfg.swa_c} epochs; raise swa_budget "
-             f"or lower swa_start or swa_c")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _check_model_name(name: str) -> None:
-    try:
-        model_input_shape(name)
-    except ValueError as err:
-        raise ValueError(f"training config 'model': {err}") from None
-
-
-def _check_dataset_name(name: str) -> None:
-    if name.startswith(IMAGEFOLDER_PREFIX) and len(name) > len(IMAGEFOLDER_PREFIX):
-        return
-    if name not in list_datasets():
-        raise ValueError(f"training config 'dataset': unknown dataset {name!r}; valid names: {list_datasets()} "
-                         f"or '{IMAGEFOLDER_PREFIX}PATH'")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Learning-rate schedule
-# --------------------------------------------------------------------------------------------------------
-
-
-def schedule_factor(t: float, ratio: float) -> float:
-    """The paper's schedule as a multiple of the initial learning rate at training progress ``t``.
-
-    1 for ``t <= 0.5``, then linear down to ``ratio`` at ``t = 0.9``, then constant ``ratio``.
-    """
-    if t <= 0.5:
-        return 1.0
-    if t <= 0.9:
-        return 1.0 - (1.0 - ratio) * (t - 0.5) / 0.4
-    return ratio
-
-
-def lr_at(epoch: int | float, cfg: TrainConfig, branch: str = "sgd") -> float:
-    """Learning rate for the epoch that starts after ``epoch`` finished epochs (set once per epoch).
-
-    Args:
-        epoch: number of epochs already trained (>= 0).
-        cfg: the run's config (``lr``, ``swa_lr``, ``epochs``, ``swa_start``).
-        branch: which schedule:
-
-            - ``'sgd'``: ``lr * factor(epoch / epochs, 0.01)`` (the paper's SGD baseline);
-            - ``'swa'``: a single SWA run, ``lr * factor(epoch / swa_start, swa_lr / lr)``. As in the authors'
-              ``train.py``, progress is measured against ``swa_start``, so the rate has reached ``swa_lr``
-              (at 0.9 * swa_start) before averaging starts and every averaged iterate sees ``swa_lr``;
-            - ``'swa_branch'``: the SWA branch of :func:`train_branches`, ``'sgd'`` before ``swa_start`` (the
-              shared prefix) and the constant ``swa_lr`` from ``swa_start`` on.
-
-        ``factor`` is :func:`schedule_factor`: 1 up to t = 0.5, linear to the ratio at t = 0.9, then constant.
-
-    Returns:
-        the learning rate (float).
-
-    >>> cfg = TrainConfig(epochs=100, lr=0.1, swa_lr=0.05, swa_start=80)
-    >>> [round(lr_at(e, cfg, "sgd"), 6) for e in (0, 70, 95)]  # 0.1, 0.1 * (1 + 0.01) / 2, 0.1 * 0.01
-    [0.1, 0.0505, 0.001]
-    >>> lr_at(60, cfg, "swa"), lr_at(80, cfg, "swa_branch")  # t = 60/80 -> 1 - 0.5 * 0.25/0.4; then swa_lr
-    (0.06875, 0.05)
-    """
-    if branch not in SCHEDULES:
-        raise ValueError(f"branch must be one of {list(SCHEDULES)}, got {branch!r}")
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not epoch >= 0:
-        raise ValueError(f"epoch must be a number >= 0, got {epoch!r}")
-    if branch == "swa_branch":
-        if epoch >= cfg.swa_start_epoch:
-            return cfg.swa_lr
-        branch = "sgd"
-    if branch == "sgd":
-        return cfg.lr * schedule_factor(epoch / cfg.epochs, SGD_FINAL_RATIO)
-    return cfg.lr * schedule_factor(epoch / cfg.swa_start_epoch, cfg.swa_lr / cfg.lr)
-
-
-def averages_after(epoch: int, cfg: TrainConfig) -> bool:
-    """Whether SWA averages the weights reached after ``epoch`` finished epochs: every ``swa_c`` epochs after
-    ``swa_start`` (the first average is the iterate one epoch into the SWA phase)."""
-    start = cfg.swa_start_epoch
-    return epoch > start and (epoch - start) % cfg.swa_c == 0
-
-
-# --------------------------------------------------------------------------------------------------------
-# Recipes
-# --------------------------------------------------------------------------------------------------------
-
-
-def _recipe_dir():
-    return resources.files("widthkit.training") / "recipes"
-
-
-def list_recipes() -> list[str]:
-    """Names of the bundled recipes (``widthkit/training/recipes/*.toml``), sorted."""
-    return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith(".toml"))
-
-
-def load_recipe(name_or_path: str | os.PathLike) -> TrainConfig:
-    """A :class:`TrainConfig` from a bundled recipe name (see :func:`list_recipes`) or a TOML file.
-
-    The TOML holds top-level keys named like the fields of :class:`TrainConfig` (``model_kwargs`` as a table);
-    keys left out keep their defaults.
-
-    Raises:
-        ValueError: unknown recipe (lists the bundled ones), unreadable TOML, unknown key (names it), or an
-            invalid value.
-    """
-    values, source = read_config_file(name_or_path)
-    try:
-        return TrainConfig.from_dict(values)
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
-
-
-def read_config_file(name_or_path: str | os.PathLike) -> tuple[dict, str]:
-    """(key/value pairs, a description of the source) of a recipe name or TOML file, with every key checked
-    against the fields of :class:`TrainConfig`; the values are validated only once a config is built from
-    them (the CLI layers a ``--config`` file over a recipe)."""
-    text, source = _recipe_text(name_or_path)
-    if tomllib is None:  # pragma: no cover - Python 3.10 without tomli
-        raise ValueError(f"reading {source} needs tomllib (Python >= 3.11) or the 'tomli' package")
-    try:
-        values = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{source} is not valid TOML: {err}") from None
-    valid = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = [k for k in values if k not in valid]
-    if unknown:
-        raise ValueError(f"{source}: unknown training config key(s) {unknown}; valid keys: {valid}")
-    return values, source
-
-
-def layered_config(recipe: str | os.PathLike, config_file: str | os.PathLike | None = None,
-                   overrides: dict | None = None) -> TrainConfig:
-    """A recipe, then a TOML file's keys over it, then single overrides (the CLI's flags); validated once."""
-    values, _ = read_config_file(recipe)
-    if config_file:
-        values.update(read_config_file(config_file)[0])
-    values.update(overrides or {})
-    return TrainConfig.from_dict(values)
-
-
-def _recipe_text(name_or_path: str | os.PathLike) -> tuple[str, str]:
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise ValueError(f"recipe must be a recipe name or a path to a TOML file, got {name_or_path!r}")
-    raw = os.fspath(name_or_path)
-    path = Path(raw).expanduser()
-    if path.suffix == ".toml" or os.sep in raw or path.is_file():
-        if not path.is_file():
-            raise ValueError(f"recipe file {path} does not exist; bundled recipes: {list_recipes()}")
-        return path.read_text(encoding="utf-8"), str(path)
-    if raw not in list_recipes():
-        raise ValueError(f"unknown recipe {raw!r}; bundled recipes: {list_recipes()} (or pass a path to a .toml file)")
-    return (_recipe_dir() / f"{raw}.toml").read_text(encoding="utf-8"), f"recipe {raw!r}"
+def budget_file(budget: float) -> str:
+    """File name of the average at ``budget`` budgets (other than the run's end, which is ``swa.pt``)."""
+    return f"swa_budget{budget:g}.pt"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -429,8 +165,15 @@ def ordered_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
-                generator: torch.Generator, on_batch: Callable[[], None] | None = None) -> tuple[float, float]:
+                generator: torch.Generator, on_batch: Callable[[], None] | None = None,
+                lr_for_step: Callable[[int], float] | None = None,
+                after_step: Callable[[int], None] | None = None) -> tuple[float, float]:
     """One pass of SGD over the training set in shuffled minibatches (augmented when ``cfg.augment``).
+
+    Args:
+        lr_for_step: ``lr_for_step(k)`` is the learning rate of the epoch's step ``k`` (from 0), set before
+            the step (the cyclic schedule); None keeps the optimizer's rate.
+        after_step: called with ``k`` after step ``k`` (SWA averages there).
 
     Returns:
         (mean cross-entropy in nats, error in %) over the images seen, measured on the fly in train mode.
@@ -440,7 +183,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for idx in shuffled_batches(len(data.y_train), cfg.batch_size, generator):
+    for k, idx in enumerate(shuffled_batches(len(data.y_train), cfg.batch_size, generator)):
         idx = idx.to(device)
         xb, yb = data.x_train[idx], data.y_train[idx]
         if cfg.augment:
@@ -450,7 +193,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
         loss = F.cross_entropy(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if lr_for_step is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_for_step(k)
         optimizer.step()
+        if after_step is not None:
+            after_step(k)
         # accumulated on the device: no host sync per step
         loss_sum += loss.detach().double() * len(yb)
         wrong += (logits.detach().argmax(1) != yb).sum()
@@ -497,7 +245,7 @@ def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int, amp: bool =
 class _Phase:
     """A stretch of training from epoch ``start`` to ``end`` on one schedule, ending in a checkpoint."""
 
-    name: str  # "prefix" | "sgd" | "swa": the log's phase column
+    name: str  # "prefix" | "init" | "sgd" | "swa": the log's phase column
     schedule: str  # the lr_at branch
     start: int
     end: int
@@ -511,6 +259,9 @@ def _plan(cfg: TrainConfig, mode: str) -> list[_Phase]:
     s, b, e = cfg.swa_start_epoch, cfg.epochs, cfg.swa_end_epoch
     if mode == "sgd":
         return [_Phase("sgd", "sgd", 0, b, False, "sgd.pt", "sgd")]
+    if mode == "swa" and cfg.init:
+        return [_Phase("init", "swa_branch", 0, 0, False, "start.pt", "start"),
+                _Phase("swa", "swa_branch", 0, e, True, "swa.pt", "swa")]
     if mode == "swa":
         return [_Phase("swa", "swa", 0, e, True, "swa.pt", "swa")]
     return [
@@ -522,13 +273,19 @@ def _plan(cfg: TrainConfig, mode: str) -> list[_Phase]:
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, overwrite: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """Train one model: a conventional SGD run or a single SWA run.
+    """Train one model: a conventional SGD run or a single SWA run (from scratch, or from ``cfg.init``).
 
-    - ``mode='sgd'``: ``epochs`` epochs on the SGD schedule (``lr_at(.., 'sgd')``) -> ``sgd.pt``.
+    - ``mode='sgd'``: ``epochs`` epochs on the SGD schedule (``lr_at(.., 'sgd')``) -> ``sgd.pt``
+      (+ ``sgd_iter_EEE.pt`` after every epoch with ``save_iterates``).
     - ``mode='swa'``: ``swa_budget * epochs`` epochs on the SWA schedule (``lr_at(.., 'swa')``, as in the
-      authors' code), averaging the weights after every ``swa_c``-th epoch past ``swa_start``; BatchNorm
-      statistics of the average recomputed on the (un-augmented) training set -> ``swa.pt``
-      (+ ``swa_iter_XXX.pt`` with ``save_iterates``).
+      authors' code, then the constant or cyclic SWA rate from ``swa_start``), averaging the weights at the end
+      of every cycle of ``swa_c`` epochs (or steps) past ``swa_start``; the average is evaluated at the
+      ``swa_evals`` budgets (``swa_budget<B>.pt``) and, BatchNorm statistics recomputed on the (un-augmented)
+      training set, saved as ``swa.pt`` at the end (+ ``swa_iter_XXX.pt`` with ``save_iterates``).
+    - ``mode='swa'`` with ``cfg.init``: the paper's fine-tuning protocol. The given weights (any format
+      :func:`~widthkit.inputs.checkpoints.load_checkpoint` reads, e.g. a torchvision ``state_dict`` with
+      ``model = 'torchvision:resnet50'``) are evaluated and saved as ``start.pt``; then the SWA phase alone
+      runs from epoch 0 to ``swa_budget * epochs`` at the constant or cyclic SWA rate.
 
     Args:
         cfg: the run's configuration.
@@ -538,10 +295,15 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ov
         progress: show a tqdm bar per epoch and a line per finished epoch.
 
     Returns:
-        dict of written paths: ``'sgd'`` or ``'swa'``, ``'iterates'`` (list), ``'log'``, ``'state'``.
+        dict of written paths: ``'sgd'`` or ``'swa'`` (and ``'start'`` with ``init``), ``'budgets'`` ({budget:
+        path} of the averages evaluated, ``swa.pt`` for the last), ``'iterates'`` and ``'sgd_iterates'``
+        (lists), ``'log'``, ``'state'``.
     """
     if mode not in ("sgd", "swa"):
         raise ValueError(f"mode must be 'sgd' or 'swa' (use train_branches for both from one prefix), got {mode!r}")
+    if cfg.init and mode != "swa":
+        raise ValueError(f"init={cfg.init!r} starts an SWA phase from given weights: use mode='swa' (CLI: --mode swa, "
+                         "the default with --init)")
     return _Run.execute(cfg, out_dir, mode, overwrite=overwrite, progress=progress)
 
 
@@ -554,23 +316,33 @@ def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, overwrite: b
        ``start``). The full training state at this point (weights, momentum buffers, RNG states) is kept in
        ``branch_state.pt``.
     2. **SGD branch**: continue the SGD schedule to the budget ``epochs`` -> ``sgd.pt`` (role ``sgd``): exactly
-       the run :func:`train` with ``mode='sgd'`` makes.
-    3. **SWA branch**: from the same state at ``swa_start``, SGD at the constant learning rate ``swa_lr`` (the
-       SWA phase of Izmailov et al. 2018) until ``swa_budget * epochs``; after every ``swa_c``-th epoch the
-       weights are added to an equal-weight :class:`~torch.optim.swa_utils.AveragedModel`. Finally the
-       BatchNorm statistics of the average are recomputed with :func:`~torch.optim.swa_utils.update_bn` on the
-       normalised, un-augmented training set in batches of ``batch_size`` -> ``swa.pt`` (role ``swa``; the
-       averaged module's weights with clean keys), plus ``swa_iter_XXX.pt`` (role ``iterate``) for each
-       averaged iterate when ``save_iterates`` is set.
+       the run :func:`train` with ``mode='sgd'`` makes (+ ``sgd_iter_EEE.pt`` after every epoch with
+       ``save_iterates``).
+    3. **SWA branch**: from the same state at ``swa_start``, SGD at the SWA rate (constant ``swa_lr``, or cyclic
+       from ``swa_lr_max`` down to ``swa_lr`` in each cycle) until ``swa_budget * epochs``; at the end of every
+       cycle of ``swa_c`` epochs (or steps) the weights are added to an equal-weight
+       :class:`~torch.optim.swa_utils.AveragedModel`. At each ``swa_evals`` budget a copy of the average gets
+       its BatchNorm statistics recomputed, is evaluated (``log.csv`` rows with ``weights = average``) and saved
+       (``swa_budget<B>.pt``). Finally the BatchNorm statistics of the average are recomputed with
+       :func:`~torch.optim.swa_utils.update_bn` on the normalised, un-augmented training set in batches of
+       ``batch_size`` -> ``swa.pt`` (role ``swa``; the averaged module's weights with clean keys), plus
+       ``swa_iter_XXX.pt`` (role ``iterate``) for each averaged iterate when ``save_iterates`` is set.
+
+    The SWA learning rate does not depend on where the run ends, so the average at 1 or 1.25 budgets is the one
+    a shorter run would end with: one run gives every column of the paper's Table 1.
 
     Each finished model is evaluated (eval mode) on the train and test sets; the numbers go into its
     checkpoint's ``metrics`` and ``log.csv``. Interrupted runs continue where they stopped when called again.
 
     Returns:
-        dict of written paths: ``'start'``, ``'sgd'``, ``'swa'``, ``'iterates'`` (list), ``'log'``, ``'state'``.
+        dict of written paths: ``'start'``, ``'sgd'``, ``'swa'``, ``'budgets'`` ({budget: path}),
+        ``'iterates'`` and ``'sgd_iterates'`` (lists), ``'log'``, ``'state'``.
 
     >>> paths = train_branches(load_recipe("digits"), "checkpoints/digits")
     """
+    if cfg.init:
+        raise ValueError(f"init={cfg.init!r} runs the SWA phase alone from given weights, without an SGD branch: "
+                         "use train(cfg, out, 'swa') (CLI: --mode swa, the default with --init)")
     return _Run.execute(cfg, out_dir, "branches", overwrite=overwrite, progress=progress)
 
 
@@ -588,8 +360,17 @@ class _Run:
         self.cfg, self.out, self.mode, self.device, self.progress = cfg, out, mode, device, progress
         self.plan = _plan(cfg, mode)
         self.data = load_train_data(cfg, device)
+        self.steps_per_epoch = steps_per_epoch(len(self.data.y_train), cfg.batch_size)
+        self.marks = _check_marks(cfg, mode, self.steps_per_epoch)  # [(budget, epoch)]: before any file
         torch.manual_seed(cfg.seed)  # the model init; inside fork_rng, so the caller's RNG is left alone
         self.model = create_model(cfg.model, num_classes=self.data.num_classes, **cfg.model_kwargs).to(device)
+        self.init_sha256 = None
+        self.threads = torch.get_num_threads()  # until choose_threads
+        if cfg.init:
+            given = load_checkpoint(cfg.init, arch=cfg.model, num_classes=self.data.num_classes,
+                                    arch_kwargs=cfg.model_kwargs or None)
+            self.model.load_state_dict(given.model.state_dict())
+            self.init_sha256 = given.sha256
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: shuffling and augmentation
@@ -598,6 +379,8 @@ class _Run:
         self.epoch = 0
         self.log: list[dict] = []
         self.iterates: list[str] = []
+        self.sgd_iterates: list[str] = []
+        self.budgets: list[tuple[float, str]] = []
 
     # ---- entry point ----------------------------------------------------------------------------------
 
@@ -622,14 +405,39 @@ class _Run:
         if out.is_dir():
             _check_same_run(state, cfg, mode, out)
         if state is not None and state["phase"] == "done":
-            return _finished_paths(out, state, mode)
+            return _finished_paths(out, state, cfg, mode)
         cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devices):
-            run = cls(cfg, out, mode, device, progress)  # loads the data and builds the model: may still fail
-            out.mkdir(parents=True, exist_ok=True)
-            if state is not None:
-                run.load_state(state)
-            return run.run()
+        threads_before = torch.get_num_threads()  # the caller's setting, restored at the end
+        try:
+            with torch.random.fork_rng(devices=cuda_devices):
+                run = cls(cfg, out, mode, device, progress)  # loads the data and builds the model: may still fail
+                if state is not None:
+                    run.load_state(state)
+                out.mkdir(parents=True, exist_ok=True)
+                run.choose_threads(None if state is None else state.get("threads"))
+                return run.run()
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def choose_threads(self, recorded: int | None) -> None:
+        """The CPU thread count of the whole run: ``cfg.threads``, else the count a resumed run started with
+        (bit-identical continuation), else the faster of torch's default and one thread on a few SGD steps of a
+        copy of the model. Beside other busy processes torch's default can be ten times slower for small models
+        (digits, 2 cores: 237 s with 2 threads, 18 s with one)."""
+        if self.device.type != "cpu":  # the GPU does the work: nothing to time
+            if self.cfg.threads is not None:
+                torch.set_num_threads(self.cfg.threads)
+            self.threads = torch.get_num_threads()
+            return
+        self.threads = choose_threads(self._timed_steps, self.cfg.threads, recorded)["threads"]
+
+    def _timed_steps(self) -> None:
+        """Two forward/backward passes of one batch through a copy of the model (no state of the run changes)."""
+        with torch.random.fork_rng(devices=[]):
+            model = copy.deepcopy(self.model).train()
+            xb, yb = self.data.x_train[:self.cfg.batch_size], self.data.y_train[:self.cfg.batch_size]
+            for _ in range(2):
+                F.cross_entropy(model(xb), yb).backward()
 
     def run(self) -> dict[str, Any]:
         names = [p.name for p in self.plan]
@@ -647,71 +455,120 @@ class _Run:
     # ---- phases -----------------------------------------------------------------------------------------
 
     def train_phase(self, phase: _Phase) -> None:
+        cfg, spe = self.cfg, self.steps_per_epoch
+        marks = {e: b for b, e in self.marks}
         for epoch in range(self.epoch, phase.end):
             tic = time.perf_counter()
-            lr = lr_at(epoch, self.cfg, phase.schedule)
+            in_swa = phase.averaging and epoch >= cfg.swa_start_epoch
+            first_step = (epoch - cfg.swa_start_epoch) * spe  # steps of the SWA phase before this epoch
+            lr_for_step = _cyclic_steps(cfg, first_step, spe) if in_swa and cfg.swa_schedule == "cyclic" else None
+            lr = lr_for_step(0) if lr_for_step else lr_at(epoch, cfg, phase.schedule)  # cyclic: the first step's
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+
+            def after_step(k, epoch=epoch, first_step=first_step):
+                if averages_at(first_step + k + 1, cfg, spe):  # the end of a cycle: Algorithm 1
+                    self.average(epoch + (k + 1) / spe)
+
             with _progress_bar(self, phase, epoch) as bar:
-                train_loss, train_err = train_epoch(self.model, self.optimizer, self.data, self.cfg, self.generator,
-                                                    on_batch=bar.update)
+                train_loss, train_err = train_epoch(self.model, self.optimizer, self.data, cfg, self.generator,
+                                                    on_batch=bar.update, lr_for_step=lr_for_step,
+                                                    after_step=after_step if in_swa else None)
             self.epoch = epoch + 1
             test_loss, test_err = evaluate(self.model, self.data.x_test, self.data.y_test,
-                                           default_batch_size(self.device), self.cfg.amp)
-            self.log.append({"phase": phase.name, "epoch": self.epoch, "lr": lr, "train_loss": train_loss,
+                                           default_batch_size(self.device), cfg.amp)
+            self.log.append({"phase": phase.name, "weights": "iterate", "epoch": self.epoch,
+                             "budget": self.epoch / cfg.epochs, "lr": lr, "train_loss": train_loss,
                              "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
                              "time_s": time.perf_counter() - tic})
-            if phase.averaging and averages_after(self.epoch, self.cfg):
-                self.average()
             if self.progress:
                 _print_row(self.log[-1])
+            if phase.name == "sgd" and cfg.save_iterates:
+                self._save_sgd_iterate()
+            if phase.averaging and self.epoch in marks and self.epoch < phase.end:
+                self.evaluate_average(phase, marks[self.epoch])
             self.save_state()
 
-    def average(self) -> None:
+    def average(self, at_epoch: float) -> None:
         if self.averaged is None:
             self.averaged = AveragedModel(self.model)
         self.averaged.update_parameters(self.model)
         if self.cfg.save_iterates:
             n = int(self.averaged.n_averaged)
             path = self.out / f"swa_iter_{n:03d}.pt"
-            self._save_model(path, self.model, "iterate", self._metrics(extra_rows=[]), n_averaged=n)
-            self.iterates.append(str(path))
+            self._save_model(path, self.model, "iterate", self._metrics(extra_rows=[]), n_averaged=n,
+                             epoch=_plain_epoch(at_epoch))
+            if str(path) not in self.iterates:
+                self.iterates.append(str(path))
+
+    def evaluate_average(self, phase: _Phase, budget: float) -> None:
+        """The average at a ``swa_evals`` budget: a copy with its BatchNorm statistics recomputed (the running
+        average keeps its own), evaluated, logged and saved as ``swa_budget<B>.pt``."""
+        model = copy.deepcopy(self.averaged.module)
+        recompute_bn(model, self.data.x_train, self.cfg.batch_size, self.cfg.amp)
+        row = self._eval_row(phase.name, model, self.epoch, "average", budget)
+        self.log.append(row)
+        if self.progress:
+            _print_row(row)
+        path = self.out / budget_file(budget)
+        self._save_model(path, model, "swa", self._metrics([row]), n_averaged=int(self.averaged.n_averaged),
+                         budget=budget)
+        self.budgets = [(b, p) for b, p in self.budgets if b != budget] + [(budget, str(path))]
 
     def finish_phase(self, phase: _Phase) -> None:
         """Write the phase's checkpoint (idempotent: a rerun after a kill writes the same file)."""
+        if phase.name == "init":  # the given weights as they are: the baseline of the fine-tuning protocol
+            row = self._eval_row("init", self.model, 0, "iterate", 0.0)
+            self.log = [r for r in self.log if r["phase"] != "init"] + [row]
+            if self.progress:
+                _print_row(row)
+            self._save_model(self.out / phase.output, self.model, "start", self._metrics([row]))
+            return
         if phase.role == "start":
             self._save_model(self.out / phase.output, self.model, "start", self._metrics([]))
             atomic_save(self.state_dict(), self.out / BRANCH_FILE)
             return
-        model = self.model
-        n_averaged = None
+        model, n_averaged, budget, weights = self.model, None, None, "iterate"
         if phase.averaging:
-            model = self.averaged.module
+            model, weights = self.averaged.module, "average"
             n_averaged = int(self.averaged.n_averaged)
+            budget = next((b for b, e in self.marks if e == phase.end), self.cfg.swa_budget)
+            # the run is over: the average's own statistics are recomputed (update_bn resets them first, so a
+            # rerun after a kill gives the same numbers)
             recompute_bn(model, self.data.x_train, self.cfg.batch_size, self.cfg.amp)
-        final = self._final_row(phase, model)
+            self.budgets = [(b, p) for b, p in self.budgets if b != budget] + [(budget, str(self.out / phase.output))]
+        final = self._eval_row(f"{phase.name}_final", model, phase.end, weights,
+                               budget if budget is not None else phase.end / self.cfg.epochs)
         self.log = [r for r in self.log if r["phase"] != final["phase"]] + [final]
         if self.progress:
             _print_row(final)
-        self._save_model(self.out / phase.output, model, phase.role, self._metrics([final]), n_averaged=n_averaged)
+        self._save_model(self.out / phase.output, model, phase.role, self._metrics([final]), n_averaged=n_averaged,
+                         budget=budget)
         self.save_state()
 
     def start_phase(self, phase: _Phase) -> None:
         if phase.from_branch_point:
-            log, iterates = self.log, self.iterates
+            kept = self.log, self.iterates, self.sgd_iterates, self.budgets
             self.load_state(safe_load(self.out / BRANCH_FILE))
-            self.log, self.iterates = log, iterates
+            self.log, self.iterates, self.sgd_iterates, self.budgets = kept
         self.phase = phase.name
         self.epoch = phase.start
         self.averaged = None
         self.save_state()
 
-    def _final_row(self, phase: _Phase, model: nn.Module) -> dict:
+    def _save_sgd_iterate(self) -> None:
+        path = self.out / f"sgd_iter_{self.epoch:03d}.pt"
+        self._save_model(path, self.model, "iterate", self._metrics(extra_rows=[]))
+        if str(path) not in self.sgd_iterates:
+            self.sgd_iterates.append(str(path))
+
+    def _eval_row(self, phase: str, model: nn.Module, epoch: int, weights: str, budget: float) -> dict:
         bs = default_batch_size(self.device)
         train_loss, train_err = evaluate(model, self.data.x_train, self.data.y_train, bs, self.cfg.amp)
         test_loss, test_err = evaluate(model, self.data.x_test, self.data.y_test, bs, self.cfg.amp)
-        return {"phase": f"{phase.name}_final", "epoch": phase.end, "lr": math.nan, "train_loss": train_loss,
-                "train_err": train_err, "test_loss": test_loss, "test_err": test_err, "time_s": math.nan}
+        return {"phase": phase, "weights": weights, "epoch": epoch, "budget": budget, "lr": math.nan,
+                "train_loss": train_loss, "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
+                "time_s": math.nan}
 
     def _metrics(self, extra_rows: list[dict]) -> dict:
         """Per-epoch rows of the model's history (the prefix plus its own phase) and its final numbers."""
@@ -724,11 +581,15 @@ class _Run:
             out["test_acc"] = 100.0 - final["test_err"]
         return out
 
-    def _save_model(self, path: Path, model: nn.Module, role: str, metrics: dict,
-                    n_averaged: int | None = None) -> None:
-        extra = {"seed": self.cfg.seed, "epoch": self.epoch, "mode": self.mode}
+    def _save_model(self, path: Path, model: nn.Module, role: str, metrics: dict, n_averaged: int | None = None,
+                    budget: float | None = None, epoch: float | None = None) -> None:
+        extra = {"seed": self.cfg.seed, "epoch": self.epoch if epoch is None else epoch, "mode": self.mode}
         if n_averaged is not None:
             extra["n_averaged"] = n_averaged
+        if budget is not None:
+            extra["budget"] = budget
+        if self.init_sha256 is not None:
+            extra["init_sha256"] = self.init_sha256
         save_checkpoint(path, model, arch=self.cfg.model, num_classes=self.data.num_classes,
                         arch_kwargs=self.cfg.model_kwargs, dataset=self.cfg.dataset, role=role,
                         config=self.cfg.resolved(), metrics=metrics, extra=extra,
@@ -740,6 +601,7 @@ class _Run:
         """Everything needed to continue bit-exactly; plain tensors and containers only."""
         return {
             "format": STATE_FORMAT, "version": STATE_VERSION, "mode": self.mode, "config": self.cfg.resolved(),
+            "init_sha256": self.init_sha256, "threads": self.threads,
             "phase": self.phase, "epoch": self.epoch,
             "model": _cpu(self.model.state_dict()),
             "optimizer": _cpu(self.optimizer.state_dict()),
@@ -750,9 +612,15 @@ class _Run:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "log": [dict(r) for r in self.log],
             "iterates": list(self.iterates),
+            "sgd_iterates": list(self.sgd_iterates),
+            "budgets": [[b, p] for b, p in self.budgets],
         }
 
     def load_state(self, state: dict) -> None:
+        if state.get("init_sha256") != self.init_sha256:
+            raise ValueError(f"{self.out} continues from init weights that have changed since it started "
+                             f"({self.cfg.init}: SHA-256 {state.get('init_sha256')} -> {self.init_sha256}); use a new "
+                             "output folder (--out) or pass --overwrite (overwrite=True)")
         self.phase, self.epoch = state["phase"], int(state["epoch"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -766,6 +634,8 @@ class _Run:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.log = [dict(r) for r in state["log"]]
         self.iterates = list(state["iterates"])
+        self.sgd_iterates = list(state["sgd_iterates"])
+        self.budgets = [(float(b), p) for b, p in state["budgets"]]
 
     def save_state(self) -> None:
         if self.phase == "done":  # drop the weights: only what a rerun needs to know it is finished
@@ -777,15 +647,33 @@ class _Run:
         _write_log(self.out / LOG_FILE, self.log)
 
     def paths(self) -> dict[str, Any]:
-        return _paths(self.out, self.mode, self.iterates)
+        return _paths(self.out, self.cfg, self.mode, self.state_dict())
+
+
+def _check_marks(cfg: TrainConfig, mode: str, n_steps_per_epoch: int) -> list[tuple[float, int]]:
+    """The (budget, epoch) evaluations of the average, checked against the data's step count; [] for SGD."""
+    if mode == "sgd":
+        return []
+    start, end = cfg.swa_start_epoch, cfg.swa_end_epoch
+    if cfg.swa_c_unit == "steps" and (end - start) * n_steps_per_epoch < cfg.swa_c:
+        raise ValueError(f"SWA would average no model: its {end - start} epochs of {n_steps_per_epoch} steps are "
+                         f"fewer than one cycle of swa_c={cfg.swa_c} steps; lower swa_c or raise swa_budget")
+    return budget_marks(cfg, n_steps_per_epoch)
+
+
+def _cyclic_steps(cfg: TrainConfig, first_step: int, n_steps_per_epoch: int) -> Callable[[int], float]:
+    """Step k of an epoch -> its cyclic learning rate (eq. 2), ``first_step`` SWA steps having gone before."""
+    return lambda k: swa_step_lr(first_step + k + 1, cfg, n_steps_per_epoch)
+
+
+def _plain_epoch(epoch: float) -> int | float:
+    return int(epoch) if float(epoch).is_integer() else float(epoch)
 
 
 def _progress_bar(run: _Run, phase: _Phase, epoch: int):
     from tqdm.auto import tqdm
 
-    n = len(run.data.y_train)
-    batches = n // run.cfg.batch_size + (n % run.cfg.batch_size > 1)
-    return tqdm(total=batches, desc=f"{phase.name} epoch {epoch + 1}/{phase.end}", leave=False,
+    return tqdm(total=run.steps_per_epoch, desc=f"{phase.name} epoch {epoch + 1}/{phase.end}", leave=False,
                 disable=not run.progress, unit="batch")
 
 
@@ -794,21 +682,25 @@ def _print_row(row: dict) -> None:
 
     losses = (f"train loss {row['train_loss']:.4f} err {row['train_err']:5.2f}%  "
               f"test loss {row['test_loss']:.4f} err {row['test_err']:5.2f}%")
-    if math.isnan(row["lr"]):  # a finished model, evaluated in eval mode
+    if row["weights"] == "average" and not row["phase"].endswith("_final"):
+        tqdm.write(f"  average after {row['epoch']:4d} epochs ({row['budget']:g} budgets, BN recomputed)  {losses}")
+    elif math.isnan(row["lr"]):  # a finished model, evaluated in eval mode
         tqdm.write(f"{row['phase']:>9} after {row['epoch']:4d} epochs      {losses}")
     else:
         tqdm.write(f"{row['phase']:>9} epoch {row['epoch']:4d}  lr {row['lr']:.4g}  {losses}  ({row['time_s']:.1f} s)")
 
 
-def _paths(out: Path, mode: str, iterates: list[str]) -> dict[str, Any]:
-    outputs = {p.role: str(out / p.output) for p in _plan(TrainConfig(), mode)}
-    return {**outputs, "iterates": list(iterates), "log": str(out / LOG_FILE), "state": str(out / STATE_FILE)}
+def _paths(out: Path, cfg: TrainConfig, mode: str, state: dict) -> dict[str, Any]:
+    outputs = {p.role: str(out / p.output) for p in _plan(cfg, mode)}
+    return {**outputs, "budgets": {float(b): p for b, p in state["budgets"]}, "iterates": list(state["iterates"]),
+            "sgd_iterates": list(state["sgd_iterates"]), "log": str(out / LOG_FILE), "state": str(out / STATE_FILE)}
 
 
-def _finished_paths(out: Path, state: dict, mode: str) -> dict[str, Any]:
-    paths = _paths(out, mode, state["iterates"])
-    missing = [p for k, p in paths.items() if k not in ("iterates",) and not Path(p).is_file()]
-    missing += [p for p in paths["iterates"] if not Path(p).is_file()]
+def _finished_paths(out: Path, state: dict, cfg: TrainConfig, mode: str) -> dict[str, Any]:
+    paths = _paths(out, cfg, mode, state)
+    missing = [p for k, p in paths.items() if isinstance(p, str) and not Path(p).is_file()]
+    missing += [p for p in [*paths["iterates"], *paths["sgd_iterates"], *paths["budgets"].values()]
+                if not Path(p).is_file()]
     if missing:
         raise ValueError(f"{out} holds a finished run but {missing} are gone; rerun with --overwrite "
                          "(overwrite=True) to train again")
@@ -836,6 +728,16 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a run's ``log.csv`` as dicts: ``phase`` and ``weights`` as text, every other column a float
+    (NaN where empty)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    text = ("phase", "weights")
+    return [{k: (v if k in text else (float(v) if v not in ("", None) else math.nan)) for k, v in r.items()}
+            for r in rows]
+
+
 def _read_state(out: Path) -> dict | None:
     path = out / STATE_FILE
     if not path.is_file():
@@ -852,8 +754,8 @@ def _read_state(out: Path) -> dict | None:
 
 
 def _output_files(out: Path) -> list[Path]:
-    names = {p.output for mode in MODES for p in _plan(TrainConfig(), mode)} | {STATE_FILE, BRANCH_FILE, LOG_FILE}
-    return sorted([p for p in out.iterdir() if p.name in names] + list(out.glob("swa_iter_*.pt")))
+    names = {STATE_FILE, BRANCH_FILE, LOG_FILE, "start.pt", "sgd.pt", "swa.pt"}
+    return sorted([p for p in out.iterdir() if p.name in names] + [p for g in OUTPUT_GLOBS for p in out.glob(g)])
 
 
 def _remove_outputs(out: Path) -> None:
