@@ -13,7 +13,14 @@ Stages (each skipped when already finished, resumed when interrupted):
 2. rays from SGD and SWA along the same random unit directions, with widths -> ``analyses/<run>/rays.h5``;
 3. the line through SWA and SGD -> ``analyses/<run>/line.h5``;
 4. the plane through start, SGD and SWA -> ``analyses/<run>/plane.h5``;
-5. a one-page Markdown report -> ``analyses/<run>/report.md``; figures of every stage in ``figures/<run>/``.
+5. the paper's Figure 1: the plane through the first, middle and last SWA-phase iterates, SWA and SGD marked at
+   their projections -> ``analyses/<run>/iterates.h5``;
+6. the plane of the SWA-phase iterates' top two principal directions, their trajectory drawn over it, SWA and
+   SGD marked (Li et al. 2018) -> ``analyses/<run>/trajectory.h5``;
+7. the Hessian of the training loss at SGD and SWA: top eigenvalues, λ_min, trace, spectral density
+   (``--curvature-*``; the pipeline's defaults are a quick look: 512 examples, 30 products for the trace, 2
+   density probes; ``python -m widthkit.curvature`` for the full measurement) -> ``analyses/<run>/curvature.h5``;
+8. a one-page Markdown report -> ``analyses/<run>/report.md``; figures of every stage in ``figures/<run>/``.
 
 With ``--seeds 0,1,2`` every seed runs these stages in its own sub-folder (``<run>/seed0``, ...; the run name
 defaults to ``<recipe>-seeds``), and ``analyses/<run>/report.md`` (+ ``aggregate.json``) summarises them: the
@@ -35,17 +42,23 @@ from pathlib import Path
 
 from . import cli
 from .analyses import LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, plane, rays
+from .analyses.hessian import curvature
 from .engine.config import EvalConfig
+from .engine.curvature import CurvatureConfig, LossConfig
 from .fileio import check_writable
 from .report.summary import FigureOptions, aggregate_seeds, finish_figures, finish_rays, seed_table, \
     write_report, write_seed_report
+from .report.spectrum import write_spectrum_figure
 from .training.trainer import TrainConfig, layered_config, list_recipes, read_log, recipe_info, train_branches
 
-STAGES = ("train", "rays", "line", "plane")
+STAGES = ("train", "rays", "line", "plane", "iterates", "trajectory", "curvature")
 # evaluation settings the training config already holds: the pipeline evaluates what it trained
 FROM_TRAINING = {"dataset": "dataset", "data_root": "data_root", "device": "device", "amp": "amp", "seed": "seed",
                  "weight_decay": "weight_decay", "threads": "threads"}
-PLANE_THROUGH_CHECKPOINTS = ("random", "span", "norm", "exclude")  # the pipeline's plane is start/SGD/SWA
+# the pipeline's planes are start/SGD/SWA and its iterate planes: what places them is not a flag here
+PLANE_THROUGH_CHECKPOINTS = ("random", "span", "norm", "exclude", "mark", "pca", "pca_center", "trajectory")
+# a quick look at the Hessian in the pipeline (the curvature command's own defaults measure more)
+PIPELINE_CURVATURE = {"top_k": 2, "trace_hvps": 30, "slq_probes": 2, "slq_steps": 40, "loss_subset": 512}
 # what the pipeline sets unless the recipe's --config file or a flag says otherwise: the SGD iterates of both
 # branches are kept for the analyses through iterates (planes through them, trajectories)
 PIPELINE_DEFAULTS = {"save_iterates": True}
@@ -74,8 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_config_flags(p.add_argument_group("widths"), WidthConfig)
     cli.add_config_flags(p.add_argument_group("line"), LineConfig, prefix="line_")
     cli.add_config_flags(p.add_argument_group("plane"), PlaneConfig, prefix="plane_", skip=PLANE_THROUGH_CHECKPOINTS)
+    shown = ", ".join(f"{k} {v}" for k, v in PIPELINE_CURVATURE.items())
+    group = p.add_argument_group("curvature", f"the Hessian stage (pipeline defaults: {shown}; else the field's)")
+    cli.add_config_flags(group, CurvatureConfig, prefix="curvature_", layered=True)
+    cli.add_config_flags(group, LossConfig, prefix="curvature_", layered=True)
     cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig, skip=tuple(FROM_TRAINING))
     return p
+
+
+def curvature_settings(args) -> dict:
+    """The curvature stage's keywords: the pipeline's quick-look defaults, then the --curvature-* flags given."""
+    values = dict(PIPELINE_CURVATURE)
+    for cls in (CurvatureConfig, LossConfig):
+        values.update(cli.config_values(args, cls, prefix="curvature_", layered=True))
+    CurvatureConfig(**{k: v for k, v in values.items() if k != "loss_subset" and k != "l2"})  # checked up front
+    LossConfig(**{k: v for k, v in values.items() if k in ("loss_subset", "l2")})
+    return values
 
 
 def eval_config(args, train_cfg: TrainConfig) -> EvalConfig:
@@ -120,6 +147,7 @@ class _Settings:
     geometry: dict
     widths: WidthConfig
     formats: tuple
+    curvature: dict
 
 
 def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Settings, name: str,
@@ -131,31 +159,63 @@ def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Set
     figures = FigureOptions(fig_dir, s.formats)
     timings, results = {}, {}
     t0 = time.perf_counter()
-    print(f"[1/5] {title}training {cfg.model} on {cfg.dataset}: prefix {cfg.swa_start_epoch} epochs, SGD to "
+    print(f"[1/{8 if cfg.save_iterates else 6}] {title}training {cfg.model} on {cfg.dataset}: prefix {cfg.swa_start_epoch} epochs, SGD to "
           f"{cfg.epochs}, SWA to {cfg.swa_end_epoch} -> {ck_dir}", flush=True)
     timer = cli.Timer()
     paths = train_branches(cfg, ck_dir, overwrite=args.overwrite, progress=args.progress)
     timings["train"] = timer.seconds
+    plane_geometry = dataclasses.asdict(s.geometry["plane"])
+    iterates = paths.get("iterates") or []
+    marks = {"SWA": paths["swa"], "SGD": paths["sgd"]}
     stages = [
-        ("rays", rays, {"SGD": paths["sgd"], "SWA": paths["swa"]},
+        ("rays", rays, {"SGD": paths["sgd"], "SWA": paths["swa"]}, dataclasses.asdict(s.geometry["rays"]),
          finish_rays(s.widths, figures, print, reuse=not args.overwrite)),
-        ("line", line, {"SWA": paths["swa"], "SGD": paths["sgd"]}, finish_figures(figures, print)),
-        ("plane", plane, {"start": paths["start"], "SGD": paths["sgd"], "SWA": paths["swa"]},
+        ("line", line, {"SWA": paths["swa"], "SGD": paths["sgd"]}, dataclasses.asdict(s.geometry["line"]),
+         finish_figures(figures, print)),
+        ("plane", plane, {"start": paths["start"], "SGD": paths["sgd"], "SWA": paths["swa"]}, plane_geometry,
          finish_figures(figures, print)),
     ]
-    for i, (name, analysis, models, after) in enumerate(stages, start=2):
-        if name in s.skip:
+    if len(iterates) >= 3:
+        picked = [iterates[0], iterates[len(iterates) // 2], iterates[-1]]
+        stages += [
+            ("iterates", plane, picked, {**plane_geometry, "mark": marks}, finish_figures(figures, print)),
+            ("trajectory", plane, marks, {**plane_geometry, "pca": list(iterates), "trajectory": list(iterates)},
+             finish_figures(figures, print)),
+        ]
+    elif not {"iterates", "trajectory"} <= s.skip:
+        print(f"(the iterate planes need 3 SWA-phase iterates; this run kept {len(iterates)}: skipped)", flush=True)
+    n_stages = 2 + len(stages) + 1
+    for i, (stage, analysis, models, geometry, after) in enumerate(stages, start=2):
+        if stage in s.skip:
             continue
-        print(f"[{i}/5] {title}{name}", flush=True)
-        progress, close = cli.progress_bar(args.progress, name)
+        print(f"[{i}/{n_stages}] {title}{stage}", flush=True)
+        progress, close = cli.progress_bar(args.progress, stage)
         timer = cli.Timer()
         try:
-            results[name] = analysis(models, config=config, out=an_dir / f"{name}.h5", overwrite=args.overwrite,
-                                     progress=progress, after=after, **dataclasses.asdict(s.geometry[name]))
+            results[stage] = analysis(models, config=config, out=an_dir / f"{stage}.h5", overwrite=args.overwrite,
+                                      progress=progress, after=after, **geometry)
         finally:
             close()
-        timings[name] = timer.seconds
-    print(f"[5/5] {title}report", flush=True)
+        timings[stage] = timer.seconds
+    if "curvature" not in s.skip:
+        print(f"[{n_stages - 1}/{n_stages}] {title}curvature", flush=True)
+        progress, close = cli.progress_bar(args.progress, "curvature")
+        timer = cli.Timer()
+        try:
+            # the Hessian of the training loss itself: float32 weights, float64 sums, every training example
+            curv_config = config.replace(train_subset=None, test_subset=None, precision="fp32")
+            curvature(marks, config=curv_config, out=an_dir / "curvature.h5", overwrite=args.overwrite,
+                      progress=progress, **s.curvature)
+        finally:
+            close()
+        results["curvature"] = an_dir / "curvature.h5"
+        if figures.folder is not None and figures.formats:
+            results["curvature_figures"] = write_spectrum_figure(an_dir / "curvature.h5", fig_dir / "curvature",
+                                                                 figures.formats)
+            for f in results["curvature_figures"]:
+                print(f"figure: {f}")
+        timings["curvature"] = timer.seconds
+    print(f"[{n_stages}/{n_stages}] {title}report", flush=True)
     report = write_report(an_dir / "report.md", name, cfg, paths, results, timings, time.perf_counter() - t0)
     return {"paths": paths, "results": results, "timings": timings, "report": report}
 
@@ -198,7 +258,8 @@ def main(argv=None) -> int:
                       "line": LineConfig(**cli.config_values(args, LineConfig, prefix="line_")),
                       "plane": PlaneConfig(**cli.config_values(args, PlaneConfig, prefix="plane_",
                                                                skip=PLANE_THROUGH_CHECKPOINTS))},
-            widths=WidthConfig(**cli.config_values(args, WidthConfig)), formats=cli.formats_of(args))
+            widths=WidthConfig(**cli.config_values(args, WidthConfig)), formats=cli.formats_of(args),
+            curvature=curvature_settings(args))
         eval_config(args, cfg)  # every evaluation flag checked before training
         FigureOptions(None, settings.formats)  # and the figure formats
         root = check_writable(args.root)

@@ -135,13 +135,28 @@ def write_report(path: Path, run: str, cfg, paths: dict, results: dict, timings:
                   "distance at which the metric first exceeds its threshold.", ""]
         for r in getattr(rays_res, "reports", None) or []:
             lines += ["```", r["table"], "```", ""]
-    for name, title in (("rays", "Rays"), ("line", "Line through SWA and SGD"), ("plane", "Plane through start, SGD and SWA")):
+    for name, title in (("rays", "Rays"), ("line", "Line through SWA and SGD"),
+                        ("plane", "Plane through start, SGD and SWA"),
+                        ("iterates", "Plane through three SWA-phase iterates, SWA and SGD marked (the paper's Figure 1)"),
+                        ("trajectory", "The SWA-phase iterates' principal plane and their trajectory")):
         res = results.get(name)
         pngs = [f for f in getattr(res, "figures", None) or [] if str(f).endswith(".png")]
         if pngs:
             lines += [f"## {title}", ""] + [f"![{name}]({rel(f)})" for f in pngs] + [""]
+        projections = getattr(res, "projections", None)
+        if name in ("iterates", "trajectory") and callable(projections):
+            table = projections().get("table")
+            if table:
+                lines += ["```", table, "```", ""]
+    if results.get("curvature") is not None:
+        from .spectrum import curvature_markdown
+
+        lines += [curvature_markdown(results["curvature"]), ""]
+        lines += [f"![curvature]({rel(f)})" for f in results.get("curvature_figures") or [] if str(f).endswith(".png")]
+        lines += [""]
     lines += ["## Files", ""] + [f"- {k}: `{rel(v)}`" for k, v in paths.items() if k in ("start", "sgd", "swa", "log")]
-    lines += [f"- {name}: `{rel(res.path)}`" for name, res in results.items()]
+    lines += [f"- {name}: `{rel(getattr(res, 'path', res))}`" for name, res in results.items()
+              if name != "curvature_figures"]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s.", ""]
     return atomic_write(path, "\n".join(lines))
 
