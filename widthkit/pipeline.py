@@ -272,7 +272,7 @@ def main(argv=None) -> int:
             return 0
 
         run = args.run or f"{_stem(args.recipe)}-seeds"
-        numbers, reports, timings = [], {}, {}
+        numbers, reports, timings, figures = [], {}, {}, {}
         for i, seed in enumerate(seeds):
             dirs = [root / kind / run / f"seed{seed}" for kind in ("checkpoints", "analyses", "figures")]
             timer = cli.Timer()
@@ -281,11 +281,18 @@ def main(argv=None) -> int:
             timings[f"seed {seed}"] = timer.seconds
             numbers.append(seed_numbers(seed, one))
             reports[seed] = one["report"]
+            if i == 0:  # the first seed's pictures on the aggregate page (every seed's are in its own report)
+                res = one["results"]
+                figures = {f"{title} (seed {seed})": list(getattr(res.get(key), "figures", None) or [])
+                           for key, title in (("iterates", "Plane through three SWA-phase iterates, SWA and SGD "
+                                                           "marked (the paper's Figure 1)"),
+                                              ("trajectory", "The SWA-phase iterates' principal plane and trajectory"))}
+                figures[f"Hessian spectral density (seed {seed})"] = list(res.get("curvature_figures") or [])
         agg = aggregate_seeds(numbers, LABELS)
         paper = recipe_info(args.recipe).paper
         an_dir = root / "analyses" / run
         report = write_seed_report(an_dir / "report.md", run, cfg, agg, paper, reports, timings,
-                                   time.perf_counter() - t0, LABELS)
+                                   time.perf_counter() - t0, LABELS, figures)
         print(f"\nTest accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}:")
         print("\n".join(seed_table(agg, f"{cfg.model} ({cfg.epochs})", paper)))
         print(f"\ncheckpoints: {root / 'checkpoints' / run}\nanalyses:    {an_dir}\nfigures:     "

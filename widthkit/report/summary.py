@@ -396,7 +396,8 @@ def _num(v) -> str:
 
 
 def write_seed_report(path: Path, run: str, cfg, agg: dict, paper: dict | None, seed_reports: dict,
-                      timings: dict, total: float, names: tuple[str, str] = ("SGD", "SWA")) -> Path:
+                      timings: dict, total: float, names: tuple[str, str] = ("SGD", "SWA"),
+                      figures: dict | None = None) -> Path:
     """The pipeline's multi-seed Markdown page: the paper's table (measured, and published with a paper recipe),
     accuracies per seed with the paired test across seeds, widths per seed, pooled and across seeds, links to
     every seed's own report, timings. ``aggregate.json`` beside it holds every number."""
@@ -426,6 +427,10 @@ def write_seed_report(path: Path, run: str, cfg, agg: dict, paper: dict | None, 
                   "Each seed's rays use their own random directions; pooled, every seed's directions count once.", ""]
         for w in agg["widths"]:
             lines += _width_lines(w, seeds, names)
+    for title, pngs in (figures or {}).items():  # e.g. the first seed's iterate planes and Hessian density
+        pngs = [f for f in pngs if str(f).endswith(".png")]
+        if pngs:
+            lines += [f"## {title}", ""] + [f"![{Path(f).stem}]({rel(f)})" for f in pngs] + [""]
     lines += ["## Each seed", ""] + [f"- seed {s}: [{rel(p)}]({rel(p)})" for s, p in seed_reports.items()]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s.", ""]
     write_json(path.with_name("aggregate.json"), {"run": run, "config": cfg.resolved(), "paper": paper, **agg})
