@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import default_batch_size
+from ..runtime import default_batch_size, free_memory
 from ..settings import check_choice, check_int, check_number, choices_of, field_types, option
 from . import distributed
 from .space import ThetaLayout
@@ -148,18 +148,6 @@ def tf32_off():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
-def _available_memory() -> int:
-    """Free physical memory in bytes (MemAvailable on Linux), or 4 GiB where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 def tree_nodes(lo: int, hi: int, depth: int) -> list[tuple[int, int]]:
@@ -335,7 +323,7 @@ class HessianOperator:
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0] / 2
         else:
-            free = _available_memory() / 4
+            free = free_memory(self.device) / 4
         self.graph_bytes = need
         return need <= free
 

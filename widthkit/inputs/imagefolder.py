@@ -193,23 +193,16 @@ def choose_transform(listing: Listing, image_size: int | None, cache: Path) -> T
         return Transform(**{k: tuple(v) if k == "shape" and v else v for k, v in json.loads(memo.read_text()).items()})
     except (OSError, ValueError, TypeError):
         pass
-    # a probe first: photo folders (mixed sizes) show it within the first few files
+    # a probe first (photo folders, of mixed sizes, show it within the first few files), then every header
     step = max(1, len(paths) // 256)
     first_mode, first_size = _header(paths[0])
     modes, transform = set(), None
-    for p in paths[::step]:
+    for p in paths[::step] + paths:
         mode, size = _header(p)
         modes.add(mode)
         if size != first_size:
             transform = Transform.for_size(PHOTO_SIZE)
             break
-    if transform is None:
-        for p in paths:
-            mode, size = _header(p)
-            modes.add(mode)
-            if size != first_size:
-                transform = Transform.for_size(PHOTO_SIZE)
-                break
     if transform is None:
         gray = all(m in _GRAY_MODES for m in modes)
         transform = Transform("L" if gray else "RGB", shape=(first_size[1], first_size[0]))

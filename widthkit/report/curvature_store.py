@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from ..fileio import WriterLock, atomic_write, to_json
-from .store import ConfigMismatch, StoreError, diff_configs
+from .store import ConfigMismatch, StoreError, decode_attr, diff_configs
 
 SCHEMA = 1
 KINDS = ("curvature", "sharpness")
@@ -37,29 +37,6 @@ KINDS = ("curvature", "sharpness")
 VECTOR_DATASETS = ("eigenvectors", "lambda_min_vector")
 
 DatasetSpec = tuple  # (shape, dtype) or (shape, dtype, attrs)
-
-
-def _decode(v):
-    if isinstance(v, bytes):
-        v = v.decode()
-    if isinstance(v, str) and v[:1] in "[{":
-        try:
-            return _desanitize(json.loads(v))
-        except json.JSONDecodeError:
-            return v
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _desanitize(obj):
-    if isinstance(obj, str) and obj in ("inf", "-inf", "nan"):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: _desanitize(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_desanitize(v) for v in obj]
-    return obj
 
 
 def _attr(v):
@@ -250,7 +227,7 @@ def recorded(path, name: str):
     """One decoded root attribute of an existing file, or None (no file, unreadable, absent)."""
     try:
         with h5py.File(path, "r", locking=False) as f:
-            return _decode(f.attrs[name]) if name in f.attrs else None
+            return decode_attr(f.attrs[name]) if name in f.attrs else None
     except (OSError, KeyError):
         return None
 
@@ -271,10 +248,10 @@ def read_curvature(path, load_vectors: bool = True) -> dict:
     except OSError as e:
         raise StoreError(f"{path} is not a readable HDF5 file: {e}") from None
     with f:
-        kind = _decode(f.attrs.get("kind"))
+        kind = decode_attr(f.attrs.get("kind"))
         if kind not in KINDS:
             raise StoreError(f"{path} is not a widthkit curvature or sharpness file (kind {kind!r})")
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
         out = {"kind": kind, "config": attrs.get("config", {}), "attrs": attrs, "axes": {}, "models": {},
                "path": str(path)}
         for name, obj in f.items():
@@ -290,9 +267,9 @@ def read_curvature(path, load_vectors: bool = True) -> dict:
                     continue
                 arr = ds[...]
                 values[dname] = float(arr) if arr.shape == () else arr
-            units = _decode(obj["done"].attrs["units"])
+            units = decode_attr(obj["done"].attrs["units"])
             flags = obj["done"][...]
-            out["models"][name] = {"attrs": {k: _decode(v) for k, v in obj.attrs.items()}, "values": values,
+            out["models"][name] = {"attrs": {k: decode_attr(v) for k, v in obj.attrs.items()}, "values": values,
                                    "done": {u: bool(flags[i]) for i, u in enumerate(units)}}
     return out
 

@@ -342,7 +342,8 @@ def _lookup(d: Mapping, dotted: str):
     return d
 
 
-def _decode(v):
+def decode_attr(v):
+    """An HDF5 attribute as Python: bytes to str, JSON text to objects (with inf/nan restored), numpy scalars to numbers."""
     if isinstance(v, bytes):
         v = v.decode()
     if isinstance(v, str) and v[:1] in "[{":
@@ -384,13 +385,13 @@ def read(path, load_large: bool = False) -> dict:
     with f:
         if "kind" not in f.attrs:
             raise StoreError(f"{path} is not a widthkit analysis file (no 'kind' attribute)")
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
         out = {"kind": attrs["kind"], "config": attrs.get("config", {}), "attrs": attrs, "axes": {},
                "models": {}, "path": str(path)}
         out["axis_attrs"] = {}
         for name, obj in f.items():
             if isinstance(obj, h5py.Dataset):
-                out["axis_attrs"][name] = {k: _decode(v) for k, v in obj.attrs.items() if k != "dims"}
+                out["axis_attrs"][name] = {k: decode_attr(v) for k, v in obj.attrs.items() if k != "dims"}
                 if name.split("_")[0] in LARGE_DATASETS and not load_large:
                     out["axes"][f"{name}_shape"] = tuple(obj.shape)
                 else:
@@ -400,7 +401,7 @@ def read(path, load_large: bool = False) -> dict:
                 out["models"][name] = {
                     "metrics": metrics,
                     "done": obj["done"][...].astype(bool),
-                    "attrs": {k: _decode(v) for k, v in obj.attrs.items()},
+                    "attrs": {k: decode_attr(v) for k, v in obj.attrs.items()},
                 }
         if "point_labels" in attrs:
             out["axes"]["point_labels"] = attrs["point_labels"]
@@ -420,6 +421,6 @@ def recorded_attr(path, name: str):
     """One decoded root attribute of an existing analysis file, or None (no file, not readable, absent)."""
     try:
         with h5py.File(path, "r", locking=False) as f:
-            return _decode(f.attrs[name]) if name in f.attrs else None
+            return decode_attr(f.attrs[name]) if name in f.attrs else None
     except (OSError, KeyError):
         return None
