@@ -365,11 +365,16 @@ def test_metrics_flag_and_threshold_on_top5(digits_ckpts, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------- models
 
 
-def test_timm_models_by_name():
+def test_timm_models_by_name(tmp_path):
     timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install timm); not installed here")
-    model = widthkit.create_model("timm:resnet18", num_classes=7)
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
-    assert timm.__version__
+    model = widthkit.create_model("timm:resnet18", num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 7) and timm.__version__
+    path = tmp_path / "timm.pt"
+    torch.save(model.state_dict(), path)  # the user's weights; nothing is downloaded
+    ck = load_checkpoint(str(path), arch="timm:resnet18", num_classes=7)
+    with torch.no_grad():
+        torch.testing.assert_close(ck.model.eval()(x), model(x))
 
 
 def test_timm_missing_or_unknown_is_a_clear_error():
