@@ -9,8 +9,11 @@ from widthkit import pipeline
 from widthkit.inputs.checkpoints import load_checkpoint
 from widthkit.report.store import read
 
+# a few Hessian-vector products on a few examples: the stage runs, its numbers are tested in test_curvature.py
+TINY_CURVATURE = ["--curvature-loss-subset", "64", "--curvature-trace-hvps", "6", "--curvature-slq-probes", "1",
+                  "--curvature-slq-steps", "8", "--curvature-lanczos-max-iter", "12"]
 TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--plane-resolution", "3",
-        "--train-subset", "200", "--no-progress", "--format", "png,pdf"]
+        "--train-subset", "200", "--no-progress", "--format", "png,pdf", *TINY_CURVATURE]
 
 
 @pytest.mark.slow
@@ -53,9 +56,33 @@ def test_pipeline_refuses_bad_input_before_training(tmp_path, capsys):
 
 
 def test_report_without_rays_shows_the_trainers_accuracy(tmp_path, capsys):
-    assert pipeline.main(["--root", str(tmp_path), "--run", "norays", "--skip", "rays,line,plane", *TINY]) == 0
+    assert pipeline.main(["--root", str(tmp_path), "--run", "norays", "--skip", "rays,line,plane,iterates,trajectory,curvature", *TINY]) == 0
     report = (tmp_path / "analyses" / "norays" / "report.md").read_text()
     final = load_checkpoint(tmp_path / "checkpoints" / "norays" / "swa.pt").meta["metrics"]
     final = final.get("final", final)
     assert f"| SWA | {100 - final['test_err']:.2f} | {final['test_loss']:.4f} |" in report
     assert "the rays stage was skipped" in report
+
+
+@pytest.mark.slow
+def test_pipeline_draws_the_iterate_planes_and_the_hessian(tmp_path, capsys):
+    """Four epochs: SWA averages 3 iterates, so the Figure-1 plane (iterates 1, 2, 3 with SWA and SGD marked),
+    the iterates' PCA plane with their trajectory, and the Hessian stage all run and reach the report."""
+    from widthkit.report.curvature_store import read_curvature
+
+    argv = ["--root", str(tmp_path), "--run", "it", "--epochs", "4", "--skip", "rays,line,plane",
+            "--plane-resolution", "3", "--train-subset", "100", "--test-subset", "60", "--bn-subset", "64",
+            "--no-progress", "--format", "png", *TINY_CURVATURE]
+    assert pipeline.main(argv) == 0
+    an, fig = tmp_path / "analyses" / "it", tmp_path / "figures" / "it"
+    iterates = read(an / "iterates.h5")
+    assert iterates["attrs"]["mark_labels"] == ["SWA", "SGD"]
+    assert [p.rsplit("_", 1)[-1] for p in iterates["axes"]["point_labels"]] == ["001", "002", "003"]
+    trajectory = read(an / "trajectory.h5")
+    assert trajectory["axes"]["trajectory"].shape == (3, 2)
+    curv = read_curvature(an / "curvature.h5")
+    assert set(curv["models"]) == {"sgd", "swa"}
+    report = (an / "report.md").read_text()
+    for text in ("the paper's Figure 1", "trajectory", "Hessian spectrum", "../../figures/it/curvature.png"):
+        assert text in report, text
+    assert (fig / "curvature.png").stat().st_size > 5000 and (fig / "trajectory_test_err.png").exists()

@@ -435,7 +435,7 @@ def test_paired_test_and_pool_widths_refuse_what_they_cannot_compare():
 # --------------------------------------------------------------------------------------------------------
 
 TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--plane-resolution", "3",
-        "--train-subset", "200", "--no-progress", "--format", "png"]
+        "--train-subset", "200", "--no-progress", "--format", "png", "--skip", "curvature"]
 
 
 @pytest.mark.slow
