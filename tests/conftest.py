@@ -190,3 +190,13 @@ def spawn(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest (and bit-reproducibly across processes) on one thread; the caller's count is
+    restored after the module. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

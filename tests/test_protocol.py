@@ -31,12 +31,7 @@ N_TRAIN, BATCH = 1438, 64
 STEPS = 23  # ceil(1438 / 64): 22 full batches and one of 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits(split):

@@ -31,13 +31,7 @@ from widthkit.training.trainer import (
 SMALL = dict(epochs=4, device="cpu", save_iterates=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest (and bit-reproducibly across processes) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from ..fileio import WriterLock, atomic_write, to_json
-from .store import ConfigMismatch, StoreError, decode_attr, diff_configs
+from .store import ConfigMismatch, StoreError, decode_attr, diff_configs, open_for_reading
 
 SCHEMA = 1
 KINDS = ("curvature", "sharpness")
@@ -241,13 +241,7 @@ def read_curvature(path, load_vectors: bool = True) -> dict:
     ``load_vectors``. A group whose ``done`` flags are not all set is partial: its values there are NaN.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no curvature/sharpness file at {path}")
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError as e:
-        raise StoreError(f"{path} is not a readable HDF5 file: {e}") from None
-    with f:
+    with open_for_reading(path, "curvature/sharpness") as f:
         kind = decode_attr(f.attrs.get("kind"))
         if kind not in KINDS:
             raise StoreError(f"{path} is not a widthkit curvature or sharpness file (kind {kind!r})")

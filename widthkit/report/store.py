@@ -366,6 +366,17 @@ def _desanitize(obj):
     return obj
 
 
+def open_for_reading(path: Path, what: str) -> h5py.File:
+    """``path`` opened read-only (no HDF5 file lock: a reader never blocks a writer); a missing file is
+    ``FileNotFoundError``, anything h5py cannot open a :class:`StoreError` naming the file."""
+    if not path.exists():
+        raise FileNotFoundError(f"no {what} file at {path}")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise StoreError(f"{path} is not a readable HDF5 file: {e}") from None
+
+
 def read(path, load_large: bool = False) -> dict:
     """Read an analysis file into plain Python/numpy values.
 
@@ -376,13 +387,7 @@ def read(path, load_large: bool = False) -> dict:
     are decoded into ``axes["point_labels"]`` and ``data["widths"]``.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no analysis file at {path}")
-    try:
-        f = h5py.File(path, "r", locking=False)
-    except OSError as e:
-        raise StoreError(f"{path} is not a readable HDF5 file: {e}") from None
-    with f:
+    with open_for_reading(path, "analysis") as f:
         if "kind" not in f.attrs:
             raise StoreError(f"{path} is not a widthkit analysis file (no 'kind' attribute)")
         attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
