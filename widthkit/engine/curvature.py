@@ -28,6 +28,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -274,7 +275,9 @@ class HessianOperator:
             from torch.func import grad, jvp
 
             xb, yb = self._batch(b)
-            _, hv = jvp(grad(lambda th: self._loss_sum(th, xb, yb)), (theta,), (v32,))
+            with warnings.catch_warnings():  # torch.func's forward mode uses torch.jit.script inside torch
+                warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+                _, hv = jvp(grad(lambda th: self._loss_sum(th, xb, yb)), (theta,), (v32,))
             return hv.double()
         leaves, grads = self._gradient_graph(b, theta)
         with torch.enable_grad():
