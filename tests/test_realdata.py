@@ -437,3 +437,27 @@ def test_concurrent_processes_build_the_cache_once(tmp_path):
     assert sorted(int(o[0]) for o in outs) == [0, 2]  # one process decoded both chunks, the other none
     assert outs[0][1] == outs[1][1]  # the same pixels
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+
+
+def test_figures_of_other_metrics_are_drawn_with_their_labels(digits_ckpts, tmp_path):
+    """A line and rays holding only top-5 error and a metric of the user's own: every figure is drawn, the
+    axes labelled from the metric names (top-5 error in %)."""
+    import matplotlib.pyplot as plt
+
+    def margin(out, y):
+        return out.gather(1, y[:, None]).squeeze(1) - out.max(dim=1).values
+
+    common = dict(train_subset=100, test_subset=80, bn_subset=64, metrics={"top5_err": "top5_err", "margin": margin})
+    line = widthkit.line([digits_ckpts["sgd"], digits_ckpts["swa"]], steps=4, **common)
+    assert sorted(line.models["line"]["metrics"]) == ["test_margin", "test_top5_err", "train_margin",
+                                                       "train_top5_err"]
+    ax = line.plot()
+    labels = {a.get_ylabel() for a in ax.figure.axes}
+    assert labels == {"test top-5 error (%)", "test margin"}
+    plt.close(ax.figure)
+    rays = widthkit.rays([digits_ckpts["sgd"]], dirs=2, steps=3, max_dist=20.0, **common)
+    ax = rays.plot(metric="test_top5_err")
+    assert ax.get_ylabel() == "test top-5 error (%)"
+    plt.close(ax.figure)
+    assert rays.default_thresholds() == []  # no test_err and no loss: the user names the threshold
+    assert rays.widths("test_top5_err=+5")["per_direction"]["SGD"].shape == (2,)

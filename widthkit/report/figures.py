@@ -113,6 +113,13 @@ def metric_label(metric: str) -> str:
     return f"{split} {words}" + (" (%)" if is_error(metric) else "")
 
 
+def _line_style(metric: str) -> tuple[str, str]:
+    """(colour, line style) of a metric's curve: colour by unit (errors red, losses dark), style by split."""
+    if metric in _LINE_STYLES:
+        return _LINE_STYLES[metric]
+    return ("tab:red" if is_error(metric) else "0.15", "-" if metric.startswith("test_") else "--")
+
+
 def check_metric(metric) -> None:
     """Raise ValueError unless ``metric`` is one of :data:`METRIC_LABELS` or another ``train_``/``test_`` metric."""
     if metric not in METRIC_LABELS and not (isinstance(metric, str) and re.fullmatch(r"(train|test)_[a-z0-9_]+", metric)):
@@ -656,17 +663,17 @@ def plot_line(
 
     handles = []
     for m, v in curves.items():
-        color, style = _LINE_STYLES[m]
+        color, style = _line_style(m)
         (line,) = (ax_err if is_error(m) else ax_loss).plot(t, v, color=color, ls=style, lw=1.8,
-                                                            label=METRIC_LABELS[m])
+                                                            label=metric_label(m))
         line.set_gid(f"metric:{m}")
         handles.append(line)
     for target, ms, generic in ((ax_err, errs, "error (%)"), (ax_loss, losses, "loss (nats)")):
         if target is not None and ms:
-            target.set_ylabel(METRIC_LABELS[ms[0]] if len(ms) == 1 else generic)
+            target.set_ylabel(metric_label(ms[0]) if len(ms) == 1 else generic)
             if errs and losses:  # twin axes: colour each y axis like its curves
-                target.yaxis.label.set_color(_LINE_STYLES[ms[0]][0])
-                target.tick_params(axis="y", colors=_LINE_STYLES[ms[0]][0])
+                target.yaxis.label.set_color(_line_style(ms[0])[0])
+                target.tick_params(axis="y", colors=_line_style(ms[0])[0])
 
     palette = checkpoint_colors(list(points), colors)
     for k, (label, tp) in enumerate(points.items()):

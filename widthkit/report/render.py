@@ -40,6 +40,7 @@ from .figures import (
     SURFACE_XLABEL,
     SURFACE_YLABEL,
     check_metric,
+    is_error,
     describe,
     plot_line,
     plot_plane,
@@ -172,7 +173,9 @@ def _metrics_to_plot(models: Mapping, metric) -> list[str]:
     available = _available(models)
     if metric is None:
         err = next((m for m in ("test_err", "train_err") if m in available), None)
+        err = err or next((m for m in available if is_error(m)), None)  # e.g. only test_top5_err stored
         loss = next((m for m in ("train_loss_l2", "train_loss", "test_loss") if m in available), None)
+        loss = loss or next((m for m in available if not is_error(m)), None)  # e.g. only a custom metric
         chosen = [m for m in (err, loss) if m]
         if not chosen:
             raise ValueError(f"the analysis holds no plottable metric; known metrics: {', '.join(METRIC_LABELS)}")
