@@ -254,6 +254,11 @@ def test_regression_with_mse_through_rays(tmp_path):
                 expect = F.mse_loss(m(xte), yte).item()
             np.testing.assert_allclose(metrics["test_loss"][i, j], expect, rtol=1e-5)
     assert res.default_thresholds() == ["train_loss=x2", "test_loss=x2"]
+    import matplotlib.pyplot as plt
+
+    ax = res.plot(metric="test_loss")
+    assert ax.get_ylabel() == "test loss (mse)"  # the loss the file records, not nats
+    plt.close(ax.figure)
     assert res.widths("test_loss=x2")["per_direction"]["model0"].shape == (2,)
     assert read(tmp_path / "reg.h5")["config"]["eval"]["loss"] == "mse"
 

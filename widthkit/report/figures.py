@@ -22,6 +22,8 @@ NaN means "not computed yet" and is simply not drawn. Nothing here computes a me
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import textwrap
 from typing import Any, Mapping, Sequence
@@ -98,16 +100,31 @@ _BN_TEXT = {
 # --------------------------------------------------------------------------------------------- small helpers
 
 
+_LOSS_UNITS: contextvars.ContextVar[str] = contextvars.ContextVar("widthkit_loss_units", default="nats")
+
+
+@contextlib.contextmanager
+def loss_units(units: str):
+    """Label the losses of the figures drawn inside this block in ``units`` (default: nats, the cross-entropy's);
+    the file-level helpers set it from the loss an analysis recorded (e.g. ``mse``)."""
+    token = _LOSS_UNITS.set(units)
+    try:
+        yield
+    finally:
+        _LOSS_UNITS.reset(token)
+
+
 def metric_label(metric: str) -> str:
     """Axis label with units for ``metric``, e.g. ``"test error (%)"`` for ``"test_err"``; other stored
-    metrics (``test_top5_err`` -> ``"test top-5 error (%)"``) are labelled from their name.
+    metrics (``test_top5_err`` -> ``"test top-5 error (%)"``) are labelled from their name. Losses are in
+    nats unless drawn inside :func:`loss_units`.
 
     Raises:
         ValueError: not a metric name (the message lists the known ones).
     """
     check_metric(metric)
     if metric in METRIC_LABELS:
-        return METRIC_LABELS[metric]
+        return METRIC_LABELS[metric].replace("(nats)", f"({_LOSS_UNITS.get()})")
     split, _, rest = metric.partition("_")
     words = {"top5_err": "top-5 error"}.get(rest) or rest.replace("class_err_", "error on class ").replace("_", " ")
     return f"{split} {words}" + (" (%)" if is_error(metric) else "")
@@ -668,7 +685,7 @@ def plot_line(
                                                             label=metric_label(m))
         line.set_gid(f"metric:{m}")
         handles.append(line)
-    for target, ms, generic in ((ax_err, errs, "error (%)"), (ax_loss, losses, "loss (nats)")):
+    for target, ms, generic in ((ax_err, errs, "error (%)"), (ax_loss, losses, f"loss ({_LOSS_UNITS.get()})")):
         if target is not None and ms:
             target.set_ylabel(metric_label(ms[0]) if len(ms) == 1 else generic)
             if errs and losses:  # twin axes: colour each y axis like its curves

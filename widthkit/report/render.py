@@ -41,6 +41,7 @@ from .figures import (
     SURFACE_YLABEL,
     check_metric,
     is_error,
+    loss_units,
     describe,
     plot_line,
     plot_plane,
@@ -435,7 +436,18 @@ def draw(data, metric: str | None = None, ax: Axes | None = None) -> Axes:
         The Axes drawn on (for a line: the error Axes, or the loss Axes when no error is drawn).
     """
     data = _as_data(data)
-    return _DRAWERS[_check_data(data)](data, metric, ax)
+    kind = _check_data(data)
+    with loss_units(units_of_loss(data)):
+        return _DRAWERS[kind](data, metric, ax)
+
+
+def units_of_loss(data) -> str:
+    """The units of an analysis' losses: nats for the cross-entropy (and files from before losses were
+    recorded), else the loss's recorded name (``mse``, ``module:function``)."""
+    config = data.get("config")
+    evaluation = config.get("eval") if isinstance(config, Mapping) else None  # a malformed one: checked later
+    loss = (evaluation.get("loss") if isinstance(evaluation, Mapping) else None) or "cross_entropy"
+    return "nats" if loss == "cross_entropy" else str(loss)
 
 
 def figures_of(data, metric=None, plane_kind: str = "contour") -> list[tuple[str, Figure]]:
@@ -451,7 +463,8 @@ def figures_of(data, metric=None, plane_kind: str = "contour") -> list[tuple[str
     _check_plane_kind(plane_kind)
     before = set(plt.get_fignums())
     try:
-        figures = _BUILDERS[kind](data, metric, plane_kind)
+        with loss_units(units_of_loss(data)):
+            figures = _BUILDERS[kind](data, metric, plane_kind)
         done, total = store.completeness(data)
         if done < total:  # a killed run's file: say so on the figure itself, not only on the terminal
             for _, fig in figures:
