@@ -394,23 +394,21 @@ def test_timm_missing_or_unknown_is_a_clear_error():
 
 
 @pytest.mark.timeout(120)
-def test_rays_on_a_photo_folder_with_a_torchvision_model(tmp_path):
-    """The issue's command on a folder of photos of mixed sizes (small images and crops to stay fast)."""
+def test_rays_on_a_photo_folder_with_a_torchvision_model(tmp_path, capsys):
+    """The issue's command on a folder of photos of mixed sizes (small crops to stay fast): a progress bar while
+    the cache is built, and a second run that decodes nothing."""
     root = make_photo_folder(tmp_path / "photos", n_per_class=2, test_dir="test")
     torch.manual_seed(0)
     model = widthkit.create_model("torchvision:resnet18", num_classes=2)
     ckpt = tmp_path / "resnet18.pt"
     torch.save(model.state_dict(), ckpt)  # a plain state dict, as torchvision users save them
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    cmd = [sys.executable, "-m", "widthkit.rays", "--ckpt", str(ckpt), "--arch", "torchvision:resnet18",
-           "--data", f"imagefolder:{root}", "--image-size", "32", "--dirs", "2", "--steps", "3",
-           "--bn-mode", "keep", "--out", str(tmp_path / "r.h5")]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "decoding" in first.stderr  # the progress bar while the cache is built
-    second = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, env=env)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "decoding" not in second.stderr
+    argv = ["--ckpt", str(ckpt), "--arch", "torchvision:resnet18", "--data", f"imagefolder:{root}",
+            "--image-size", "32", "--dirs", "2", "--steps", "3", "--bn-mode", "keep", "--out", str(tmp_path / "r.h5"),
+            "--no-plot"]
+    assert rays_cli.main(argv) == 0
+    assert "decoding" in capsys.readouterr().err  # the progress bar while the cache is built
+    assert rays_cli.main(argv + ["--overwrite"]) == 0
+    assert "decoding" not in capsys.readouterr().err
     data = read(tmp_path / "r.h5")
     assert data["models"][next(iter(data["models"]))]["done"].all()
 
