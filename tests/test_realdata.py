@@ -357,6 +357,7 @@ def test_metrics_flag_and_threshold_on_top5(digits_ckpts, tmp_path, capsys):
     out = tmp_path / "r.h5"
     code = rays_cli.main(["--ckpt", digits_ckpts["sgd"], "--dirs", "2", "--steps", "3", "--max-dist", "30",
                           "--metrics", "loss,err,top5_err", "--threshold", "test_top5_err=+5", "--out", str(out),
+                          "--figures", str(tmp_path / "figures"),
                           *SMALL])
     assert code == 0
     assert "width at test_top5_err=+5" in capsys.readouterr().out
