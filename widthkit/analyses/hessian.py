@@ -164,8 +164,8 @@ def _recorded(out, overwrite: bool) -> dict:
     """The H·v method and thread count a file being resumed was started with."""
     if out is None or overwrite:
         return {}
-    operator = curvature_store.recorded(out, "operator") or {}
-    threads = (curvature_store.recorded(out, "provenance") or {}).get("threads")
+    operator = store.recorded_attr(out, "operator") or {}
+    threads = (store.recorded_attr(out, "provenance") or {}).get("threads")
     return {"hvp_method": operator.get("hvp_method"), "threads": threads}
 
 

@@ -456,6 +456,16 @@ def _orthogonalise(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _lanczos_step(matvec: MatVec, Q: torch.Tensor, j: int, q: torch.Tensor, device,
+                  on_step: Callable[[int], None] | None) -> tuple[float, torch.Tensor]:
+    """Step j of Lanczos (top-k and SLQ alike): q becomes basis row j; returns (α_j = qᵀHq, Hq in float64)."""
+    Q[j] = q
+    w = matvec(q).to(device=device, dtype=torch.float64)
+    if on_step is not None:
+        on_step(j + 1)
+    return float(torch.dot(q, w)), w
+
+
 def _canonical_sign(vectors: torch.Tensor) -> torch.Tensor:
     """Flip each row so that its largest-magnitude entry is positive (eigenvectors are defined up to sign)."""
     idx = vectors.abs().argmax(dim=1)
@@ -500,11 +510,7 @@ def lanczos(matvec: MatVec, dim: int, *, k: int = 1, tol: float = 1e-4, max_iter
     converged = False
     j = 0
     for j in range(m_max):
-        Q[j] = q
-        w = matvec(q).to(device=device, dtype=torch.float64)
-        if on_step is not None:
-            on_step(j + 1)
-        a = float(torch.dot(q, w))
+        a, w = _lanczos_step(matvec, Q, j, q, device, on_step)
         w = _orthogonalise(w - a * q, Q[:j + 1])
         b = float(torch.linalg.vector_norm(w))
         alphas.append(a)
@@ -608,11 +614,7 @@ def slq_probe(matvec: MatVec, dim: int, steps: int, *, seed: int = 0, index: int
     Q = torch.zeros(steps, dim, dtype=torch.float64, device=device)
     alphas, betas = [], []
     for j in range(steps):
-        Q[j] = q
-        w = matvec(q).to(device=device, dtype=torch.float64)
-        if on_step is not None:
-            on_step(j + 1)
-        a = float(torch.dot(q, w))
+        a, w = _lanczos_step(matvec, Q, j, q, device, on_step)
         alphas.append(a)
         if j + 1 == steps:
             break

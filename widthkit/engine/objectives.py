@@ -36,7 +36,6 @@ from torch import nn
 from ..runtime import autocast
 
 SPLITS: tuple[str, ...] = ("train", "test")
-BASE_METRICS: tuple[str, ...] = ("train_loss", "train_err", "test_loss", "test_err")
 L2_METRIC = "train_loss_l2"  # train loss + ½·wd·‖θ‖², the regularised objective the SWA paper plots
 IGNORE_INDEX = -100  # labels never counted (padding tokens), as torch's cross_entropy
 DEFAULT_METRICS = ("loss", "err")
@@ -255,9 +254,6 @@ class Objective:
             names.append(L2_METRIC)
         return names
 
-    def is_error(self, stored_name: str) -> bool:
-        return any(stored_name.endswith("_" + m.name) and m.error for m in self.metrics)
-
     def output(self, model: nn.Module, inputs):
         return model(inputs) if self.forward_fn is None else self.forward_fn(model, inputs)
 
@@ -282,13 +278,3 @@ class Objective:
             raise ValueError(f"labels must be integer class indices, got {target.dtype} {split} labels (e.g. "
                              f"{target.flatten()[:3].tolist()}); pass y.long() if they are whole numbers, or "
                              "loss='mse', metrics='loss' (or your own loss=/metrics=) for regression targets")
-
-
-def metric_names(splits=SPLITS, weight_decay: float = 0.0) -> list[str]:
-    """The metrics of the default objective (cross-entropy loss and top-1 error) for ``splits``."""
-    return Objective().metric_names(splits, weight_decay)
-
-
-def is_error_metric(name: str) -> bool:
-    """Whether a stored metric name is an error rate in % (``test_err``, ``test_top5_err``, ``test_class_err_3``)."""
-    return bool(re.fullmatch(r"(train|test)_(err|top5_err|class_err_\d+|\w*_err)", name))

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,20 @@ class Listing:
     classes: tuple[str, ...]
     files: dict  # split -> list[Path]
     labels: dict  # split -> list[int]
+    _stats: dict = field(default_factory=dict, repr=False)  # path -> (relative name, size, mtime), read once
+
+    def entries(self, paths: list[Path]) -> list[tuple[str, int, int]]:
+        """(name relative to the root, size, mtime in ns) of each file: what a cache key covers. Each file is
+        stat'ed once per listing (the transform's memo and the split's cache key both need it)."""
+        out = []
+        for p in paths:
+            entry = self._stats.get(p)
+            if entry is None:
+                st = p.stat()
+                rel = str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+                entry = self._stats[p] = (rel, st.st_size, st.st_mtime_ns)
+            out.append(entry)
+        return out
 
 
 def list_folder(root: Path, name: str) -> Listing:
@@ -187,7 +201,7 @@ def choose_transform(listing: Listing, image_size: int | None, cache: Path) -> T
     if image_size is not None:
         return Transform.for_size(image_size)
     paths = listing.files["train"] + listing.files.get("test", [])
-    key = _digest([_listing_entries(listing.root, paths, stat=True)])
+    key = _digest([listing.entries(paths)])
     memo = cache / f"transform-{key[:20]}.json"
     try:
         return Transform(**{k: tuple(v) if k == "shape" and v else v for k, v in json.loads(memo.read_text()).items()})
@@ -226,18 +240,6 @@ def default_cache_dir(root: Path) -> Path:
         return here
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "widthkit"
-
-
-def _listing_entries(root: Path, paths: list[Path], stat: bool) -> list:
-    out = []
-    for p in paths:
-        rel = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
-        if stat:
-            st = p.stat()
-            out.append((rel, st.st_size, st.st_mtime_ns))
-        else:
-            out.append(rel)
-    return out
 
 
 def _digest(parts) -> str:
@@ -359,7 +361,7 @@ def cached_split(listing: Listing, split: str, transform: Transform, cache: Path
     if indices is not None:
         idx = indices.tolist()
         paths, labels = [paths[i] for i in idx], [labels[i] for i in idx]
-    key = _digest([CACHE_VERSION, split, asdict(transform), labels, _listing_entries(listing.root, paths, stat=True)])
+    key = _digest([CACHE_VERSION, split, asdict(transform), labels, listing.entries(paths)])
     entry = cache / f"{split}-{key[:20]}"
     shape = (len(paths), transform.channels, *transform.out_hw)
     meta_path = entry / "meta.json"

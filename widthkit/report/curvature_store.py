@@ -223,15 +223,6 @@ def _lookup(d: Mapping, dotted: str):
     return d
 
 
-def recorded(path, name: str):
-    """One decoded root attribute of an existing file, or None (no file, unreadable, absent)."""
-    try:
-        with h5py.File(path, "r", locking=False) as f:
-            return decode_attr(f.attrs[name]) if name in f.attrs else None
-    except (OSError, KeyError):
-        return None
-
-
 def read_curvature(path, load_vectors: bool = True) -> dict:
     """Read a curvature or sharpness file into plain Python/numpy values.
 

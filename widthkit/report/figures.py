@@ -836,13 +836,19 @@ def _check_plane(x, y, Z, points, labels):
         raise ValueError(f"Z has shape {Z.shape}, expected (len(x), len(y)) = ({x.size}, {y.size}){hint}")
     if points is None:
         return x, y, Z, np.zeros((0, 2)), []
-    P = np.asarray(points, dtype=np.float64)
-    if P.ndim != 2 or P.shape[1] != 2:
-        raise ValueError(f"points must be (K, 2) plane coordinates, got shape {P.shape}")
-    labels = [f"point {k}" for k in range(len(P))] if labels is None else [str(s) for s in labels]
-    if len(labels) != len(P):
-        raise ValueError(f"got {len(labels)} labels for {len(P)} points; pass one label per point")
+    P, labels = _labelled_coordinates(points, labels, "point", "K")
     return x, y, Z, P, labels
+
+
+def _labelled_coordinates(coords, labels, what: str, count: str) -> tuple[np.ndarray, list[str]]:
+    """(``count``, 2) plane coordinates and one label each (``"<what> k"`` when none are given), checked."""
+    P = np.asarray(coords, dtype=np.float64)
+    if P.ndim != 2 or P.shape[1] != 2:
+        raise ValueError(f"{what}s must be ({count}, 2) plane coordinates, got shape {P.shape}")
+    labels = [f"{what} {k}" for k in range(len(P))] if labels is None else [str(s) for s in labels]
+    if len(labels) != len(P):
+        raise ValueError(f"got {len(labels)} labels for {len(P)} {what}s; pass one label per {what}")
+    return P, labels
 
 
 def _mark_points(ax: Axes, P: np.ndarray, labels, colors, x: np.ndarray, y: np.ndarray) -> None:
@@ -859,12 +865,7 @@ def _mark_points(ax: Axes, P: np.ndarray, labels, colors, x: np.ndarray, y: np.n
 
 
 def _check_marks(coords, labels, distances=None) -> tuple[np.ndarray, list[str], np.ndarray | None]:
-    P = np.asarray(coords, dtype=np.float64)
-    if P.ndim != 2 or P.shape[1] != 2:
-        raise ValueError(f"marks must be (M, 2) plane coordinates, got shape {P.shape}")
-    labels = [f"mark {k}" for k in range(len(P))] if labels is None else [str(s) for s in labels]
-    if len(labels) != len(P):
-        raise ValueError(f"got {len(labels)} labels for {len(P)} marks; pass one label per mark")
+    P, labels = _labelled_coordinates(coords, labels, "mark", "M")
     if distances is not None:
         distances = np.ravel(np.asarray(distances, dtype=np.float64))
         if distances.size != len(P):
