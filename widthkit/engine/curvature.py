@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -37,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import default_batch_size, free_memory
+from ..runtime import default_batch_size, free_memory, precision_policy
 from ..settings import check_choice, check_int, check_number, choices_of, field_types, option
 from . import distributed
+from .batchnorm import bn_modules, recompute_bn_statistics
 from .space import ThetaLayout
 
 HvpMethod = Literal["auto", "double-backward", "forward-over-reverse"]
@@ -117,40 +117,6 @@ def rademacher(dim: int, gen: torch.Generator, device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- the operator
 
 
-def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def recompute_bn_statistics(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Reset the BatchNorm statistics of ``model`` (a private copy) and recompute them from ``x`` with a cumulative
-    average over batches (as ``torch.optim.swa_utils.update_bn``); only the BN layers run in train mode."""
-    bns = bn_modules(model)
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for start in range(0, x.shape[0], batch_size):
-            model(x[start:start + batch_size])
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-            m.eval()
-
-
-@contextlib.contextmanager
-def tf32_off():
-    """TF32 off for matmuls and cuDNN convolutions while the operator computes (restored afterwards)."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def tree_nodes(lo: int, hi: int, depth: int) -> list[tuple[int, int]]:
     """The 2^depth nodes at ``depth`` of the binary tree over batch indices [lo, hi) (split at the midpoint)."""
     if depth == 0:
@@ -220,7 +186,8 @@ class HessianOperator:
         self.batch_size = int(batch_size or default_batch_size(self.device))
         check_int("batch_size", self.batch_size, optional=False)
         if bn_mode == "recompute" and bn_modules(self.model):
-            recompute_bn_statistics(self.model, (x if bn_x is None else bn_x).float(), self.batch_size)
+            xs = (x if bn_x is None else bn_x).float()
+            recompute_bn_statistics(self.model, xs.split(self.batch_size))
         self.bn_mode = bn_mode
         self.buffers = {k: v.detach() for k, v in self.model.named_buffers()}
         self.n_examples = int(x.shape[0])
@@ -334,7 +301,7 @@ class HessianOperator:
     def _sum(self, fn: Callable[[int], torch.Tensor], size: int) -> torch.Tensor:
         """Σ_b fn(b) (float64, shape (size,)) in the fixed tree order; under torchrun each rank sums its own
         subtrees and the 2^k subtree sums are combined in tree order on every rank (bit-identical to one process)."""
-        with tf32_off():
+        with precision_policy("fp32", self.device):
             return self._tree(fn, size)
 
     def _tree(self, fn: Callable[[int], torch.Tensor], size: int) -> torch.Tensor:
@@ -394,7 +361,7 @@ class HessianOperator:
         """One product on the first batch, as every later product computes it (what the thread and method
         choices time; with cached graphs the first call builds the graph)."""
         v = torch.ones(self.dim, dtype=torch.float32, device=self.device)
-        with tf32_off():
+        with precision_policy("fp32", self.device):
             self._batch_hvp(0, self.theta0, v, method or self.method)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..runtime import autocast, default_batch_size, memory_budget, precision_policy, random_subset
+from .batchnorm import bn_modules, recompute_bn_statistics
 from .config import EvalConfig
 from .levers import Levers, stacked_sums
 from .objectives import L2_METRIC, SPLITS
@@ -260,10 +261,6 @@ def _prefetch(x: torch.Tensor, batch_size: int, n: int, index: torch.Tensor | No
 ChunkCallback = Callable[[np.ndarray, dict], None]
 
 
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 class Evaluator:
     """Evaluates a model's metrics at points in weight space. The caller's model is never modified.
 
@@ -317,7 +314,7 @@ class Evaluator:
         self.flat = torch.empty(self.layout.size, dtype=torch.float32, device=self.device)
         bind_flat_parameters(self.model, self.layout, self.flat)
         self._theta0 = self.flat.clone()
-        self.bn = _bn_modules(self.model)
+        self.bn = bn_modules(self.model)
         self.batch_size = config.eval_batch_size or default_batch_size(self.device)
         self.bn_index = self._bn_subset_index()
         if config.bn_mode == "batch":
@@ -355,22 +352,12 @@ class Evaluator:
 
     # -- one point -----------------------------------------------------------------------------------
     def _recompute_bn(self) -> None:
-        momenta = [m.momentum for m in self.bn]
-        for m in self.bn:
-            m.reset_running_stats()
-            m.train()
-        try:
-            for i, (xb, _) in enumerate(self.train.batches(self.batch_size, self.bn_index)):
-                # cumulative average over the pass, like update_bn's momentum=None, which computes the same
-                # 1/(batches so far) but reads the batch count back from the device (no CUDA graph then)
-                for m in self.bn:
-                    m.momentum = 1.0 / (i + 1)
-                with self._autocast():
-                    self.objective.output(self.model, xb)
-        finally:
-            for m, mom in zip(self.bn, momenta):
-                m.momentum = mom
-                m.eval()
+        inputs = (xb for xb, _ in self.train.batches(self.batch_size, self.bn_index))
+        recompute_bn_statistics(self.model, inputs, self._bn_forward, self.bn)
+
+    def _bn_forward(self, xb: torch.Tensor) -> None:
+        with self._autocast():
+            self.objective.output(self.model, xb)
 
     def _autocast(self):
         return autocast(self.device, self.config.precision)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..runtime import autocast
+from .batchnorm import bn_modules
 from .config import EvalConfig
 
 log = logging.getLogger("widthkit")
@@ -44,10 +45,6 @@ log = logging.getLogger("widthkit")
 K_CANDIDATES: tuple[int, ...] = (1, 4, 16)  # points_in_flight="auto" on CUDA measures these
 K_MARGIN = 0.9  # K > 1 is chosen only when at most this fraction of one-point-at-a-time's time per point
 WARMUP_RUNS = 2  # eager runs on the capture stream before a CUDA graph is captured
-
-
-def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def has_conv(model: nn.Module) -> bool:
