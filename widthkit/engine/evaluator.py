@@ -84,6 +84,7 @@ class EvalSet:
         self.mean = tuple(float(m) for m in mean) if mean is not None else None
         self.std = tuple(float(s) for s in std) if std is not None else None
         self._norm = None
+        self._ring = None  # the streamed path's read-ahead buffers, kept between passes
         self._streamed = bool(streamed) or x.device != self.device
 
     def __len__(self) -> int:
@@ -150,10 +151,17 @@ class EvalSet:
             return
         host_index = None if index is None else index.to(self.x.device)
         dev_index = None if index is None else index.to(self.device)
-        for start, xb in _prefetch(self.x, batch_size, n, host_index, self.device):
-            yb = (self.y[start:start + len(xb)] if dev_index is None
-                  else self.y.index_select(0, dev_index[start:start + len(xb)]))
-            yield self._prepare(xb), yb
+        shape = (batch_size,) + tuple(self.x.shape[1:])  # one shape for every pass (BN subset and splits alike)
+        ring, self._ring = self._ring, None  # taken while this pass runs (a nested pass would allocate its own)
+        if ring is None or ring[0].shape != shape:
+            ring = _ring_buffers(shape, self.x.dtype, self.device)
+        try:
+            for start, xb in _prefetch(self.x, batch_size, n, host_index, self.device, ring):
+                yb = (self.y[start:start + len(xb)] if dev_index is None
+                      else self.y.index_select(0, dev_index[start:start + len(xb)]))
+                yield self._prepare(xb), yb
+        finally:
+            self._ring = ring  # reused by the next pass: pinned buffers are costly to allocate at every point
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -197,18 +205,24 @@ class EvalSet:
         )
 
 
-def _prefetch(x: torch.Tensor, batch_size: int, n: int, index: torch.Tensor | None, device: torch.device):
+_RING_DEPTH = 3
+
+
+def _ring_buffers(shape: tuple, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """The read-ahead buffers of a streamed split: pinned when the device is CUDA (asynchronous copies)."""
+    return [torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda") for _ in range(_RING_DEPTH)]
+
+
+def _prefetch(x: torch.Tensor, batch_size: int, n: int, index: torch.Tensor | None, device: torch.device,
+              ring: list[torch.Tensor]):
     """Yield ``(start, batch)`` of ``x`` (or of ``x[index]``) on ``device``, read ahead by a background thread
-    into a ring of reused buffers (pinned when the device is CUDA, so the copies run asynchronously)."""
+    into ``ring`` (reused buffers of one batch each)."""
     import queue
     import threading
 
-    depth = 3
     cuda = device.type == "cuda"
-    shape = (min(batch_size, n),) + tuple(x.shape[1:])
-    ring = [torch.empty(shape, dtype=x.dtype, pin_memory=cuda) for _ in range(depth)]
     free: queue.Queue = queue.Queue()
-    for i in range(depth):
+    for i in range(len(ring)):
         free.put((i, None))
     ready: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -256,6 +270,13 @@ def _prefetch(x: torch.Tensor, batch_size: int, n: int, index: torch.Tensor | No
     finally:
         stop.set()
         thread.join()
+        while True:  # the buffers go back to the caller for the next pass: no copy out of them may be pending
+            try:
+                _, event = free.get_nowait()
+            except queue.Empty:
+                break
+            if event is not None:
+                event.synchronize()
 
 
 ChunkCallback = Callable[[np.ndarray, dict], None]
