@@ -52,6 +52,29 @@ def flag_name(name: str, prefix: str = "") -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
+_WARNED: set[str] = set()
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One line on stderr, once per process and spelling: ``old`` still works but ``new`` is its name."""
+    if old not in _WARNED:
+        _WARNED.add(old)
+        print(f"warning: {old} is deprecated; use {new}", file=sys.stderr, flush=True)
+
+
+def _deprecated_action(parser, action, new: str):
+    """The argparse action class ``action`` (a name such as ``"append"``, a class, or None for store) that
+    also warns that the spelling used is deprecated in favour of ``new``."""
+    base = parser._registry_get("action", action, action) if not isinstance(action, type) else action
+
+    class Deprecated(base):
+        def __call__(self, parser, namespace, values, option_string=None):
+            warn_deprecated(option_string, new)
+            super().__call__(parser, namespace, values, option_string)
+
+    return Deprecated
+
+
 def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, *, prefix: str = "",
                      layered: bool = False, skip=()) -> None:
     """One flag per field of the config dataclass ``cls``.
@@ -63,6 +86,10 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         layered: flags default to None (unset) so that a recipe's values stay unless a flag is given; else
             the field's own default, shown in the help.
         skip: field names that get no flag.
+
+    A field has one flag. Old spellings (``option(..., old=("--bn",))`` and the ``--snake_case`` form of every
+    multi-word name) still work and print one deprecation warning; a field declared ``deprecated=True`` (the
+    old ``amp``) warns whenever it is given.
     """
     hints = field_types(cls)
     for f in dataclasses.fields(cls):
@@ -71,11 +98,12 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         cli = dict(f.metadata.get("cli", {}))
         kind, optional = base_type(hints[f.name])
         choices = choices_of(hints[f.name])
-        names = [cli.pop("flag", flag_name(f.name, prefix)), *cli.pop("aliases", ())]
-        if prefix:
-            names = names[:1]
-        elif "_" in f.name and kind is not bool:  # --swa_lr as well as --swa-lr: the TOML key works as a flag
-            names.append("--" + f.name)
+        primary = cli.pop("flag", flag_name(f.name, prefix))
+        old = [] if prefix else list(cli.pop("old", ()))
+        cli.pop("old", None)
+        deprecated = cli.pop("deprecated", False)
+        if not prefix and "_" in f.name and kind is not bool:  # --swa_lr: the TOML key, an old spelling
+            old.append("--" + f.name)
         default = None if layered else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = f.metadata.get("help", "")
         if choices and not all(str(c) in help_text for c in choices):
@@ -97,7 +125,12 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
         elif kind in (int, float, str):
             kw.update(type=kind, metavar=kind.__name__.upper())
         kw.update(cli)
-        parser.add_argument(*names, **kw)
+        if deprecated:
+            kw["action"] = _deprecated_action(parser, kw.get("action"), deprecated)
+        parser.add_argument(primary, **kw)
+        if old:
+            parser.add_argument(*old, **{**kw, "help": argparse.SUPPRESS,
+                                         "action": _deprecated_action(parser, kw.get("action"), primary)})
 
 
 def config_values(args: argparse.Namespace, cls, *, prefix: str = "", layered: bool = False, skip=()) -> dict:
@@ -128,7 +161,14 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh when --out holds a different run")
     add_figure_flags(p)
     p.add_argument("--no-plot", action="store_true", help="do not render figures")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_flag(p)
+
+
+def add_quiet_flag(p: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress bars (``--no-progress``, the trainer's old spelling, still works)."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", dest="quiet", action=_deprecated_action(p, "store_true", "--quiet"),
+                   help=argparse.SUPPRESS)
 
 
 def formats_of(args) -> tuple[str, ...]:
@@ -155,6 +195,7 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: C
 
     geometry = geometry_cls(**config_values(args, geometry_cls))
     config = EvalConfig(**config_values(args, EvalConfig))
+    runtime = runtime_config(args)
     out = Path(args.out or default_out(kind, args.ckpt or []))
     figures = figure_options(args)
     for folder in (out.parent, figures.folder):  # before any point is computed, not after
@@ -163,7 +204,8 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: C
     progress, close = progress_bar(not args.quiet, kind)
     timer = Timer()
     try:
-        res = analysis(models_from(args.ckpt or []), config=config, out=out, overwrite=args.overwrite, progress=progress,
+        res = analysis(models_from(args.ckpt or []), config=config, runtime=runtime, out=out, overwrite=args.overwrite,
+                       progress=progress,
                        arch=args.arch, which=args.which, after=(make_after or finish_after)(figures),
                        **dataclasses.asdict(geometry))
     finally:
@@ -175,15 +217,33 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: C
 
 def analysis_parser(prog: str, doc: str, how_many: str, *configs, ckpt_required: bool = True) -> argparse.ArgumentParser:
     """The parser of an analysis command: ``--ckpt``, a group of flags per ``(title, config class)``, the
-    evaluation flags (:class:`~widthkit.engine.config.EvalConfig`) and the output flags."""
+    evaluation flags (:class:`~widthkit.engine.config.EvalConfig`), the runtime flags
+    (:class:`~widthkit.runtime.RuntimeConfig`) and the output flags."""
     from .engine.config import EvalConfig
 
     p = argparse.ArgumentParser(prog=f"python -m widthkit.{prog}", description=doc.split("\n\n")[0])
     add_ckpt_flags(p, how_many, required=ckpt_required)
     for title, cls in (*configs, ("evaluation", EvalConfig)):
         add_config_flags(p.add_argument_group(title), cls)
+    add_runtime_flags(p)
     add_output_flags(p)
     return p
+
+
+def add_runtime_flags(p: argparse.ArgumentParser, skip=()) -> None:
+    """The runtime flags (:class:`~widthkit.runtime.RuntimeConfig`: ``--device``, ``--precision``,
+    ``--threads``, ``--eval-batch-size``, the speed levers), the same in every command."""
+    from .runtime import RuntimeConfig
+
+    add_config_flags(p.add_argument_group("runtime (where and how it runs; recorded in provenance)"), RuntimeConfig,
+                     skip=skip)
+
+
+def runtime_config(args: argparse.Namespace, skip=()):
+    """The :class:`~widthkit.runtime.RuntimeConfig` of the parsed runtime flags (validated)."""
+    from .runtime import RuntimeConfig
+
+    return RuntimeConfig(**config_values(args, RuntimeConfig, skip=skip))
 
 
 def add_ckpt_flags(p: argparse.ArgumentParser, how_many: str, required: bool = True) -> None:
@@ -221,7 +281,7 @@ def default_out(kind: str, ckpts: list[str]) -> Path:
 def progress_bar(enabled: bool, desc: str):
     """A ``progress(done, total)`` callback drawing a tqdm bar with the time left (writer rank only), and a
     function that closes it."""
-    from .engine import distributed
+    from .runtime import distributed
 
     if not enabled or not distributed.is_writer():
         return None, lambda: None
@@ -244,7 +304,7 @@ def progress_bar(enabled: bool, desc: str):
 
 def log(msg: str = "") -> None:
     """Print on the writing process only (rank 0 under torchrun)."""
-    from .engine import distributed
+    from .runtime import distributed
 
     if distributed.is_writer():
         print(msg, flush=True)
@@ -256,14 +316,13 @@ def run(body: Callable[[], int]) -> int:
     User errors (bad values, missing files, full disks and read-only folders, store refusals, out of memory,
     ranks that disagree) print ``error: ...`` and return 2; programming errors keep their traceback.
     """
-    from .engine import distributed
+    from .runtime import distributed
     from .fileio import OutputBusy
     from .report.store import StoreError
     from .runtime import tune_allocator
 
     tune_allocator()
     try:
-        distributed.init()
         code = body()
         distributed.shutdown()
         return code

@@ -2,8 +2,8 @@
 
 Flags: ``--ckpt`` (and ``--arch``, ``--which``), one group per config (the command's own, then
 :class:`~widthkit.engine.curvature.LossConfig`), the evaluation flags that apply (``--bn-mode`` keep|recompute,
-``--bn-subset``, ``--weight-decay``, ``--data``, ``--data-root``, ``--seed``, ``--device``,
-``--eval-batch-size``, ``--threads``: the same names and defaults as in ``rays``) and the output flags.
+``--bn-subset``, ``--weight-decay``, ``--data``, ``--data-root``, ``--seed``), the runtime flags that apply
+(``--device``, ``--eval-batch-size``, ``--threads``: the same names and defaults as in ``rays``) and the output flags.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from . import cli
 
 
 def hessian_parser(prog: str, doc: str, *configs) -> argparse.ArgumentParser:
-    from .analyses.hessian import EVAL_SKIP
+    from .analyses.hessian import EVAL_SKIP, RUNTIME_SKIP
     from .engine.config import EvalConfig
     from .engine.curvature import LossConfig
 
@@ -26,6 +26,7 @@ def hessian_parser(prog: str, doc: str, *configs) -> argparse.ArgumentParser:
     for title, cls in (*configs, ("loss", LossConfig)):
         cli.add_config_flags(p.add_argument_group(title), cls)
     cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig, skip=EVAL_SKIP)
+    cli.add_runtime_flags(p, skip=RUNTIME_SKIP)
     cli.add_output_flags(p)
     return p
 
@@ -33,7 +34,7 @@ def hessian_parser(prog: str, doc: str, *configs) -> argparse.ArgumentParser:
 def run_hessian_command(analysis: Callable, kind: str, args, spec_cls) -> int:
     """Configs from the flags (validated before any work), the run with a progress bar (in Hessian-vector
     products), the side-by-side table, the density figure (curvature), the file reported."""
-    from .analyses.hessian import EVAL_SKIP
+    from .analyses.hessian import EVAL_SKIP, RUNTIME_SKIP
     from .engine.config import EvalConfig
     from .engine.curvature import LossConfig
     from .fileio import check_writable
@@ -42,6 +43,7 @@ def run_hessian_command(analysis: Callable, kind: str, args, spec_cls) -> int:
     spec = spec_cls(**cli.config_values(args, spec_cls))
     loss = LossConfig(**cli.config_values(args, LossConfig))
     config = EvalConfig(**cli.config_values(args, EvalConfig, skip=EVAL_SKIP))
+    runtime = cli.runtime_config(args, skip=RUNTIME_SKIP)
     out = Path(args.out or cli.default_out(kind, args.ckpt))
     figures = cli.figure_options(args)
     for folder in (out.parent, figures.folder if kind == "curvature" else None):
@@ -50,7 +52,7 @@ def run_hessian_command(analysis: Callable, kind: str, args, spec_cls) -> int:
     progress, close = cli.progress_bar(not args.quiet, kind)
     timer = cli.Timer()
     try:
-        res = analysis(cli.models_from(args.ckpt), config=config, out=out, overwrite=args.overwrite, progress=progress,
+        res = analysis(cli.models_from(args.ckpt), config=config, runtime=runtime, out=out, overwrite=args.overwrite, progress=progress,
                        arch=args.arch, which=args.which, **dataclasses.asdict(spec), **dataclasses.asdict(loss))
     finally:
         close()

@@ -28,8 +28,10 @@ paper's Table 1 layout (SGD and SWA at each budget, mean ± std over seeds; with
 numbers beneath), widths per seed and pooled, and paired tests across seeds and across directions.
 
 The analysis flags are those of ``rays`` (same names, same defaults), ``--line-*`` those of ``line`` and
-``--plane-*`` those of ``plane``. Data, device, precision, seed, weight decay and the CPU thread count
-(``--threads``; unset: timed by the trainer and by every analysis) are the training config's.
+``--plane-*`` those of ``plane``. Data, seed and weight decay are the training config's; the runtime flags
+(``--device``, ``--precision``, ``--threads``, ``--eval-batch-size``, the levers) make one
+:class:`~widthkit.runtime.RuntimeConfig` that the trainer and every analysis run under (``--threads`` unset:
+timed by the trainer and by every analysis).
 """
 
 from __future__ import annotations
@@ -46,15 +48,16 @@ from .analyses.hessian import curvature
 from .engine.config import EvalConfig
 from .engine.curvature import CurvatureConfig, LossConfig
 from .fileio import check_writable
+from .runtime import RuntimeConfig
 from .report.summary import FigureOptions, aggregate_seeds, finish_figures, finish_rays, seed_table, \
     write_report, write_seed_report
 from .report.spectrum import write_spectrum_figure
 from .training.trainer import TrainConfig, layered_config, list_recipes, read_log, recipe_info, train_branches
 
 STAGES = ("train", "rays", "line", "plane", "iterates", "trajectory", "curvature")
-# evaluation settings the training config already holds: the pipeline evaluates what it trained
-FROM_TRAINING = {"dataset": "dataset", "data_root": "data_root", "device": "device", "amp": "amp", "seed": "seed",
-                 "weight_decay": "weight_decay", "threads": "threads"}
+# evaluation settings the training config already holds (the same names in both): the pipeline evaluates the
+# data it trained on, with its seed and weight decay
+FROM_TRAINING = tuple(sorted(set(EvalConfig.__dataclass_fields__) & set(TrainConfig.__dataclass_fields__)))
 # the pipeline's planes are start/SGD/SWA and its iterate planes: what places them is not a flag here
 PLANE_THROUGH_CHECKPOINTS = ("random", "span", "norm", "exclude", "mark", "pca", "pca_center", "trajectory")
 # a quick look at the Hessian in the pipeline (the curvature command's own defaults measure more)
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".", help="folder holding checkpoints/, analyses/, figures/ (default: .)")
     p.add_argument("--skip", default="", help=f"comma-separated stages to skip: {', '.join(STAGES[1:])}")
     p.add_argument("--overwrite", action="store_true", help="recompute every stage from scratch")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    cli.add_quiet_flag(p)
     cli.add_figure_flags(p)
     cli.add_config_flags(p.add_argument_group(
         "training config", "one flag per TrainConfig field; an unset flag keeps the recipe's value"),
@@ -91,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("curvature", f"the Hessian stage (pipeline defaults: {shown}; else the field's)")
     cli.add_config_flags(group, CurvatureConfig, prefix="curvature_", layered=True)
     cli.add_config_flags(group, LossConfig, prefix="curvature_", layered=True)
-    cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig, skip=tuple(FROM_TRAINING))
+    cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig, skip=FROM_TRAINING)
+    cli.add_runtime_flags(p)
     return p
 
 
@@ -107,9 +111,9 @@ def curvature_settings(args) -> dict:
 
 def eval_config(args, train_cfg: TrainConfig) -> EvalConfig:
     """The evaluation config of every analysis stage: the evaluation flags, and the training config's data,
-    device, precision, seed and weight decay."""
-    return EvalConfig(**cli.config_values(args, EvalConfig, skip=tuple(FROM_TRAINING)),
-                      **{e: getattr(train_cfg, t) for e, t in FROM_TRAINING.items()})
+    seed and weight decay."""
+    return EvalConfig(**cli.config_values(args, EvalConfig, skip=FROM_TRAINING),
+                      **{name: getattr(train_cfg, name) for name in FROM_TRAINING})
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -148,6 +152,7 @@ class _Settings:
     widths: WidthConfig
     formats: tuple
     curvature: dict
+    runtime: RuntimeConfig  # the trainer's and every analysis's
 
 
 def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Settings, name: str,
@@ -162,7 +167,7 @@ def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Set
     print(f"[1/{8 if cfg.save_iterates else 6}] {title}training {cfg.model} on {cfg.dataset}: prefix {cfg.swa_start_epoch} epochs, SGD to "
           f"{cfg.epochs}, SWA to {cfg.swa_end_epoch} -> {ck_dir}", flush=True)
     timer = cli.Timer()
-    paths = train_branches(cfg, ck_dir, overwrite=args.overwrite, progress=args.progress)
+    paths = train_branches(cfg, ck_dir, runtime=s.runtime, overwrite=args.overwrite, progress=not args.quiet)
     timings["train"] = timer.seconds
     plane_geometry = dataclasses.asdict(s.geometry["plane"])
     iterates = paths.get("iterates") or []
@@ -189,23 +194,26 @@ def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Set
         if stage in s.skip:
             continue
         print(f"[{i}/{n_stages}] {title}{stage}", flush=True)
-        progress, close = cli.progress_bar(args.progress, stage)
+        progress, close = cli.progress_bar(not args.quiet, stage)
         timer = cli.Timer()
         try:
-            results[stage] = analysis(models, config=config, out=an_dir / f"{stage}.h5", overwrite=args.overwrite,
-                                      progress=progress, after=after, **geometry)
+            results[stage] = analysis(models, config=config, runtime=s.runtime, out=an_dir / f"{stage}.h5",
+                                      overwrite=args.overwrite, progress=progress, after=after, **geometry)
         finally:
             close()
         timings[stage] = timer.seconds
     if "curvature" not in s.skip:
         print(f"[{n_stages - 1}/{n_stages}] {title}curvature", flush=True)
-        progress, close = cli.progress_bar(args.progress, "curvature")
+        progress, close = cli.progress_bar(not args.quiet, "curvature")
         timer = cli.Timer()
         try:
             # the Hessian of the training loss itself: float32 weights, float64 sums, every training example
-            curv_config = config.replace(train_subset=None, test_subset=None, precision="fp32")
-            curvature(marks, config=curv_config, out=an_dir / "curvature.h5", overwrite=args.overwrite,
-                      progress=progress, **s.curvature)
+            # (and none of the evaluator's speed levers: the same device, threads and batch size)
+            curv_config = config.replace(train_subset=None, test_subset=None)
+            curv_runtime = RuntimeConfig(device=s.runtime.device, threads=s.runtime.threads,
+                                         eval_batch_size=s.runtime.eval_batch_size)
+            curvature(marks, config=curv_config, runtime=curv_runtime, out=an_dir / "curvature.h5",
+                      overwrite=args.overwrite, progress=progress, **s.curvature)
         finally:
             close()
         results["curvature"] = an_dir / "curvature.h5"
@@ -259,7 +267,7 @@ def main(argv=None) -> int:
                       "plane": PlaneConfig(**cli.config_values(args, PlaneConfig, prefix="plane_",
                                                                skip=PLANE_THROUGH_CHECKPOINTS))},
             widths=WidthConfig(**cli.config_values(args, WidthConfig)), formats=cli.formats_of(args),
-            curvature=curvature_settings(args))
+            curvature=curvature_settings(args), runtime=cli.runtime_config(args))
         eval_config(args, cfg)  # every evaluation flag checked before training
         FigureOptions(None, settings.formats)  # and the figure formats
         root = check_writable(args.root)

@@ -19,7 +19,9 @@ from typing import Any
 def option(default: Any, help: str, **cli: Any) -> Any:
     """A dataclass field whose ``help`` is both its documentation and its CLI help.
 
-    ``cli`` holds argparse overrides for the generated flag (``flag="--threshold"``, ``aliases=("--bn",)``,
+    ``cli`` holds argparse overrides for the generated flag (``flag="--threshold"``, ``old=("--bn",)`` for old
+    spellings that still work with a deprecation warning, ``deprecated="--precision bf16"`` for a whole setting
+    replaced by another,
     ``nargs``, ``action``, ``metavar``) where the field's type alone does not say how it is typed in.
     """
     meta = {"help": help, "cli": cli}

@@ -7,8 +7,8 @@ same command again continues an interrupted run. See :mod:`widthkit.trainer` for
 Examples::
 
     python -m widthkit.train --recipe digits --out checkpoints/digits
-    python -m widthkit.train --recipe preresnet164-cifar100 --out checkpoints/prn164 --data-root ~/data --amp
-    python -m widthkit.train --recipe imagenet-resnet50 --dataset imagefolder:/data/imagenet \
+    python -m widthkit.train --recipe preresnet164-cifar100 --out checkpoints/prn164 --data-root ~/data --precision bf16
+    python -m widthkit.train --recipe imagenet-resnet50 --data imagefolder:/data/imagenet \
         --init resnet50-weights.pth --out checkpoints/imagenet-swa          # SWA from pretrained weights
     python -m widthkit.train --list-recipes
 """
@@ -20,6 +20,10 @@ import sys
 
 from . import cli
 from .training.trainer import MODES, TrainConfig, layered_config, list_recipes, train, train_branches
+
+
+# the evaluator's speed levers: the trainer has no use for them (no flags in this command)
+TRAIN_RUNTIME_SKIP = ("points_in_flight", "channels_last", "cuda_graphs", "compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="branches (default): SGD and SWA from one shared prefix; sgd or swa: a single run "
                              "(swa is the default, and the only choice, with --init)")
     parser.add_argument("--overwrite", action="store_true", help="delete this trainer's files in --out first")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    cli.add_quiet_flag(parser)
     parser.add_argument("--list-recipes", action="store_true", help="print the bundled recipes and exit")
     cli.add_config_flags(parser.add_argument_group(
         "training config", "one flag per TrainConfig field; an unset flag keeps the recipe's (or --config's) value"),
         TrainConfig, layered=True)
+    cli.add_runtime_flags(parser, skip=TRAIN_RUNTIME_SKIP)
     return parser
 
 
@@ -57,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = layered_config(args.recipe, args.config, cli.config_values(args, TrainConfig, layered=True))
+        runtime = cli.runtime_config(args, skip=TRAIN_RUNTIME_SKIP)
         out = args.out or _default_out(args.recipe)
         mode = args.mode or ("swa" if cfg.init else "branches")
         if mode == "branches":
-            paths = train_branches(cfg, out, overwrite=args.overwrite, progress=args.progress)
+            paths = train_branches(cfg, out, runtime=runtime, overwrite=args.overwrite, progress=not args.quiet)
         else:
-            paths = train(cfg, out, mode, overwrite=args.overwrite, progress=args.progress)
+            paths = train(cfg, out, mode, runtime=runtime, overwrite=args.overwrite, progress=not args.quiet)
         for role in ("start", "sgd", "swa"):
             if role in paths:
                 print(f"{role:>8}: {paths[role]}")

@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..engine import distributed
+from ..runtime import distributed
 from ..engine.config import EvalConfig
 from ..engine.evaluator import Evaluator
 from ..report import store
-from ..runtime import choose_threads, provenance, resolve_device
+from ..runtime import RuntimeConfig, choose_threads, provenance, start
 from ..settings import split_kwargs
 from .result import Analysis
 from .subjects import Subject, as_subjects, check_model_fits_data, recorded_weight_decay, resolve_data
@@ -30,14 +30,22 @@ ProgressFn = Callable[[int, int], None]  # (points done, points in total)
 AfterFn = Callable[[Analysis], object]  # runs on the finished result, still under the writer lock
 
 
-def eval_config(config: EvalConfig | None, kwargs: dict) -> EvalConfig:
-    """The evaluation config of an API call: ``config`` (or the defaults) with keyword overrides; an unknown
-    keyword is a ``ValueError`` listing the valid ones."""
-    known, unknown = split_kwargs(EvalConfig, kwargs)
+def configs_of(config: EvalConfig | None, runtime: RuntimeConfig | None, kwargs: dict
+               ) -> tuple[EvalConfig, RuntimeConfig]:
+    """The evaluation and runtime configs of an API call: ``config`` and ``runtime`` (or their defaults) with
+    keyword overrides routed by field name (``bn_mode=`` to the evaluation config, ``device=`` to the runtime
+    config); an unknown keyword is a ``ValueError`` listing the valid ones. Both are validated here, together,
+    before any work."""
+    known, rest = split_kwargs(EvalConfig, kwargs)
+    how, unknown = split_kwargs(RuntimeConfig, rest)
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; the evaluation settings are "
-                         f"{sorted(EvalConfig.__dataclass_fields__)} (and the analysis' own, see its docstring)")
-    return (config or EvalConfig()).replace(**known) if known else (config or EvalConfig())
+                         f"{sorted(EvalConfig.__dataclass_fields__)}, the runtime settings "
+                         f"{sorted(RuntimeConfig.__dataclass_fields__)} (and the analysis' own, see its docstring)")
+    cfg = (config or EvalConfig()).replace(**known) if known else (config or EvalConfig())
+    rt = (runtime or RuntimeConfig()).replace(**how) if how else (runtime or RuntimeConfig())
+    cfg.check_runtime(rt)
+    return cfg, rt
 
 
 @dataclass
@@ -46,7 +54,8 @@ class Setup:
 
     subjects: list[Subject]
     cfg: EvalConfig  # weight_decay resolved (the checkpoints' recorded value when not given)
-    device: torch.device
+    runtime: RuntimeConfig
+    device: torch.device  # runtime.device resolved, once
     train: object
     test: object
     data_desc: dict
@@ -56,7 +65,7 @@ class Setup:
         """The evaluator of model ``i`` (built on first use: line and plane need only the first)."""
         if i not in self._evaluators:
             self._evaluators[i] = Evaluator(self.subjects[i].model, train=self.train, test=self.test,
-                                            config=self.cfg, device=self.device)
+                                            config=self.cfg, runtime=self.runtime)
         return self._evaluators[i]
 
     def theta(self, i: int) -> torch.Tensor:
@@ -64,8 +73,8 @@ class Setup:
         return self.evaluator(0).layout.flatten(self.subjects[i].model).to(self.device)
 
 
-def prepare(models, data, cfg: EvalConfig, *, arch=None, which=None, count: Sequence[int] | None = None,
-            what: str = "") -> Setup:
+def prepare(models, data, cfg: EvalConfig, runtime: RuntimeConfig, *, arch=None, which=None,
+            count: Sequence[int] | None = None, what: str = "") -> Setup:
     """Resolve the models (``count``: allowed numbers of them, ``what`` names the analysis in the error),
     the device and the data; validate everything before any file is touched."""
     subjects = as_subjects(models, arch=arch, which=which)
@@ -73,11 +82,11 @@ def prepare(models, data, cfg: EvalConfig, *, arch=None, which=None, count: Sequ
         words = {1: "one", 2: "two", 3: "three"}
         raise ValueError(f"{what} needs exactly {' or '.join(words.get(n, str(n)) for n in count)} checkpoint"
                          f"{'s' if max(count) > 1 else ''}, got {len(subjects)}")
-    device = resolve_device(distributed.local_device(cfg.device))
+    device = start(runtime)  # resolved once (cuda -> cuda:N); under torchrun, the process group joined for it
     if cfg.weight_decay is None:
         cfg = cfg.replace(weight_decay=recorded_weight_decay(subjects))
     train, test, desc = resolve_data(data, subjects, cfg, device)
-    setup = Setup(subjects, cfg, device, train, test, desc)
+    setup = Setup(subjects, cfg, runtime.replace(device=str(device)), device, train, test, desc)
     check_model_fits_data(setup.evaluator(0).model, train, test, desc["name"], setup.evaluator(0).objective)
     return setup
 
@@ -110,11 +119,11 @@ def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, pro
     thread_choice = None
     if setup.device.type == "cpu":
         recorded = None if overwrite or out is None else (store.recorded_attr(out, "provenance") or {}).get("threads")
-        thread_choice = choose_threads(lambda: ev0.evaluate_weights(ev0.theta0), setup.cfg.threads, recorded)
-    config = {"kind": grid.kind, **grid.geometry, "eval": setup.cfg.recorded(), "data": setup.data_desc,
+        thread_choice = choose_threads(lambda: ev0.evaluate_weights(ev0.theta0), setup.runtime.threads, recorded)
+    config = {"kind": grid.kind, **grid.geometry, "eval": setup.cfg.recorded(setup.runtime), "data": setup.data_desc,
               "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects],
               "theta_size": ev0.layout.size}
-    prov = {**provenance(setup.device, precision=setup.cfg.precision),
+    prov = {**provenance(setup.device, setup.runtime.precision),
             **({"thread_choice": thread_choice} if thread_choice else {}), "levers": ev0.levers_report()}
     attrs = {"theta_layout": ev0.layout.describe(), "provenance": prov, **grid.attrs}
     tmpdir = tempfile.mkdtemp(prefix="widthkit-") if out is None else None
@@ -146,7 +155,7 @@ def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, pro
 
 def _run(af: store.AnalysisFile, jobs, progress: ProgressFn | None) -> None:
     """Evaluate every pending point of every group; under torchrun the points are shared out between ranks
-    (see :mod:`widthkit.engine.distributed`)."""
+    (see :mod:`widthkit.runtime.distributed`)."""
     total = af.n_points
     done = af.n_done() if distributed.is_writer() else 0
     if progress and distributed.is_writer():

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..engine import distributed
+from ..runtime import distributed
 from ..engine.config import EvalConfig
 from ..engine.curvature import (
     CurvatureConfig,
@@ -41,33 +41,39 @@ from ..engine.curvature import (
 from ..engine.sharpness import KINDS as SHARPNESS_KINDS
 from ..engine.sharpness import PAC_BAYES, RADII, WORST, SharpnessConfig, sharpness_of
 from ..report import curvature_store, store
-from ..runtime import choose_threads, provenance, random_subset
+from ..runtime import RuntimeConfig, choose_threads, provenance, random_subset
 from ..settings import split_kwargs
-from .grid import Setup, eval_config, prepare
+from .grid import Setup, configs_of, prepare
 
 ProgressFn = Callable[[int, int], None]
-# Evaluation settings that do not apply to curvature and sharpness (no flags in those commands)
-EVAL_SKIP = ("train_subset", "test_subset", "amp", "points_in_flight", "chunk_size", "precision", "channels_last",
-             "cuda_graphs", "compile", "loss", "metrics", "forward", "max_memory")
+# Evaluation and runtime settings that do not apply to curvature and sharpness (no flags in those commands;
+# given in Python they must keep their defaults)
+EVAL_SKIP = ("train_subset", "test_subset", "chunk_size", "loss", "metrics", "forward", "max_memory")
+RUNTIME_SKIP = ("amp", "precision", "points_in_flight", "channels_last", "cuda_graphs", "compile")
 
 
-def _configs(cls, kwargs: dict, config: EvalConfig | None):
+def _configs(cls, kwargs: dict, config: EvalConfig | None, runtime: RuntimeConfig | None):
     own, rest = split_kwargs(cls, kwargs)
     loss, rest = split_kwargs(LossConfig, rest)
-    cfg = eval_config(config, rest)
+    cfg, rt = configs_of(config, runtime, rest)
     if cfg.bn_mode == "batch":
         raise ValueError("bn_mode 'batch' normalises every batch with its own statistics, which is not the model the "
                          "checkpoint holds; use bn_mode 'keep' (the checkpoint's statistics) or 'recompute' (once at θ₀)")
-    if cfg.precision != "fp32":
+    if rt.precision != "fp32":
         raise ValueError("curvature and sharpness are computed with float32 weights and float64 sums, TF32 off; "
-                         f"drop precision {cfg.precision!r} (--precision, --amp)")
+                         f"drop precision {rt.precision!r} (--precision, --amp)")
+    default = RuntimeConfig()
+    levers = [name for name in RUNTIME_SKIP[2:] if getattr(rt, name) != getattr(default, name)]
+    if levers:
+        raise ValueError(f"{', '.join(levers)} do not apply to curvature and sharpness (they are the evaluator's "
+                         "speed levers); leave them at their defaults")
     if cfg.loss != "cross_entropy" or cfg.forward is not None:
         raise ValueError("curvature and sharpness take the cross-entropy of the model's own output; loss= and "
                          "forward= are not supported here yet")
     if cfg.train_subset is not None or cfg.test_subset is not None:
         raise ValueError("train_subset/test_subset do not apply here: the loss is taken over loss_subset training "
                          "examples (--loss-subset N, 0 for the whole split)")
-    return cls(**own), LossConfig(**loss), cfg
+    return cls(**own), LossConfig(**loss), cfg, rt
 
 
 @dataclasses.dataclass
@@ -92,12 +98,12 @@ class Operators:
             self._ops.clear()  # one model's operator at a time: each holds a copy of the model
             self._ops[i] = HessianOperator(self.setup.subjects[i].model, self.x, self.y, weight_decay=self.weight_decay,
                                            bn_mode=self.setup.cfg.bn_mode, bn_x=self.bn_x,
-                                           batch_size=self.setup.cfg.eval_batch_size, method=self.method)
+                                           batch_size=self.setup.runtime.eval_batch_size, method=self.method)
         return self._ops[i]
 
     def for_model(self, model) -> HessianOperator:
         return HessianOperator(model, self.x, self.y, weight_decay=self.weight_decay, bn_mode=self.setup.cfg.bn_mode,
-                               bn_x=self.bn_x, batch_size=self.setup.cfg.eval_batch_size, method=self.method)
+                               bn_x=self.bn_x, batch_size=self.setup.runtime.eval_batch_size, method=self.method)
 
 
 def operators(setup: Setup, loss: LossConfig, method: str = "auto", recorded: dict | None = None) -> Operators:
@@ -117,7 +123,7 @@ def operators(setup: Setup, loss: LossConfig, method: str = "auto", recorded: di
     ops = Operators(setup, loss, method if method != "auto" else "double-backward", x, y, bn_x)
     op0 = ops(0)
     if setup.device.type == "cpu":
-        ops.threads = choose_threads(op0.time_batch, setup.cfg.threads, recorded.get("threads"))
+        ops.threads = choose_threads(op0.time_batch, setup.runtime.threads, recorded.get("threads"))
         ops.threads = distributed.broadcast_object(ops.threads)
         torch.set_num_threads(ops.threads["threads"])
     if method == "auto":
@@ -134,10 +140,10 @@ def _run_file(kind: str, setup: Setup, ops: Operators, geometry: dict, groups: d
     """Open (or resume) the file on the writing rank, run ``body(rf)`` (``rf`` None on the other ranks), return
     what the file holds (None on the other ranks). Without ``out`` the file lives in a temporary folder."""
     op0 = ops(0)
-    config = {"kind": kind, **geometry, "loss": dataclasses.asdict(ops.loss), "eval": setup.cfg.recorded(),
+    config = {"kind": kind, **geometry, "loss": dataclasses.asdict(ops.loss), "eval": setup.cfg.recorded(setup.runtime),
               "data": _data_desc(setup, ops), "theta_size": op0.dim,
               "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects]}
-    prov = {**provenance(setup.device, False), **({"thread_choice": ops.threads} if ops.threads else {})}
+    prov = {**provenance(setup.device, setup.runtime.precision), **({"thread_choice": ops.threads} if ops.threads else {})}
     operator = {**op0.describe(), "hvp_method": ops.method}
     attrs = {"provenance": prov, "operator": operator, "theta_layout": op0.layout.describe()}
     tmpdir = tempfile.mkdtemp(prefix="widthkit-") if out is None else None
@@ -220,7 +226,8 @@ def _curvature_datasets(spec: CurvatureConfig, dim: int) -> dict:
     return ds
 
 
-def curvature(models, data=None, *, config: EvalConfig | None = None, out=None, overwrite: bool = False,
+def curvature(models, data=None, *, config: EvalConfig | None = None,
+              runtime: RuntimeConfig | None = None, out=None, overwrite: bool = False,
               progress: ProgressFn | None = None, arch: str | None = None, which: str | None = None,
               **kwargs) -> dict | None:
     """Top-k Hessian eigenpairs and λ_min (Lanczos), trace (Hutch++), spectral density (SLQ) and effective
@@ -240,8 +247,8 @@ def curvature(models, data=None, *, config: EvalConfig | None = None, out=None, 
         write): per group ``values["eigenvalues"]`` (k,), ``["eigenvectors"]`` (k, D), ``["lambda_min"]``,
         ``["trace"]``, ``["trace_stderr"]``, ``["density_grid"]``, ``["density"]``, ``["effective_dimension"]``, ...
     """
-    spec, loss, cfg = _configs(CurvatureConfig, kwargs, config)
-    setup = prepare(models, data, cfg, arch=arch, which=which, what="curvature")
+    spec, loss, cfg, rt = _configs(CurvatureConfig, kwargs, config, runtime)
+    setup = prepare(models, data, cfg, rt, arch=arch, which=which, what="curvature")
     threads_before = torch.get_num_threads()
     try:
         ops = operators(setup, loss, spec.hvp, _recorded(out, overwrite))
@@ -354,7 +361,8 @@ def _sharpness_datasets(spec: SharpnessConfig) -> dict:
     return ds
 
 
-def sharpness(models, data=None, *, config: EvalConfig | None = None, out=None, overwrite: bool = False,
+def sharpness(models, data=None, *, config: EvalConfig | None = None,
+              runtime: RuntimeConfig | None = None, out=None, overwrite: bool = False,
               progress: ProgressFn | None = None, arch: str | None = None, which: str | None = None,
               **kwargs) -> dict | None:
     """Average-case, worst-case (ℓ2, ℓ∞; plain and adaptive), Keskar ε- and PAC-Bayes sharpness of every model's
@@ -365,8 +373,8 @@ def sharpness(models, data=None, *, config: EvalConfig | None = None, out=None, 
     measures. Returns :func:`~widthkit.report.curvature_store.read_curvature` of the file: per group
     ``values[kind]`` ((R,) over that measure's radii, a scalar 1/σ'² for PAC-Bayes), radii at ``axes``.
     """
-    spec, loss, cfg = _configs(SharpnessConfig, kwargs, config)
-    setup = prepare(models, data, cfg, arch=arch, which=which, what="sharpness")
+    spec, loss, cfg, rt = _configs(SharpnessConfig, kwargs, config, runtime)
+    setup = prepare(models, data, cfg, rt, arch=arch, which=which, what="sharpness")
     threads_before = torch.get_num_threads()
     try:
         ops = operators(setup, loss, "double-backward", _recorded(out, overwrite))
@@ -435,7 +443,8 @@ def surface_points(data: dict, group: str | None = None) -> tuple[np.ndarray, np
 
 
 def surface_curvature(path, points=None, *, coords=None, group: str | None = None, models=None, data=None,
-                      config: EvalConfig | None = None, progress: ProgressFn | None = None, arch=None, which=None,
+                      config: EvalConfig | None = None,
+                      runtime: RuntimeConfig | None = None, progress: ProgressFn | None = None, arch=None, which=None,
                       **kwargs) -> dict:
     """λ_max and λ_min of the training-loss Hessian at points origin + coords·basis of a rays, line or plane file
     (the λ_min/λ_max convexity maps of Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets").
@@ -477,8 +486,8 @@ def surface_curvature(path, points=None, *, coords=None, group: str | None = Non
     extra = {k for k in kwargs if k in {f.name for f in dataclasses.fields(CurvatureConfig)} - allowed}
     if extra:
         raise ValueError(f"{sorted(extra)} do not apply along a surface (only λ_max and λ_min are computed there)")
-    spec, loss, cfg = _configs(CurvatureConfig, kwargs, config)
-    setup = prepare(models, data, cfg, arch=arch, which=which, count=(1,), what="curvature along a surface")
+    spec, loss, cfg, rt = _configs(CurvatureConfig, kwargs, config, runtime)
+    setup = prepare(models, data, cfg, rt, arch=arch, which=which, count=(1,), what="curvature along a surface")
     if coords is None:
         all_idx, all_coords = surface_points(surface, group)
         if points is None:

@@ -22,19 +22,20 @@ import numpy as np
 import torch
 
 from ..engine.config import EvalConfig
+from ..runtime import RuntimeConfig
 from ..engine.directions import line_basis, pca_basis, plane_basis, project, random_directions
 from ..settings import split_kwargs
 from .config import LineConfig, PlaneConfig, RaysConfig, parse_dirs_from
-from .grid import AfterFn, Grid, ProgressFn, Setup, eval_config, evaluate, prepare
+from .grid import AfterFn, Grid, ProgressFn, Setup, configs_of, evaluate, prepare
 from .result import Analysis
 from .subjects import Source, Weights, expand_sources, hessian_directions, load_weights
 
 WEIGHT_SPACE = "weight-space L2"
 
 
-def _split(cls, kwargs: dict, config: EvalConfig | None):
+def _split(cls, kwargs: dict, config: EvalConfig | None, runtime: RuntimeConfig | None):
     own, rest = split_kwargs(cls, kwargs)
-    return cls(**own), eval_config(config, rest)
+    return (cls(**own), *configs_of(config, runtime, rest))
 
 
 def direction_units(norm: str, what: str = "directions") -> str:
@@ -53,7 +54,8 @@ def nice_ceil(x: float) -> float:
     return float(10 ** (e + 1))
 
 
-def rays(models, data=None, *, config: EvalConfig | None = None, out=None, overwrite: bool = False,
+def rays(models, data=None, *, config: EvalConfig | None = None, runtime: RuntimeConfig | None = None,
+         out=None, overwrite: bool = False,
          progress: ProgressFn | None = None, arch: str | None = None, which: str | None = None,
          after: AfterFn | None = None, **kwargs) -> Analysis | None:
     """Evaluate train loss and test error along random rays from every model, with the SAME directions.
@@ -62,6 +64,8 @@ def rays(models, data=None, *, config: EvalConfig | None = None, out=None, overw
         models: checkpoint path(s), Checkpoint(s), nn.Module(s), or ``{label: item}``.
         data: dataset name, ``(train, test)`` data of your own, or None (the checkpoint's recorded dataset).
         config: an :class:`EvalConfig`; its fields may also be passed as keywords (``bn_mode="keep"``).
+        runtime: a :class:`~widthkit.runtime.RuntimeConfig` (device, precision, threads, batch size, levers);
+            its fields may also be passed as keywords (``device="cpu"``).
         out: the HDF5 file (None: a temporary file, removed with the result; ``.save(path)`` keeps it).
         overwrite: start afresh when ``out`` holds another run.
         progress: ``progress(done, total)`` after every chunk.
@@ -74,8 +78,8 @@ def rays(models, data=None, *, config: EvalConfig | None = None, out=None, overw
         An :class:`Analysis` whose metrics are shaped (dirs, steps); the distances' units are stored with
         them (weight-space L2 for unit directions, multiples of the normalised directions otherwise).
     """
-    spec, cfg = _split(RaysConfig, kwargs, config)
-    setup = prepare(models, data, cfg, arch=arch, which=which, what="rays")
+    spec, cfg, rt = _split(RaysConfig, kwargs, config, runtime)
+    setup = prepare(models, data, cfg, rt, arch=arch, which=which, what="rays")
     evs = [setup.evaluator(i) for i in range(len(setup.subjects))]
     thetas = [ev.theta0 for ev in evs]
     if spec.max_dist is None:
@@ -163,7 +167,8 @@ def _directions_from(source: tuple[str, tuple[str, ...]], k: int, setup: Setup, 
             {"directions_source": {"kind": "hessian", "file": str(items[0]), "models": [s.label for s in subjects]}})
 
 
-def line(models, data=None, *, config: EvalConfig | None = None, out=None, overwrite: bool = False,
+def line(models, data=None, *, config: EvalConfig | None = None, runtime: RuntimeConfig | None = None,
+         out=None, overwrite: bool = False,
          progress: ProgressFn | None = None, arch=None, which=None, after: AfterFn | None = None,
          **kwargs) -> Analysis | None:
     """Evaluate along the line through two models, beyond both ends (keywords: :class:`LineConfig` and
@@ -171,8 +176,8 @@ def line(models, data=None, *, config: EvalConfig | None = None, out=None, overw
 
     Returns an :class:`Analysis` with metrics shaped (steps,), axes ``t`` and ``distances`` (t·‖w₂ − w₁‖).
     """
-    spec, cfg = _split(LineConfig, kwargs, config)
-    setup = prepare(models, data, cfg, arch=arch, which=which, count=(2,), what="a line")
+    spec, cfg, rt = _split(LineConfig, kwargs, config, runtime)
+    setup = prepare(models, data, cfg, rt, arch=arch, which=which, count=(2,), what="a line")
     ev = setup.evaluator(0)
     origin, basis, length = line_basis(ev.theta0, setup.theta(1))
     t = np.linspace(spec.t_min, spec.t_max, spec.steps)
@@ -193,7 +198,8 @@ def line(models, data=None, *, config: EvalConfig | None = None, out=None, overw
     return evaluate(setup, grid, out=out, overwrite=overwrite, progress=progress, after=after)
 
 
-def plane(models=None, data=None, *, config: EvalConfig | None = None, out=None, overwrite: bool = False,
+def plane(models=None, data=None, *, config: EvalConfig | None = None, runtime: RuntimeConfig | None = None,
+         out=None, overwrite: bool = False,
           progress: ProgressFn | None = None, arch=None, which=None, after: AfterFn | None = None,
           **kwargs) -> Analysis | None:
     """Evaluate a grid on a plane: through three models, a random plane around one, or the plane of the top two
@@ -226,14 +232,14 @@ def plane(models=None, data=None, *, config: EvalConfig | None = None, out=None,
     sources = {name: expand_sources(_labelled(kwargs.pop(name, None)) if name == "mark" else kwargs.pop(name, None),
                                     f"--{name}") for name in ("mark", "pca", "trajectory")}
     recorded = {name: tuple(_recorded(src) for src in srcs) for name, srcs in sources.items()}
-    spec, cfg = _split(PlaneConfig, {**kwargs, **recorded}, config)
+    spec, cfg, rt = _split(PlaneConfig, {**kwargs, **recorded}, config, runtime)
     has_models = not (models is None or (isinstance(models, (list, tuple, dict)) and not models))
     if spec.pca:
         first = sources["pca"][0]
-        setup = prepare(models if has_models else {_source_label(first): first.item}, data, cfg, arch=arch,
+        setup = prepare(models if has_models else {_source_label(first): first.item}, data, cfg, rt, arch=arch,
                         which=which)
     else:
-        setup = prepare(models if has_models else [], data, cfg, arch=arch, which=which,
+        setup = prepare(models if has_models else [], data, cfg, rt, arch=arch, which=which,
                         count=(1,) if spec.random else (3,),
                         what="a random plane (--random)" if spec.random
                         else "a plane through checkpoints (or --random with one, or --pca ITERATES)")

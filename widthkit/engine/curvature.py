@@ -38,7 +38,7 @@ from torch import nn
 
 from ..runtime import default_batch_size, free_memory, precision_policy
 from ..settings import check_choice, check_int, check_number, choices_of, field_types, option
-from . import distributed
+from ..runtime import distributed
 from .batchnorm import bn_modules, recompute_bn_statistics
 from .space import ThetaLayout
 

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..runtime import autocast, default_batch_size, memory_budget, precision_policy, random_subset
+from ..runtime import (RuntimeConfig, autocast, canonical, default_batch_size, memory_budget, precision_policy,
+                       random_subset, same_device)
 from .batchnorm import bn_modules, recompute_bn_statistics
 from .config import EvalConfig
 from .levers import Levers, stacked_sums
@@ -74,8 +75,11 @@ class EvalSet:
             raise ValueError("pass both mean and std (per channel), or neither")
         if mean is not None and x.dtype != torch.uint8:
             raise ValueError(f"mean/std normalise uint8 images; these inputs are {x.dtype}")
-        self.device = torch.device(device) if device is not None else x.device
-        if x.is_floating_point() and x.dtype != torch.float32 and x.device == self.device:
+        # compared by what they are: data on cuda:0 is resident for device "cuda" (torch.device("cuda") !=
+        # torch.device("cuda:0")), and on the CPU for device "cpu:0"
+        self.device = canonical(device if device is not None else x.device)
+        on_device = same_device(x.device, self.device)
+        if x.is_floating_point() and x.dtype != torch.float32 and on_device:
             x = x.float()
         self.x = x
         self.y = y.to(self.device)
@@ -85,7 +89,7 @@ class EvalSet:
         self.std = tuple(float(s) for s in std) if std is not None else None
         self._norm = None
         self._ring = None  # the streamed path's read-ahead buffers, kept between passes
-        self._streamed = bool(streamed) or x.device != self.device
+        self._streamed = bool(streamed) or not on_device
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -174,8 +178,8 @@ class EvalSet:
             x, y = x[:limit], y[:limit]
         es = cls(x, y, dataset.mean, dataset.std, device, streamed=True)
         if es.nbytes <= memory_budget(device, max_memory):
-            if x.device != torch.device(device) or getattr(dataset, "cache", None):
-                x = x.to(device) if x.device != torch.device(device) else x.clone()  # read into memory once
+            if not same_device(x.device, device) or getattr(dataset, "cache", None):
+                x = x.to(canonical(device)) if not same_device(x.device, device) else x.clone()  # into memory once
             return cls(x, y, dataset.mean, dataset.std, device)
         return es
 
@@ -290,35 +294,34 @@ class Evaluator:
         train: training split (an :class:`EvalSet` or anything :meth:`EvalSet.from_any` takes); needed for
             train metrics and for ``bn_mode="recompute"``.
         test: test split, likewise.
-        config: an :class:`EvalConfig`.
-        device: where to evaluate (default: the device of ``train``/``test`` tensors, else CPU).
+        config: an :class:`EvalConfig` (what is measured, and how BatchNorm is treated).
+        runtime: a :class:`~widthkit.runtime.RuntimeConfig` (where and how: device, precision, batch size,
+            speed levers; default ``RuntimeConfig()``, i.e. the GPU where there is one). Tests of exact CPU
+            arithmetic pass ``RuntimeConfig(device="cpu")``.
         graph_backend: how CUDA graphs are captured (default: CUDA's own on CUDA; the tests pass
             :class:`widthkit.engine.levers.EmulatedGraphs` to run the graph path on CPU).
 
-    The speed levers of ``config`` (channels-last, CUDA graphs, compile, points in flight) live in
-    :mod:`widthkit.engine.levers`; ``config.precision`` is applied around every :meth:`evaluate`.
+    The speed levers of ``runtime`` (channels-last, CUDA graphs, compile, points in flight) live in
+    :mod:`widthkit.engine.levers`; ``runtime.precision`` is applied around every :meth:`evaluate`.
     """
 
-    def __init__(self, model: nn.Module, train=None, test=None, config: EvalConfig | None = None, device=None,
-                 splits: Sequence[str] = SPLITS, graph_backend=None):
+    def __init__(self, model: nn.Module, train=None, test=None, config: EvalConfig | None = None,
+                 runtime: RuntimeConfig | None = None, splits: Sequence[str] = SPLITS, graph_backend=None):
         self.config = config = config or EvalConfig()
+        self.runtime = runtime = runtime or RuntimeConfig()
+        config.check_runtime(runtime)
         self.splits = tuple(splits)
         bad = [s for s in self.splits if s not in SPLITS]
         if bad or not self.splits:
             raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {self.splits!r}")
         self.weight_decay = float(config.weight_decay or 0.0)
-        if device is None:
-            for s in (train, test):
-                if isinstance(s, EvalSet):
-                    device = s.device
-                    break
-        self.device = torch.device(device or "cpu")
+        self.device = runtime.resolved_device()
         self.objective = config.objective()
-        if config.points_in_flight != 1 and self.objective.forward_fn is not None:
-            if config.points_in_flight != "auto":
+        if runtime.points_in_flight != 1 and self.objective.forward_fn is not None:
+            if runtime.points_in_flight != "auto":
                 raise ValueError("points_in_flight > 1 calls the model through torch.func and cannot use a forward= "
                                  "adapter; use points_in_flight=1 with forward=")
-            config = self.config = config.replace(points_in_flight=1)
+            runtime = self.runtime = runtime.replace(points_in_flight=1)
         self.train = EvalSet.from_any(train, self.device, config.max_memory) if train is not None else None
         self.test = EvalSet.from_any(test, self.device, config.max_memory) if test is not None else None
         for split in self.splits:
@@ -336,17 +339,15 @@ class Evaluator:
         bind_flat_parameters(self.model, self.layout, self.flat)
         self._theta0 = self.flat.clone()
         self.bn = bn_modules(self.model)
-        self.batch_size = config.eval_batch_size or default_batch_size(self.device)
+        self.batch_size = runtime.eval_batch_size or default_batch_size(self.device)
         self.bn_index = self._bn_subset_index()
         if config.bn_mode == "batch":
             for m in self.bn:
                 m.momentum = 0.0  # batch statistics are used, running statistics left untouched
-        if config.cuda_graphs is not False and any(not d.resident for d in (self.train, self.test) if d is not None):
-            # streamed batches are copied in by a host thread: nothing to capture in a graph
-            config = self.config = config.replace(cuda_graphs=False)
-        self.levers = Levers(self.model, self.flat, self.layout, config, self.device, self._with_retry,
+        streamed = [s for s in self.splits if not getattr(self, s).resident]
+        self.levers = Levers(self.model, self.flat, self.layout, runtime, self.device, self._with_retry,
                              lambda: (self.test if self.test is not None else self.train).inputs(self.batch_size),
-                             graphs=graph_backend)
+                             graphs=graph_backend, streamed=streamed, bn_mode=config.bn_mode)
 
     @property
     def metrics(self) -> list[str]:
@@ -381,7 +382,7 @@ class Evaluator:
             self.objective.output(self.model, xb)
 
     def _autocast(self):
-        return autocast(self.device, self.config.precision)
+        return autocast(self.device, self.runtime.precision)
 
     def _split_sums(self, data: EvalSet, out: torch.Tensor) -> None:
         """Accumulate each metric's (sum, count) over a split into ``out`` (2·metrics,) float64, on the device."""
@@ -430,14 +431,14 @@ class Evaluator:
         splits = [(width * i, getattr(self, s)) for i, s in enumerate(SPLITS) if s in self.splits]
         bn_data = (self.train, self.bn_index) if self.config.bn_mode == "recompute" and self.bn else None
         stacked_sums(self.model, self.layout, thetas, splits, self.batch_size, out, self.config.bn_mode, bn_data,
-                     self.config.precision, self.objective)
+                     self.runtime.precision, self.objective)
 
     # -- many points ---------------------------------------------------------------------------------
     @torch.no_grad()
     def levers_report(self) -> dict:
         """The speed levers as resolved for this evaluator (points in flight measured, CUDA graphs captured by
         evaluating θ₀ once where they are on): what provenance records."""
-        with precision_policy(self.config.precision, self.device):
+        with precision_policy(self.runtime.precision, self.device):
             self.levers.prepare()
         if self.levers.graphs_on and not self.levers.steps:
             self.evaluate_weights(self._theta0)
@@ -465,7 +466,7 @@ class Evaluator:
         Returns:
             ``{metric: (P,) float64 array}``: losses in nats, errors in %.
         """
-        with precision_policy(self.config.precision, self.device):
+        with precision_policy(self.runtime.precision, self.device):
             return self._evaluate(origin, basis, coords, ids, on_chunk)
 
     def _evaluate(self, origin, basis, coords, ids, on_chunk) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """Speed levers of the evaluator: how fast points come, never what they are (beyond float rounding).
 
-Each lever is an :class:`~widthkit.engine.config.EvalConfig` field (all in ``HOW_FIELDS``: a file resumed with
+Each lever is a :class:`~widthkit.runtime.RuntimeConfig` field (not in a file's config: a file resumed with
 other levers continues); each is resolved once per evaluator, and what was chosen, and why, is recorded in the
 file's provenance (:meth:`Levers.describe`). The precision policy, which does change results, is applied by
 :func:`widthkit.runtime.precision_policy`, not here.
@@ -36,9 +36,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..runtime import autocast
+from ..runtime import RuntimeConfig, autocast
 from .batchnorm import bn_modules
-from .config import EvalConfig
 
 log = logging.getLogger("widthkit")
 
@@ -350,17 +349,23 @@ class Levers:
         model: the evaluator's private model (weights bound to ``flat``); a channels-last pre-hook may be added.
         flat: the evaluator's flat θ buffer (D,), the static input of single-point graphs.
         layout: θ's layout.
-        config: the evaluation config.
-        device: the evaluation device.
+        runtime: the runtime config (its lever settings).
+        device: the evaluation device, resolved.
+        bn_mode: the evaluation's BatchNorm mode (``batch`` evaluates one point at a time).
         eager: ``eager(compute, out)`` runs ``compute(out)`` from zeroed sums with the evaluator's
             out-of-memory retry (the path when no graph is used).
         probe_batch: a batch of inputs for the points-in-flight measurement.
         graphs: a capture backend (default: :class:`CudaGraphs` on CUDA); tests pass :class:`EmulatedGraphs`.
+        streamed: the splits that are streamed from host memory (copied in by a host thread: nothing a graph
+            can capture), which turns graphs off with that reason.
     """
 
-    def __init__(self, model: nn.Module, flat: torch.Tensor, layout, config: EvalConfig, device: torch.device,
-                 eager: Callable, probe_batch: Callable[[], torch.Tensor], graphs=None):
-        self.model, self.flat, self.layout, self.config = model, flat, layout, config
+    def __init__(self, model: nn.Module, flat: torch.Tensor, layout, runtime: RuntimeConfig, device: torch.device,
+                 eager: Callable, probe_batch: Callable[[], torch.Tensor], graphs=None, streamed: Sequence[str] = (),
+                 bn_mode: str = "keep"):
+        self.model, self.flat, self.layout, self.config = model, flat, layout, runtime
+        self.bn_mode = bn_mode
+        self.streamed = tuple(streamed)
         self.device = torch.device(device)
         self.eager = eager
         self.probe_batch = probe_batch
@@ -386,6 +391,10 @@ class Levers:
         setting = self.config.cuda_graphs
         if setting is False:
             return None, "off (asked)"
+        if self.streamed:
+            return None, (f"off ({'asked, but ' if setting is True else 'auto: '}the {' and '.join(self.streamed)} "
+                          f"split{'s are' if len(self.streamed) > 1 else ' is'} streamed from host memory, batch by "
+                          "batch, by a host thread: nothing to capture)")
         if graphs is not None:
             return graphs, f"on ({graphs.name})"
         if self.device.type != "cuda":
@@ -418,7 +427,7 @@ class Levers:
     def _choose_k(self) -> dict:
         if self.device.type != "cuda":
             return {"points_in_flight": 1, "chosen_by": "auto: CPU (vmap's grouped convolutions are slower there)"}
-        if self.config.bn_mode == "batch":
+        if self.bn_mode == "batch":
             return {"points_in_flight": 1, "chosen_by": "auto: bn_mode batch evaluates one point at a time"}
         if self.config.compile:
             return {"points_in_flight": 1, "chosen_by": "auto: compile evaluates one point at a time"}

@@ -15,11 +15,11 @@ from typing import Literal
 
 from ..inputs.data import IMAGEFOLDER_PREFIX, list_datasets
 from ..models import model_input_shape
+from ..runtime import RUNTIME_FIELDS
 from ..settings import base_type, check_choice, choices_of, field_types, from_dict, option
 
-__all__ = ["TrainConfig", "DEVICES", "SWA_SCHEDULES", "CYCLE_UNITS", "PAPER_BUDGETS", "budget_epoch"]
+__all__ = ["TrainConfig", "SWA_SCHEDULES", "CYCLE_UNITS", "PAPER_BUDGETS", "budget_epoch"]
 
-DEVICES = ("auto", "cpu", "cuda")
 SWA_SCHEDULES = ("constant", "cyclic")
 CYCLE_UNITS = ("epochs", "steps")
 PAPER_BUDGETS = (1.0, 1.25, 1.5)  # the SWA columns of the paper's Table 1
@@ -36,7 +36,8 @@ class TrainConfig:
 
     model: str = option("digits_cnn", "architecture: a name from widthkit.models.list_models() or 'torchvision:NAME'")
     model_kwargs: dict = option({}, "extra create_model arguments, e.g. {\"depth\": 56} (CLI: JSON)")
-    dataset: str = option("digits", "dataset: a name from widthkit.data.list_datasets() or 'imagefolder:PATH'")
+    dataset: str = option("digits", "dataset: a name from widthkit.data.list_datasets() or 'imagefolder:PATH'",
+                          flag="--data", old=("--dataset",))
     data_root: str | None = option(None, "folder holding the CIFAR folders (default: $WIDTHKIT_DATA or ./data)")
     epochs: int = option(20, "budget B: epochs of the SGD run")
     batch_size: int = option(64, "images per SGD step")
@@ -63,10 +64,6 @@ class TrainConfig:
     init: str | None = option(None, "start from these weights (any format load_checkpoint reads, torchvision "
                                     "state dicts included) and run the SWA phase only", metavar="FILE")
     seed: int = option(0, "seed of the model init, the shuffling and the augmentation")
-    device: str = option("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
-    threads: int | None = option(None, "CPU threads (default: timed at the start, torch's default vs one, as the "
-                                       "analyses do; a resumed run keeps the count it started with)")
-    amp: bool = option(False, "bf16 autocast for forward passes (CUDA only)")
     augment: bool = option(False, "random crop (zero-padded by `pad`, black pixels) and flip of training images")
     pad: int = option(4, "padding of the random crop, pixels per side")
     flip: bool = option(True, "random horizontal flips when augment is on")
@@ -87,6 +84,11 @@ class TrainConfig:
         Raises:
             ValueError: a key that is not a field (the message lists the valid ones) or an invalid value.
         """
+        moved = [k for k in RUNTIME_FIELDS if k in values]
+        if moved:
+            raise ValueError(f"{', '.join(moved)} {'is a runtime setting' if len(moved) == 1 else 'are runtime settings'}"
+                             f", not part of the training config: pass --{moved[0].replace('_', '-')} on the command "
+                             f"line (in Python: runtime=RuntimeConfig({moved[0]}=...))")
         return from_dict(cls, values, "training config")
 
     def to_dict(self) -> dict:
@@ -167,10 +169,6 @@ def _check_values(cfg: TrainConfig) -> None:
     _require(cfg.seed >= 0, f"seed must be a non-negative int, got {cfg.seed}")
     _require(cfg.pad >= 0, f"pad must be >= 0 pixels, got {cfg.pad}")
     _require(cfg.swa_c >= 1, f"swa_c (the cycle length, in {cfg.swa_c_unit}) must be >= 1, got {cfg.swa_c}")
-    _require(cfg.device in DEVICES, f"device must be one of {list(DEVICES)}, got {cfg.device!r}")
-    _require(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1 (or unset: timed), got {cfg.threads}")
-    _require(not (cfg.amp and cfg.device == "cpu"),
-             "amp (bf16 autocast) runs on CUDA only, but device='cpu'; set amp = false or device = 'cuda'")
     _check_cyclic(cfg)
     if cfg.init is not None:
         _require(cfg.init.strip() != "", "init must name a checkpoint file, got an empty string")

@@ -66,9 +66,8 @@ from ..fileio import WriterLock, atomic_write
 from ..inputs.checkpoints import atomic_save, load_checkpoint, safe_load, save_checkpoint
 from ..inputs.data import IMAGEFOLDER_PREFIX, augment, load_dataset
 from ..models import create_model
-from ..runtime import autocast, check_amp, choose_threads, default_batch_size, provenance
-from ..runtime import resolve_device as runtime_device
-from .config import DEVICES, TrainConfig, budget_marks
+from ..runtime import RuntimeConfig, autocast, choose_threads, default_batch_size, precision_policy, provenance
+from .config import TrainConfig, budget_marks
 from .recipes import layered_config, list_recipes, load_recipe, read_config_file, recipe_info
 from .schedule import SCHEDULES, averages_at, lr_at, steps_per_epoch, swa_step_lr
 
@@ -85,7 +84,6 @@ __all__ = [
     "read_log",
     "MODES",
     "SCHEDULES",
-    "DEVICES",
     "LOG_COLUMNS",
 ]
 
@@ -99,7 +97,7 @@ LOG_FILE = "log.csv"
 STATE_FORMAT = "widthkit-train-state"
 STATE_VERSION = 2
 # config fields that may change between a run and its continuation (they do not change the numbers)
-RESUME_FREE_FIELDS = ("data_root", "device", "threads")
+RESUME_FREE_FIELDS = ("data_root",)  # (device, threads, precision are the runtime config's: not in it)
 OUTPUT_GLOBS = ("swa_iter_*.pt", "sgd_iter_*.pt", "swa_budget*.pt")
 
 
@@ -167,13 +165,15 @@ def ordered_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
                 generator: torch.Generator, on_batch: Callable[[], None] | None = None,
                 lr_for_step: Callable[[int], float] | None = None,
-                after_step: Callable[[int], None] | None = None) -> tuple[float, float]:
+                after_step: Callable[[int], None] | None = None, precision: str = "fp32") -> tuple[float, float]:
     """One pass of SGD over the training set in shuffled minibatches (augmented when ``cfg.augment``).
 
     Args:
         lr_for_step: ``lr_for_step(k)`` is the learning rate of the epoch's step ``k`` (from 0), set before
             the step (the cyclic schedule); None keeps the optimizer's rate.
         after_step: called with ``k`` after step ``k`` (SWA averages there).
+        precision: the runtime precision policy's name; ``"bf16"`` runs the forward passes under bf16 autocast
+            (the caller applies the policy's TF32 flags, :func:`widthkit.runtime.precision_policy`).
 
     Returns:
         (mean cross-entropy in nats, error in %) over the images seen, measured on the fly in train mode.
@@ -188,7 +188,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
         xb, yb = data.x_train[idx], data.y_train[idx]
         if cfg.augment:
             xb = augment(xb, generator=generator, pad=cfg.pad, flip=cfg.flip, fill=data.fill)
-        with autocast(device, cfg.amp):
+        with autocast(device, precision):
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
@@ -210,7 +210,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor | None, y: torch.Tensor | None, batch_size: int,
-             amp: bool = False) -> tuple[float, float]:
+             precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy in nats, error in %) of ``model`` in eval mode on ``(x, y)``; NaNs when ``x`` is None.
 
     The model's train/eval mode is restored afterwards.
@@ -220,19 +220,19 @@ def evaluate(model: nn.Module, x: torch.Tensor | None, y: torch.Tensor | None, b
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=x.device)
-    split_sums(model, x, y, batch_size, sums, amp)
+    split_sums(model, x, y, batch_size, sums, precision)
     model.train(was_training)
     loss_sum, wrong = sums.tolist()
     return loss_sum / len(y), 100.0 * wrong / len(y)
 
 
-def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int, amp: bool = False) -> None:
+def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32") -> None:
     """Recompute the BatchNorm running statistics of ``model`` (in place) with one pass over ``x``.
 
     :func:`torch.optim.swa_utils.update_bn` over ``x`` in dataset order, in batches of ``batch_size``: the
     statistics are reset and become the equal-weight average of the per-batch mean and (unbiased) variance.
     """
-    with autocast(x.device, amp):
+    with autocast(x.device, precision):
         update_bn(ordered_batches(x, batch_size), model)
 
 
@@ -271,8 +271,8 @@ def _plan(cfg: TrainConfig, mode: str) -> list[_Phase]:
     ]
 
 
-def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, overwrite: bool = False,
-          progress: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, runtime: RuntimeConfig | None = None,
+          overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train one model: a conventional SGD run or a single SWA run (from scratch, or from ``cfg.init``).
 
     - ``mode='sgd'``: ``epochs`` epochs on the SGD schedule (``lr_at(.., 'sgd')``) -> ``sgd.pt``
@@ -291,6 +291,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ov
         cfg: the run's configuration.
         out_dir: output folder (created); see the module docstring for what goes into it.
         mode: ``'sgd'`` or ``'swa'`` (for the paper's paired protocol use :func:`train_branches`).
+        runtime: where and how it runs (:class:`~widthkit.runtime.RuntimeConfig`: device, precision policy,
+            CPU threads, the evaluations' batch size); default ``RuntimeConfig()``.
         overwrite: delete this trainer's files in ``out_dir`` first instead of continuing / refusing.
         progress: show a tqdm bar per epoch and a line per finished epoch.
 
@@ -304,11 +306,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ov
     if cfg.init and mode != "swa":
         raise ValueError(f"init={cfg.init!r} starts an SWA phase from given weights: use mode='swa' (CLI: --mode swa, "
                          "the default with --init)")
-    return _Run.execute(cfg, out_dir, mode, overwrite=overwrite, progress=progress)
+    return _Run.execute(cfg, out_dir, mode, runtime, overwrite=overwrite, progress=progress)
 
 
-def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, runtime: RuntimeConfig | None = None,
+                   overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """The paired SGD / SWA protocol: two solutions that share their first ``swa_start`` epochs.
 
     1. **Prefix**: SGD with momentum on the SGD schedule (``lr`` for the first half of the budget, then linear
@@ -343,21 +345,18 @@ def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, overwrite: b
     if cfg.init:
         raise ValueError(f"init={cfg.init!r} runs the SWA phase alone from given weights, without an SGD branch: "
                          "use train(cfg, out, 'swa') (CLI: --mode swa, the default with --init)")
-    return _Run.execute(cfg, out_dir, "branches", overwrite=overwrite, progress=progress)
-
-
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """The device a run uses; ``ValueError`` if CUDA is asked for (or amp on) without CUDA available."""
-    device = runtime_device(cfg.device)
-    check_amp(device, cfg.amp)
-    return device
+    return _Run.execute(cfg, out_dir, "branches", runtime, overwrite=overwrite, progress=progress)
 
 
 class _Run:
     """The mutable state of one training run and the file protocol around it."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, mode: str, device: torch.device, progress: bool):
+    def __init__(self, cfg: TrainConfig, out: Path, mode: str, runtime: RuntimeConfig, device: torch.device,
+                 progress: bool):
         self.cfg, self.out, self.mode, self.device, self.progress = cfg, out, mode, device, progress
+        self.runtime = runtime
+        self.precision = runtime.precision
+        self.eval_batch_size = runtime.eval_batch_size or default_batch_size(device)
         self.plan = _plan(cfg, mode)
         self.data = load_train_data(cfg, device)
         self.steps_per_epoch = steps_per_epoch(len(self.data.y_train), cfg.batch_size)
@@ -385,20 +384,25 @@ class _Run:
     # ---- entry point ----------------------------------------------------------------------------------
 
     @classmethod
-    def execute(cls, cfg: TrainConfig, out_dir, mode: str, overwrite: bool, progress: bool) -> dict[str, Any]:
+    def execute(cls, cfg: TrainConfig, out_dir, mode: str, runtime: RuntimeConfig | None, overwrite: bool,
+                progress: bool) -> dict[str, Any]:
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg must be a TrainConfig (see load_recipe / TrainConfig.from_dict), got "
                              f"{type(cfg).__name__}")
-        device = resolve_device(cfg)
+        runtime = runtime or RuntimeConfig()
+        if not isinstance(runtime, RuntimeConfig):
+            raise ValueError(f"runtime must be a RuntimeConfig, got {type(runtime).__name__}")
+        device = runtime.resolved_device()  # once: cuda -> cuda:N
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output folder {out} is a file; pass a folder path")
         # one writer per output folder for the whole run: a second `train --out` of the same folder is refused
         with WriterLock(out):
-            return cls._execute_locked(cfg, out, mode, device, overwrite, progress)
+            return cls._execute_locked(cfg, out, mode, runtime, device, overwrite, progress)
 
     @classmethod
-    def _execute_locked(cls, cfg, out: Path, mode: str, device, overwrite: bool, progress: bool) -> dict[str, Any]:
+    def _execute_locked(cls, cfg, out: Path, mode: str, runtime: RuntimeConfig, device, overwrite: bool,
+                        progress: bool) -> dict[str, Any]:
         if overwrite and out.is_dir():
             _remove_outputs(out)
         state = _read_state(out) if out.is_dir() else None
@@ -409,8 +413,9 @@ class _Run:
         cuda_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
         threads_before = torch.get_num_threads()  # the caller's setting, restored at the end
         try:
-            with torch.random.fork_rng(devices=cuda_devices):
-                run = cls(cfg, out, mode, device, progress)  # loads the data and builds the model: may still fail
+            # the analyses' precision policy, TF32 explicit (on for "tf32" only), for the whole run
+            with torch.random.fork_rng(devices=cuda_devices), precision_policy(runtime.precision, device):
+                run = cls(cfg, out, mode, runtime, device, progress)  # loads the data and builds the model: may still fail
                 if state is not None:
                     run.load_state(state)
                 out.mkdir(parents=True, exist_ok=True)
@@ -420,16 +425,16 @@ class _Run:
             torch.set_num_threads(threads_before)
 
     def choose_threads(self, recorded: int | None) -> None:
-        """The CPU thread count of the whole run: ``cfg.threads``, else the count a resumed run started with
+        """The CPU thread count of the whole run: ``runtime.threads``, else the count a resumed run started with
         (bit-identical continuation), else the faster of torch's default and one thread on a few SGD steps of a
         copy of the model. Beside other busy processes torch's default can be ten times slower for small models
         (digits, 2 cores: 237 s with 2 threads, 18 s with one)."""
         if self.device.type != "cpu":  # the GPU does the work: nothing to time
-            if self.cfg.threads is not None:
-                torch.set_num_threads(self.cfg.threads)
+            if self.runtime.threads is not None:
+                torch.set_num_threads(self.runtime.threads)
             self.threads = torch.get_num_threads()
             return
-        self.threads = choose_threads(self._timed_steps, self.cfg.threads, recorded)["threads"]
+        self.threads = choose_threads(self._timed_steps, self.runtime.threads, recorded)["threads"]
 
     def _timed_steps(self) -> None:
         """Two forward/backward passes of one batch through a copy of the model (no state of the run changes)."""
@@ -473,10 +478,11 @@ class _Run:
             with _progress_bar(self, phase, epoch) as bar:
                 train_loss, train_err = train_epoch(self.model, self.optimizer, self.data, cfg, self.generator,
                                                     on_batch=bar.update, lr_for_step=lr_for_step,
-                                                    after_step=after_step if in_swa else None)
+                                                    after_step=after_step if in_swa else None,
+                                                    precision=self.precision)
             self.epoch = epoch + 1
-            test_loss, test_err = evaluate(self.model, self.data.x_test, self.data.y_test,
-                                           default_batch_size(self.device), cfg.amp)
+            test_loss, test_err = evaluate(self.model, self.data.x_test, self.data.y_test, self.eval_batch_size,
+                                           self.precision)
             self.log.append({"phase": phase.name, "weights": "iterate", "epoch": self.epoch,
                              "budget": self.epoch / cfg.epochs, "lr": lr, "train_loss": train_loss,
                              "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
@@ -505,7 +511,7 @@ class _Run:
         """The average at a ``swa_evals`` budget: a copy with its BatchNorm statistics recomputed (the running
         average keeps its own), evaluated, logged and saved as ``swa_budget<B>.pt``."""
         model = copy.deepcopy(self.averaged.module)
-        recompute_bn(model, self.data.x_train, self.cfg.batch_size, self.cfg.amp)
+        recompute_bn(model, self.data.x_train, self.cfg.batch_size, self.precision)
         row = self._eval_row(phase.name, model, self.epoch, "average", budget)
         self.log.append(row)
         if self.progress:
@@ -535,7 +541,7 @@ class _Run:
             budget = next((b for b, e in self.marks if e == phase.end), self.cfg.swa_budget)
             # the run is over: the average's own statistics are recomputed (update_bn resets them first, so a
             # rerun after a kill gives the same numbers)
-            recompute_bn(model, self.data.x_train, self.cfg.batch_size, self.cfg.amp)
+            recompute_bn(model, self.data.x_train, self.cfg.batch_size, self.precision)
             self.budgets = [(b, p) for b, p in self.budgets if b != budget] + [(budget, str(self.out / phase.output))]
         final = self._eval_row(f"{phase.name}_final", model, phase.end, weights,
                                budget if budget is not None else phase.end / self.cfg.epochs)
@@ -563,9 +569,9 @@ class _Run:
             self.sgd_iterates.append(str(path))
 
     def _eval_row(self, phase: str, model: nn.Module, epoch: int, weights: str, budget: float) -> dict:
-        bs = default_batch_size(self.device)
-        train_loss, train_err = evaluate(model, self.data.x_train, self.data.y_train, bs, self.cfg.amp)
-        test_loss, test_err = evaluate(model, self.data.x_test, self.data.y_test, bs, self.cfg.amp)
+        bs = self.eval_batch_size
+        train_loss, train_err = evaluate(model, self.data.x_train, self.data.y_train, bs, self.precision)
+        test_loss, test_err = evaluate(model, self.data.x_test, self.data.y_test, bs, self.precision)
         return {"phase": phase, "weights": weights, "epoch": epoch, "budget": budget, "lr": math.nan,
                 "train_loss": train_loss, "train_err": train_err, "test_loss": test_loss, "test_err": test_err,
                 "time_s": math.nan}
@@ -593,7 +599,7 @@ class _Run:
         save_checkpoint(path, model, arch=self.cfg.model, num_classes=self.data.num_classes,
                         arch_kwargs=self.cfg.model_kwargs, dataset=self.cfg.dataset, role=role,
                         config=self.cfg.resolved(), metrics=metrics, extra=extra,
-                        provenance=provenance(self.device, self.cfg.amp))
+                        provenance=provenance(self.device, self.precision))
 
     # ---- state files ------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Scale-out through ``torchrun`` and ``torch.distributed``: one analysis, many processes.
 
 Run any analysis command unchanged under ``torchrun --nproc_per_node=N -m widthkit.rays ...`` (or across
-machines with torchrun's rendezvous). Each rank evaluates on its own local GPU (NCCL) or on CPU (gloo).
+machines with torchrun's rendezvous). Each rank evaluates on its own local GPU (NCCL) or on CPU (gloo), as its resolved ``--device`` says.
 
 How work is shared: the pending points (those not yet done in the HDF5 file) are cut into small chunks;
 every rank takes the next chunk from a shared counter in a key-value store (``TCPStore.add`` is atomic), so
@@ -27,12 +27,21 @@ _STATE = {"store": None, "generation": 0}
 TIMEOUT = _dt.timedelta(minutes=int(os.environ.get("WIDTHKIT_DIST_TIMEOUT_MIN", "30")))
 
 
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: the process group's, or torchrun's RANK before the group is joined."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
 
 
 def is_writer() -> bool:
@@ -40,26 +49,15 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
-def local_device(device: str | None) -> str | None:
-    """Under torchrun, pin ``cuda`` to this rank's local GPU."""
-    if launched_by_torchrun() and device in (None, "auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return device
-
-
-def init(device: str | None = None) -> None:
-    """Join the process group when launched by torchrun (no-op otherwise). NCCL on GPUs, gloo on CPUs."""
+def init(device: torch.device) -> None:
+    """Join the process group when launched by torchrun (no-op otherwise), with the backend of the resolved
+    ``device``: NCCL for ``cuda:N`` (this rank's GPU), gloo for ``cpu`` (also on a host with GPUs)."""
     if not launched_by_torchrun() or dist.is_initialized():
         return
-    use_cuda = torch.cuda.is_available() and (device is None or str(device) in ("auto",) or "cuda" in str(device))
-    backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
     # a store of our own for the chunk counter and posted results (gloo/NCCL do not do work queues)
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = [0]
