@@ -15,6 +15,7 @@ from torch import nn
 
 from widthkit.engine.directions import line_basis, normalize_direction, plane_basis, random_directions
 from widthkit import EvalConfig, EvalSet, Evaluator
+from widthkit.runtime import RuntimeConfig, canonical, resolve_device, same_device
 from widthkit.engine.space import ThetaLayout
 from widthkit.fileio import WriterLock
 from widthkit.report.store import ConfigMismatch, StoreError, open_analysis, read
@@ -183,9 +184,8 @@ def test_plane_basis_orthonormal_and_coords():
 @pytest.mark.parametrize("bn_mode,bn_subset", [("keep", None), ("recompute", None), ("recompute", 20), ("batch", None)])
 def test_evaluator_matches_per_point_loop(net, bn_mode, bn_subset):
     train, test = make_data(50, 1), make_data(30, 2)
-    cfg = EvalConfig(bn_mode=bn_mode, bn_subset=bn_subset, eval_batch_size=16, weight_decay=1e-3,
-                     chunk_size=3)
-    ev = Evaluator(net, train=train, test=test, config=cfg)
+    cfg = EvalConfig(bn_mode=bn_mode, bn_subset=bn_subset, weight_decay=1e-3, chunk_size=3)
+    ev = Evaluator(net, train=train, test=test, config=cfg, runtime=RuntimeConfig(device="cpu", eval_batch_size=16))
     layout = ThetaLayout.from_model(net)
     theta0 = layout.flatten(net)
     dirs = random_directions(layout, theta0, 2, seed=0)
@@ -204,7 +204,8 @@ def test_evaluator_matches_per_point_loop(net, bn_mode, bn_subset):
 def test_evaluator_leaves_model_untouched(net):
     before = copy.deepcopy(net.state_dict())
     net.train()
-    ev = Evaluator(net, train=make_data(20, 1), test=make_data(20, 2), config=EvalConfig(bn_mode="recompute"))
+    ev = Evaluator(net, train=make_data(20, 1), test=make_data(20, 2), config=EvalConfig(bn_mode="recompute"),
+                   runtime=RuntimeConfig(device="cpu"))
     theta0 = ev.theta0
     ev.evaluate(theta0, torch.randn(1, theta0.numel()), np.array([[1.0]]))
     assert net.training  # mode restored (never changed)
@@ -213,7 +214,8 @@ def test_evaluator_leaves_model_untouched(net):
 
 
 def test_evaluator_rejects_nan_weights(net):
-    ev = Evaluator(net, train=make_data(20, 1), test=make_data(20, 2), config=EvalConfig(bn_mode="keep"))
+    ev = Evaluator(net, train=make_data(20, 1), test=make_data(20, 2), config=EvalConfig(bn_mode="keep"),
+                   runtime=RuntimeConfig(device="cpu"))
     theta = ev.theta0
     theta[3] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf values in \\['conv.weight'\\]"):
@@ -232,7 +234,8 @@ def test_evaluator_halves_batch_on_oom(net):
             return self.inner(x)
 
     train, test = make_data(40, 1), make_data(20, 2)
-    ev = Evaluator(Picky(net), train=train, test=test, config=EvalConfig(bn_mode="keep", eval_batch_size=32))
+    ev = Evaluator(Picky(net), train=train, test=test, config=EvalConfig(bn_mode="keep"),
+                   runtime=RuntimeConfig(device="cpu", eval_batch_size=32))
     res = ev.evaluate_weights(ev.theta0)
     assert ev.batch_size == 8
     ref = reference_point(net, ThetaLayout.from_model(net).flatten(net), train, test, "keep")
@@ -243,15 +246,41 @@ def test_evalconfig_validation():
     with pytest.raises(ValueError, match="valid choices: recompute, keep, batch"):
         EvalConfig(bn_mode="train")
     with pytest.raises(ValueError, match="eval_batch_size must be an integer >= 1"):
-        EvalConfig(eval_batch_size=0)
+        RuntimeConfig(eval_batch_size=0)
     # amp is the old name of precision="bf16" (which runs on CPU too): folded in, never stored
-    cfg = EvalConfig(amp=True)
-    assert (cfg.precision, cfg.amp) == ("bf16", False) and "amp" not in cfg.recorded()
-    assert cfg.recorded()["precision"] == "bf16" and EvalConfig().recorded()["precision"] == "fp32"
+    rt = RuntimeConfig(amp=True)
+    assert (rt.precision, rt.amp) == ("bf16", False) and "amp" not in EvalConfig().recorded(rt)
+    assert EvalConfig().recorded(rt)["precision"] == "bf16"
+    assert EvalConfig().recorded(RuntimeConfig())["precision"] == "fp32"
     with pytest.raises(ValueError, match="amp=True .* means precision 'bf16' but precision 'tf32'"):
-        EvalConfig(amp=True, precision="tf32")
+        RuntimeConfig(amp=True, precision="tf32")
     with pytest.raises(ValueError, match="unknown precision 'fp16'; valid choices: fp32, tf32, bf16"):
-        EvalConfig(precision="fp16")
+        RuntimeConfig(precision="fp16")
+    # the runtime settings are not evaluation settings: one home each
+    with pytest.raises(TypeError):
+        EvalConfig(device="cpu")
+
+
+def test_devices_are_compared_by_what_they_are():
+    """``torch.device("cuda") != torch.device("cuda:0")``: widthkit resolves and compares canonical devices, so
+    data already on the evaluation device is resident (the CPU twin of CUDA graphs never running on a GPU)."""
+    assert torch.device("cpu") != torch.device("cpu:0")  # why it matters
+    assert same_device("cpu", "cpu:0") and same_device("cuda", "cuda:0") == (canonical("cuda").index == 0)
+    assert canonical("cpu:0") == torch.device("cpu") and canonical("cuda").index is not None
+    x, y = make_data(10, 0)
+    for name in ("cpu", "cpu:0", torch.device("cpu", 0)):
+        es = EvalSet(x, y, device=name)
+        assert es.resident and es.device == torch.device("cpu"), name
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cpu:0") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here; use device 'cpu' or 'auto'"):
+            resolve_device("cuda:1")
+        assert resolve_device("auto") == torch.device("cpu")
+    else:
+        assert resolve_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+        assert resolve_device("cpu") == torch.device("cpu")  # a GPU host honours --device cpu
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
 
 
 def test_evalset_from_dataloader():
@@ -332,8 +361,9 @@ def test_points_in_flight_equal_one_at_a_time(net):
     theta0 = layout.flatten(net)
     dirs = random_directions(layout, theta0, 2, seed=1)
     coords = np.array([[0.0, 0.0], [0.4, -1.0], [1.5, 0.2], [-1.0, 1.0], [2.0, 2.0]])
-    cfg = dict(bn_mode="keep", eval_batch_size=16, weight_decay=1e-3, chunk_size=4)
-    stacked = Evaluator(net, train=train, test=test, config=EvalConfig(points_in_flight=3, **cfg))
+    cfg = EvalConfig(bn_mode="keep", weight_decay=1e-3, chunk_size=4)
+    stacked = Evaluator(net, train=train, test=test, config=cfg,
+                        runtime=RuntimeConfig(device="cpu", eval_batch_size=16, points_in_flight=3))
     res = stacked.evaluate(theta0, dirs, coords)
     for p, c in enumerate(coords):
         theta = theta0 + torch.as_tensor(c, dtype=torch.float32) @ dirs
@@ -342,4 +372,5 @@ def test_points_in_flight_equal_one_at_a_time(net):
             assert res[m][p] == pytest.approx(v, rel=1e-5, abs=1e-6), (m, p)
     # recompute works stacked too (tests/test_levers.py); batch mode does not
     with pytest.raises(ValueError, match="points_in_flight > 1 needs bn_mode 'keep' or 'recompute'"):
-        EvalConfig(points_in_flight=2, bn_mode="batch")
+        Evaluator(net, train=train, test=test, config=EvalConfig(bn_mode="batch"),
+                  runtime=RuntimeConfig(device="cpu", points_in_flight=2))

@@ -17,7 +17,8 @@ from widthkit.engine.directions import random_directions
 from widthkit.engine.levers import (CaptureFailed, EmulatedGraphs, GraphedStep, choose_points_in_flight,
                                     forward_probe, resolve_channels_last, stacked_sums)
 from widthkit.engine.space import ThetaLayout
-from widthkit.runtime import precision_policy, precision_record, provenance, tf32_state
+from widthkit.runtime import RuntimeConfig, precision_policy, precision_record, provenance, tf32_state
+from widthkit.settings import split_kwargs
 
 B = torch.backends
 
@@ -98,12 +99,14 @@ def check_against_loop(res, setup, bn_mode, bn_idx=None, rel=1e-5):
             assert res[m][p] == pytest.approx(v, rel=rel, abs=1e-6), (m, p, bn_mode)
 
 
-def evaluator(setup, graph_backend=None, **cfg):
+def evaluator(setup, graph_backend=None, **settings):
+    """An evaluator on the CPU (exact CPU arithmetic is compared): evaluation and runtime settings by name."""
     net, train, test = setup[:3]
-    cfg = {"eval_batch_size": 16, **cfg}
+    how, cfg = split_kwargs(RuntimeConfig, {"eval_batch_size": 16, **settings})
     if cfg.get("bn_mode") == "recompute":
         cfg.setdefault("bn_subset", 24)
-    return Evaluator(net, train=train, test=test, config=EvalConfig(**cfg), graph_backend=graph_backend)
+    return Evaluator(net, train=train, test=test, config=EvalConfig(**cfg),
+                     runtime=RuntimeConfig(**{"device": "cpu", **how}), graph_backend=graph_backend)
 
 
 # -- precision policy -----------------------------------------------------------------------------------------
@@ -150,10 +153,10 @@ def test_precision_policy_leaves_the_old_flag_api_readable(clean_flags):
 
 
 def test_precision_is_recorded_as_its_effect_on_the_device():
-    cpu = provenance("cpu", precision="tf32")
+    cpu = provenance("cpu", "tf32")
     assert cpu["precision"] == "tf32" and "no effect on CPU" in cpu["precision_effect"]
     assert "tf32_matmul" not in cpu and "tf32_conv" not in cpu  # TF32 flags mean nothing on a CPU
-    assert provenance("cpu", precision="bf16")["autocast"] == "bfloat16"
+    assert provenance("cpu", "bf16")["autocast"] == "bfloat16"
     assert provenance("cpu")["precision"] == "fp32" and provenance("cpu", True)["precision"] == "bf16"
     rec = precision_record("tf32", "cuda")
     assert rec["tf32_matmul"] and rec["tf32_conv"] and rec["autocast"] is None
@@ -171,7 +174,7 @@ def test_evaluation_runs_under_the_policy_and_ignores_a_process_wide_bf16_settin
     probe = copy.deepcopy(net)
     probe.register_forward_pre_hook(lambda m, a: seen.append((B.mkldnn.matmul.fp32_precision,
                                                                B.mkldnn.conv.fp32_precision)))
-    ev = Evaluator(probe, train=setup[1], test=setup[2], config=EvalConfig(bn_mode="keep", eval_batch_size=16))
+    ev = evaluator((probe, *setup[1:]), bn_mode="keep")
     res = ev.evaluate(setup[3], setup[4], setup[5])
     assert seen and set(seen) == {("ieee", "ieee")}
     assert (B.mkldnn.matmul.fp32_precision, B.mkldnn.conv.fp32_precision) == ("bf16", "bf16")
@@ -323,7 +326,7 @@ def test_the_graph_twin_rejects_what_a_cuda_capture_rejects(setup):
 
 def test_points_in_flight_auto_is_one_on_cpu_and_recorded(setup):
     ev = evaluator(setup, bn_mode="recompute")
-    assert ev.config.points_in_flight == "auto" and ev.levers.points_in_flight == 1
+    assert ev.runtime.points_in_flight == "auto" and ev.levers.points_in_flight == 1
     d = ev.levers_report()
     assert d["points_in_flight"] == 1 and d["points_in_flight_chosen_by"].startswith("auto: CPU")
     asked = evaluator(setup, bn_mode="keep", points_in_flight=4).levers_report()
@@ -381,19 +384,19 @@ def test_lever_flags_and_validation():
     args = p.parse_args(["--ckpt", "x.pt", "--precision", "tf32", "--channels-last", "on", "--cuda-graphs", "off",
                          "--points-in-flight", "4", "--compile", "--bn", "keep"])
     with pytest.raises(ValueError, match="compile=True needs points_in_flight 1 or 'auto'"):
-        EvalConfig(**cli.config_values(args, EvalConfig))
+        cli.runtime_config(args)
     args = p.parse_args(["--ckpt", "x.pt", "--amp", "--cuda-graphs", "auto", "--points-in-flight", "auto"])
-    cfg = EvalConfig(**cli.config_values(args, EvalConfig))
-    assert (cfg.precision, cfg.cuda_graphs, cfg.points_in_flight, cfg.channels_last) == ("bf16", "auto", "auto", "auto")
+    rt = cli.runtime_config(args)
+    assert (rt.precision, rt.cuda_graphs, rt.points_in_flight, rt.channels_last) == ("bf16", "auto", "auto", "auto")
     with pytest.raises(SystemExit):
         p.parse_args(["--ckpt", "x.pt", "--cuda-graphs", "maybe"])
     with pytest.raises(ValueError, match="channels_last must be 'auto', True or False"):
-        EvalConfig(channels_last="yes")
+        RuntimeConfig(channels_last="yes")
     with pytest.raises(ValueError, match="points_in_flight must be an integer >= 1"):
-        EvalConfig(points_in_flight=0)
+        RuntimeConfig(points_in_flight=0)
     # speed levers are not part of what a file's results depend on; precision is
-    rec = EvalConfig(channels_last=True, cuda_graphs=False, compile=True, points_in_flight=1).recorded()
-    assert rec == EvalConfig(precision="fp32").recorded() and "precision" in rec
+    rec = EvalConfig().recorded(RuntimeConfig(channels_last=True, cuda_graphs=False, compile=True, points_in_flight=1))
+    assert rec == EvalConfig().recorded(RuntimeConfig()) and rec["precision"] == "fp32"
 
 
 def test_levers_and_precision_recorded_in_the_file(tmp_path):

@@ -415,10 +415,11 @@ def test_threads_are_chosen_by_timing_on_a_fake_clock(monkeypatch, faster):
     import torch
 
     from widthkit import runtime
+    from widthkit.runtime import threads
 
     before = torch.get_num_threads()
     clock = {"t": 0.0}
-    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["t"])
 
     def measure():
         clock["t"] += 1.0 if torch.get_num_threads() == faster else 3.0

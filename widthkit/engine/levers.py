@@ -370,22 +370,22 @@ class Levers:
         self.eager = eager
         self.probe_batch = probe_batch
         self.channels_last, self.channels_last_reason = resolve_channels_last(
-            config.channels_last, model, self.device, config.precision)
+            runtime.channels_last, model, self.device, runtime.precision)
         if self.channels_last:
             model.register_forward_pre_hook(channels_last_input)
         self.forward: Callable = model
         self.compile_reason = "off"
-        if config.compile:
+        if runtime.compile:
             self.forward = torch.compile(model, dynamic=False)
             self.compile_reason = "on (torch.compile of the evaluation forward pass; compiled on first use)"
         self.backend, self.graphs_reason = self._resolve_graphs(graphs)
-        if config.cuda_graphs is True and self.backend is None:  # asked for and not possible: say so, once
+        if runtime.cuda_graphs is True and self.backend is None:  # asked for and not possible: say so, once
             log.warning("cuda_graphs: %s", self.graphs_reason)
         self.steps: dict = {}  # key -> GraphedStep, or None where capture failed
         self.static_thetas: dict[int, torch.Tensor] = {}
         self._k: dict | None = None
-        if config.points_in_flight != "auto":
-            self._k = {"points_in_flight": int(config.points_in_flight), "chosen_by": "asked"}
+        if runtime.points_in_flight != "auto":
+            self._k = {"points_in_flight": int(runtime.points_in_flight), "chosen_by": "asked"}
 
     def _resolve_graphs(self, graphs):
         setting = self.config.cuda_graphs
