@@ -57,13 +57,13 @@ def weights(path):
 # --------------------------------------------------------------------------------------------------------
 
 # B = 4: prefix to epoch 3, SGD branch to 4, SWA branch to 6 averaging after epochs 4, 5, 6 (budgets 1, 1.25, 1.5)
-SMALL = dict(epochs=4, device="cpu", save_iterates=True)
+SMALL = dict(epochs=4, save_iterates=True)
 
 
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("budgets")
-    return out, train_branches(TrainConfig(**SMALL), out, progress=False)
+    return out, train_branches(TrainConfig(**SMALL), out, progress=False, device="cpu")
 
 
 def test_logged_budget_averages_equal_averaged_model_and_update_bn_by_hand(budget_run):
@@ -98,7 +98,7 @@ def test_budget_evaluations_do_not_disturb_the_run(budget_run, tmp_path):
     """Evaluating the average on copies leaves training and the running average as they are: a run evaluated
     only at 1.25 budgets ends with bit-identical iterates, swa.pt and 1.25-budget average."""
     out, paths = budget_run
-    other = train_branches(TrainConfig(**SMALL, swa_evals=(1.25,)), tmp_path, progress=False)
+    other = train_branches(TrainConfig(**SMALL, swa_evals=(1.25,)), tmp_path, progress=False, device="cpu")
     assert other["budgets"] == {1.25: str(tmp_path / "swa_budget1.25.pt"), 1.5: str(tmp_path / "swa.pt")}
     assert not (tmp_path / "swa_budget1.pt").exists()
     for a, b in [(paths["swa"], other["swa"]), (paths["budgets"][1.25], other["budgets"][1.25]),
@@ -131,7 +131,7 @@ def test_cyclic_lr_at_every_step_is_eq2_and_swa_averages_each_cycles_end(tmp_pat
     post = register_optimizer_step_post_hook(
         lambda opt, args, kwargs: snaps.append(torch.cat([p.detach().flatten() for p in opt.param_groups[0]["params"]])))
     try:
-        paths = train_branches(cfg, tmp_path, progress=False)
+        paths = train_branches(cfg, tmp_path, progress=False, device="cpu")
     finally:
         pre.remove()
         post.remove()
@@ -160,7 +160,7 @@ def test_cyclic_lr_at_every_step_is_eq2_and_swa_averages_each_cycles_end(tmp_pat
 def test_a_killed_cyclic_run_resumes_bit_identically(tmp_path, monkeypatch):
     """Averages in the middle of epochs (cycles of 10 steps) survive a crash between epochs."""
     cfg = TrainConfig(**SMALL, swa_schedule="cyclic", swa_lr_max=0.08, swa_lr=0.01, swa_c=10, swa_c_unit="steps")
-    ref = train_branches(cfg, tmp_path / "ref", progress=False)
+    ref = train_branches(cfg, tmp_path / "ref", progress=False, device="cpu")
     real, calls = trainer.train_epoch, []
 
     def crash_in_the_second_swa_epoch(*args, **kwargs):
@@ -171,9 +171,9 @@ def test_a_killed_cyclic_run_resumes_bit_identically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train_epoch", crash_in_the_second_swa_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_branches(cfg, tmp_path / "run", progress=False)
+        train_branches(cfg, tmp_path / "run", progress=False, device="cpu")
     monkeypatch.setattr(trainer, "train_epoch", real)
-    again = train_branches(cfg, tmp_path / "run", progress=False)
+    again = train_branches(cfg, tmp_path / "run", progress=False, device="cpu")
     assert [os.path.basename(p) for p in again["iterates"]] == [os.path.basename(p) for p in ref["iterates"]]
     for a, b in [(ref["swa"], again["swa"]), *zip(ref["iterates"], again["iterates"])]:
         wa, wb = weights(a), weights(b)
@@ -200,10 +200,10 @@ def test_init_from_a_plain_state_dict_starts_from_those_weights(tmp_path):
     pretrained = train_digits(seed=7, epochs=1)
     path = tmp_path / "pretrained.pth"
     torch.save(pretrained.state_dict(), path)  # a bare state dict, as torchvision's weight files are
-    cfg = TrainConfig(epochs=2, swa_budget=1.0, swa_lr=0.02, init=str(path), device="cpu", save_iterates=True)
+    cfg = TrainConfig(epochs=2, swa_budget=1.0, swa_lr=0.02, init=str(path), save_iterates=True)
     seen, handle = _first_training_forward(type(pretrained))
     try:
-        paths = train(cfg, tmp_path / "out", "swa", progress=False)
+        paths = train(cfg, tmp_path / "out", "swa", progress=False, device="cpu")
     finally:
         handle.remove()
     x, y = digits("train")
@@ -258,10 +258,10 @@ def test_init_from_a_torchvision_state_dict(tmp_path):
     path = tmp_path / "shufflenet.pth"
     torch.save(pretrained.state_dict(), path)
     cfg = TrainConfig(model="torchvision:shufflenet_v2_x0_5", dataset=f"imagefolder:{folder}", epochs=1,
-                      swa_budget=1.0, batch_size=8, init=str(path), device="cpu")
+                      swa_budget=1.0, batch_size=8, init=str(path))
     seen, handle = _first_training_forward(type(pretrained))
     try:
-        paths = train(cfg, tmp_path / "out", "swa", progress=False)
+        paths = train(cfg, tmp_path / "out", "swa", progress=False, device="cpu")
     finally:
         handle.remove()
     ds = load_dataset(f"imagefolder:{folder}", split="train")
@@ -310,14 +310,14 @@ def test_protocol_settings_are_checked_with_a_fix(changes, match):
 
 def test_protocol_refusals_before_any_file(tmp_path):
     with pytest.raises(ValueError, match="use train\\(cfg, out, 'swa'\\)"):
-        train_branches(TrainConfig(init="w.pth"), tmp_path / "a")
+        train_branches(TrainConfig(init="w.pth"), tmp_path / "a", device="cpu")
     with pytest.raises(ValueError, match="use mode='swa'"):
-        train(TrainConfig(init="w.pth"), tmp_path / "b", "sgd")
+        train(TrainConfig(init="w.pth"), tmp_path / "b", "sgd", device="cpu")
     with pytest.raises(ValueError, match="checkpoint file .*missing.pth does not exist"):
-        train(TrainConfig(init=str(tmp_path / "missing.pth"), device="cpu"), tmp_path / "c", "swa")
-    cfg = TrainConfig(epochs=1, swa_budget=2.0, swa_c=30, swa_c_unit="steps", device="cpu")  # 1 SWA epoch of 23
+        train(TrainConfig(init=str(tmp_path / "missing.pth")), tmp_path / "c", "swa", device="cpu")
+    cfg = TrainConfig(epochs=1, swa_budget=2.0, swa_c=30, swa_c_unit="steps")  # 1 SWA epoch of 23
     with pytest.raises(ValueError, match="fewer than one cycle of swa_c=30 steps"):
-        train_branches(cfg, tmp_path / "d")
+        train_branches(cfg, tmp_path / "d", device="cpu")
     assert not any(tmp_path.iterdir())
 
 
@@ -492,7 +492,7 @@ def test_pipeline_seed_flags_are_checked_before_training(tmp_path, capsys, argv,
 def test_training_threads_flag_is_kept_recorded_and_the_callers_count_restored(tmp_path, monkeypatch):
     torch.set_num_threads(2)
     try:
-        paths = train(TrainConfig(epochs=1, device="cpu", threads=1), tmp_path / "flag", "sgd", progress=False)
+        paths = train(TrainConfig(epochs=1), tmp_path / "flag", "sgd", progress=False, device="cpu", threads=1)
         assert torch.get_num_threads() == 2  # the caller's count, restored
     finally:
         torch.set_num_threads(1)
@@ -507,7 +507,7 @@ def test_training_threads_flag_is_kept_recorded_and_the_callers_count_restored(t
         return {"threads": 1}
 
     monkeypatch.setattr(trainer, "choose_threads", fake_choose)
-    cfg = TrainConfig(epochs=2, device="cpu")
+    cfg = TrainConfig(epochs=2)
     real, calls = trainer.train_epoch, []
 
     def crash_on_second(*args, **kwargs):
@@ -518,9 +518,9 @@ def test_training_threads_flag_is_kept_recorded_and_the_callers_count_restored(t
 
     monkeypatch.setattr(trainer, "train_epoch", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "timed", "sgd", progress=False)
+        train(cfg, tmp_path / "timed", "sgd", progress=False, device="cpu")
     monkeypatch.setattr(trainer, "train_epoch", real)
-    resumed = train(cfg, tmp_path / "timed", "sgd", progress=False)
+    resumed = train(cfg, tmp_path / "timed", "sgd", progress=False, device="cpu")
     assert seen == [(None, None), (None, 1)]
     reference = train(cfg, tmp_path / "reference", "sgd", progress=False)  # timing does not change the numbers
     wa, wb = weights(resumed["sgd"]), weights(reference["sgd"])

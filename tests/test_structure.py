@@ -454,3 +454,89 @@ def test_an_analysis_records_its_threads_restores_the_callers_and_a_resume_keeps
     assert torch.get_num_threads() == before
     widthkit.rays(digits_ckpts["swa"], **small)  # the same file again: its recorded count is kept
     assert calls == [(1, None), (None, 1)]
+
+
+def _config_classes() -> dict:
+    """Every typed config of widthkit: the dataclasses whose fields are declared with ``settings.option``."""
+    import dataclasses
+    import pkgutil
+
+    found = {}
+    for info in pkgutil.walk_packages(widthkit.__path__, "widthkit."):
+        mod = importlib.import_module(info.name)
+        for obj in vars(mod).values():
+            if (isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__.startswith("widthkit")
+                    and any("help" in f.metadata for f in dataclasses.fields(obj))):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return found
+
+
+def test_every_setting_has_one_home():
+    """Device, precision, threads and the forward batch size are fields of the runtime config alone; the BN mode
+    of the evaluation config alone; nothing else declares them (the redesign's 'one definition per concern')."""
+    import collections
+    import dataclasses
+
+    from widthkit.runtime import RUNTIME_FIELDS
+
+    owners = collections.defaultdict(list)
+    for name, cls in _config_classes().items():
+        for f in dataclasses.fields(cls):
+            owners[f.name].append(name)
+    for field in RUNTIME_FIELDS:
+        assert owners[field] == ["widthkit.runtime.config.RuntimeConfig"], (field, owners[field])
+    for field in ("bn_mode", "bn_subset"):
+        assert owners[field] == ["widthkit.engine.config.EvalConfig"], (field, owners[field])
+
+
+def _calls_of(names: set[str]) -> dict:
+    """{function name: sorted files (relative to the package) that call it} over widthkit's source."""
+    out = {n: set() for n in names}
+    for module, path, _ in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
+                if name in out:
+                    out[name].add(str(path.relative_to(PACKAGE)))
+    return {n: sorted(v) for n, v in out.items()}
+
+
+def test_each_setting_is_resolved_and_validated_in_one_place():
+    """The resolvers of the runtime settings are called from the runtime package only (its config resolves the
+    device; torchrun's group is joined for that device), and each setting's choices are checked once."""
+    calls = _calls_of({"resolve_device", "normalize_precision", "init_process_group"})
+    assert calls["resolve_device"] == ["runtime/config.py"]
+    assert all(f.startswith("runtime/") for f in calls["normalize_precision"])
+    assert calls["init_process_group"] == ["runtime/distributed.py"]
+    checks = _choice_checks()
+    assert checks["precision"] == ["runtime/config.py"]
+    # the Hessian operator, a public class of its own, accepts the subset keep/recompute of the modes
+    assert checks["bn_mode"] == ["engine/config.py", "engine/curvature.py"]
+
+
+def _choice_checks() -> dict:
+    """{setting: files with a ``check_choice("<setting>", ...)``} for the settings with fixed choices."""
+    out = {}
+    for module, path, _ in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check_choice" and node.args
+                    and isinstance(node.args[0], ast.Constant)):
+                out.setdefault(node.args[0].value, set()).add(str(path.relative_to(PACKAGE)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_old_spellings_work_and_warn_once(capsys):
+    """--bn, --dataset, --bn_mode, --no-progress and --amp still work, each with one deprecation line."""
+    p = rays_cmd.build_parser()
+    args = p.parse_args(["--ckpt", "x.pt", "--bn", "keep", "--dataset", "digits", "--amp", "--no-progress"])
+    assert (args.bn_mode, args.dataset, args.amp, args.quiet) == ("keep", "digits", True, True)
+    err = capsys.readouterr().err
+    for old, new in (("--bn", "--bn-mode"), ("--dataset", "--data"), ("--amp", "--precision bf16"),
+                     ("--no-progress", "--quiet")):
+        assert f"warning: {old} is deprecated; use {new}" in err, old
+    p.parse_args(["--ckpt", "x.pt", "--bn", "keep", "--bn_mode", "batch"])
+    err = capsys.readouterr().err
+    assert "--bn is deprecated" not in err and err.count("--bn_mode is deprecated; use --bn-mode") == 1
+    args = p.parse_args(["--ckpt", "x.pt", "--bn-mode", "keep", "--data", "digits", "--precision", "bf16"])
+    assert capsys.readouterr().err == "" and cli.runtime_config(args).precision == "bf16"

@@ -15,6 +15,7 @@ from conftest import TRAIN_CHILD, kill9, python_child, wait_for_marker
 from widthkit.training import trainer
 from widthkit.inputs.checkpoints import load_checkpoint
 from widthkit.inputs.data import load_dataset
+from widthkit.runtime import RuntimeConfig
 from widthkit.train import main
 from widthkit.training.trainer import (
     LOG_COLUMNS,
@@ -22,13 +23,12 @@ from widthkit.training.trainer import (
     list_recipes,
     load_recipe,
     lr_at,
-    resolve_device,
     train,
     train_branches,
 )
 
 # B = 4 epochs: prefix 0..3 (swa_start = floor(0.75 * 4) = 3), SGD branch 3..4, SWA branch 3..6 (3 averages)
-SMALL = dict(epochs=4, device="cpu", save_iterates=True)
+SMALL = dict(epochs=4, save_iterates=True)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def branches(tmp_path_factory):
     out = tmp_path_factory.mktemp("branches")
     cfg = TrainConfig(**SMALL)
-    return cfg, out, train_branches(cfg, out, progress=False)
+    return cfg, out, train_branches(cfg, out, progress=False, device="cpu")
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -99,8 +99,9 @@ def test_lr_at_rejects_bad_arguments(epoch, branch, match):
                                     r"swa_start \(or leave it unset for 0.75\*epochs = 3; CLI: --swa-start auto\)"),
     ({"model": "resnet9000"}, "training config 'model': unknown model 'resnet9000'.*Valid names: .*digits_cnn"),
     ({"dataset": "mnist"}, r"unknown dataset 'mnist'; valid names: \['cifar10', 'cifar100', 'digits'\]"),
-    ({"device": "tpu"}, r"device must be one of \['auto', 'cpu', 'cuda'\], got 'tpu'"),
-    ({"device": "cpu", "amp": True}, "amp .* runs on CUDA only, but device='cpu'; set amp = false"),
+    ({"device": "cpu"}, "device is a runtime setting, not part of the training config: pass --device on the "
+                        r"command line \(in Python: runtime=RuntimeConfig\(device=...\)\)"),
+    ({"amp": True, "threads": 1}, "amp, threads are runtime settings"),
     ({"epochs": "10"}, r"'epochs' must be of type int, got '10' \(str\)"),
     ({"augment": 1}, r"'augment' must be of type bool, got 1"),
     ({"model_kwargs": None}, r"'model_kwargs' must be of type dict, got None"),
@@ -171,9 +172,11 @@ def test_recipe_errors(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA messages")
 def test_device_errors_without_cuda(tmp_path):
     with pytest.raises(ValueError, match="device='cuda' but CUDA is not available here"):
-        resolve_device(TrainConfig(device="cuda"))
-    with pytest.raises(ValueError, match="amp .* is only supported on CUDA devices"):
-        train(TrainConfig(amp=True), tmp_path)
+        train(TrainConfig(), tmp_path / "out", device="cuda")
+    with pytest.raises(ValueError, match="device='cuda:1' but CUDA is not available here"):
+        train_branches(TrainConfig(), tmp_path / "out", runtime=RuntimeConfig(device="cuda:1"))
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epochs'\]; the runtime settings are"):
+        train(TrainConfig(), tmp_path / "out", epochs=3)
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
@@ -268,22 +271,22 @@ def test_swa_batchnorm_stats_come_from_a_pass_over_the_training_data(branches):
 
 def test_same_seed_twice_is_bit_identical_and_sgd_mode_equals_the_sgd_branch(branches, tmp_path):
     cfg, out, paths = branches
-    again = train_branches(cfg, tmp_path / "again", progress=False)
+    again = train_branches(cfg, tmp_path / "again", progress=False, device="cpu")
     for role in ("start", "sgd", "swa"):
         assert_same_weights(paths[role], again[role])
     for a, b in zip(paths["iterates"], again["iterates"]):
         assert_same_weights(a, b)
-    single = train(cfg, tmp_path / "sgd_only", "sgd", progress=False)
+    single = train(cfg, tmp_path / "sgd_only", "sgd", progress=False, device="cpu")
     assert set(single) == {"sgd", "budgets", "iterates", "sgd_iterates", "log", "state"}
     assert single["budgets"] == {} and len(single["sgd_iterates"]) == 4  # every epoch of the SGD run
     assert_same_weights(paths["sgd"], single["sgd"])
-    other_seed = train(cfg.replace(seed=1), tmp_path / "seed1", "sgd", progress=False)
+    other_seed = train(cfg.replace(seed=1), tmp_path / "seed1", "sgd", progress=False, device="cpu")
     assert not torch.equal(weights(other_seed["sgd"])["fc.weight"], weights(paths["sgd"])["fc.weight"])
 
 
 def test_single_swa_run(tmp_path):
-    cfg = TrainConfig(epochs=2, device="cpu", swa_budget=2.0, save_iterates=True)  # swa_start 1, end 4
-    paths = train(cfg, tmp_path, "swa", progress=False)
+    cfg = TrainConfig(epochs=2, swa_budget=2.0, save_iterates=True)  # swa_start 1, end 4
+    paths = train(cfg, tmp_path, "swa", progress=False, device="cpu")
     assert set(paths) == {"swa", "budgets", "iterates", "sgd_iterates", "log", "state"} and len(paths["iterates"]) == 3
     # budgets 1 -> epoch 2; 1.25 -> epoch 3 (2.5 rounded half up), which is 1.5 budgets: kept as 1.5; the end of
     # the run (swa_budget 2) is swa.pt
@@ -296,7 +299,7 @@ def test_single_swa_run(tmp_path):
 
 
 def test_augmentation_is_seeded(tmp_path):
-    cfg = TrainConfig(epochs=1, device="cpu", augment=True, pad=1, flip=False)
+    cfg = TrainConfig(epochs=1, augment=True, pad=1, flip=False)
     a = train(cfg, tmp_path / "a", "sgd", progress=False)["sgd"]
     b = train(cfg, tmp_path / "b", "sgd", progress=False)["sgd"]
     plain = train(cfg.replace(augment=False), tmp_path / "plain", "sgd", progress=False)["sgd"]
@@ -305,9 +308,9 @@ def test_augmentation_is_seeded(tmp_path):
 
 
 def test_missing_data_fails_before_writing_anything(tmp_path):
-    cfg = TrainConfig(model="preresnet20", dataset="cifar10", data_root=str(tmp_path / "nothing"), device="cpu")
+    cfg = TrainConfig(model="preresnet20", dataset="cifar10", data_root=str(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-        train(cfg, tmp_path / "out", "sgd", progress=False)
+        train(cfg, tmp_path / "out", "sgd", progress=False, device="cpu")
     assert not (tmp_path / "out").exists()
 
 
@@ -328,22 +331,22 @@ def test_a_folder_with_another_run_is_refused(branches, tmp_path):
     cfg, out, _ = branches
     with pytest.raises(ValueError, match=r"holds a run with a different config \(lr: 0.1 -> 0.2\); use a new "
                                          r"output folder \(--out\) or pass --overwrite"):
-        train_branches(cfg.replace(lr=0.2), out, progress=False)
+        train_branches(cfg.replace(lr=0.2), out, progress=False, device="cpu")
     with pytest.raises(ValueError, match=r"holds a 'branches' run, not a 'sgd' one"):
-        train(cfg, out, "sgd", progress=False)
+        train(cfg, out, "sgd", progress=False, device="cpu")
     (tmp_path / "sgd.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"already holds training outputs \['sgd.pt'\] but no train_state.pt"):
-        train(cfg, tmp_path, "sgd", progress=False)
+        train(cfg, tmp_path, "sgd", progress=False, device="cpu")
     with pytest.raises(ValueError, match="mode must be 'sgd' or 'swa'"):
-        train(cfg, tmp_path, "branches", progress=False)
+        train(cfg, tmp_path, "branches", progress=False, device="cpu")
 
 
 def test_overwrite_starts_over(tmp_path):
-    cfg = TrainConfig(epochs=1, device="cpu", save_iterates=True)  # swa_start 1, SWA to epoch 2
-    train_branches(cfg, tmp_path, progress=False)
+    cfg = TrainConfig(epochs=1, save_iterates=True)  # swa_start 1, SWA to epoch 2
+    train_branches(cfg, tmp_path, progress=False, device="cpu")
     (tmp_path / "swa_iter_099.pt").write_bytes(b"stale")
     (tmp_path / "notes.txt").write_text("mine")
-    paths = train_branches(cfg.replace(lr=0.02), tmp_path, overwrite=True, progress=False)
+    paths = train_branches(cfg.replace(lr=0.02), tmp_path, overwrite=True, progress=False, device="cpu")
     assert load_checkpoint(paths["swa"]).meta["config"]["lr"] == 0.02
     assert not (tmp_path / "swa_iter_099.pt").exists() and (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -390,11 +393,11 @@ def test_resume_after_a_crash_in_the_sgd_branch(branches, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "train_epoch", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        train_branches(cfg, tmp_path, progress=False)
+        train_branches(cfg, tmp_path, progress=False, device="cpu")
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert (state["phase"], state["epoch"]) == ("sgd", 3) and (tmp_path / "branch_state.pt").is_file()
     monkeypatch.setattr(trainer, "train_epoch", real)
-    _assert_same_run(ref, tmp_path, train_branches(cfg, tmp_path, progress=False))
+    _assert_same_run(ref, tmp_path, train_branches(cfg, tmp_path, progress=False, device="cpu"))
 
 
 def _assert_same_run(ref: dict, out: Path, paths: dict | None = None) -> None:
@@ -454,9 +457,36 @@ def test_cli_swa_start_auto_resets_the_recipe_value():
 
     args = build_parser().parse_args(["--recipe", "vgg16-cifar10", "--epochs", "8", "--swa-start", "auto"])
     cfg = trainer.layered_config(args.recipe, args.config, cli.config_values(args, trainer.TrainConfig, layered=True))
-    assert cfg.swa_start is None and cfg.swa_start_epoch == 6 and cfg.device == "auto"
+    assert cfg.swa_start is None and cfg.swa_start_epoch == 6
 
 
 def test_cli_lists_recipes(capsys):
     assert main(["--list-recipes"]) == 0
     assert capsys.readouterr().out.split() == list_recipes()
+
+
+def test_the_trainer_runs_under_the_runtime_precision_policy(tmp_path, monkeypatch):
+    """The analyses' precision policy, applied by the trainer too: fp32 pins oneDNN's float32 math to IEEE even
+    when the process asked for bf16 matmuls; precision='bf16' trains under bf16 autocast (on CPU as well), and
+    each checkpoint records the policy it was trained under."""
+    seen = []
+    real = trainer.train_epoch
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.mkldnn.matmul.fp32_precision, kwargs.get("precision")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", spy)
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # a process-wide setting must not reach fp32 training
+    try:
+        paths = train(TrainConfig(epochs=1), tmp_path / "fp32", "sgd", progress=False, device="cpu")
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # put back afterwards
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+    assert seen and set(seen) == {("ieee", "fp32")}
+    assert load_checkpoint(paths["sgd"]).meta["provenance"]["precision"] == "fp32"
+    seen.clear()
+    paths = train(TrainConfig(epochs=1), tmp_path / "bf16", "sgd", progress=False, device="cpu", precision="bf16")
+    assert {p for _, p in seen} == {"bf16"}
+    prov = load_checkpoint(paths["sgd"]).meta["provenance"]
+    assert (prov["precision"], prov["autocast"]) == ("bf16", "bfloat16")

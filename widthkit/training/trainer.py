@@ -66,6 +66,7 @@ from ..fileio import WriterLock, atomic_write
 from ..inputs.checkpoints import atomic_save, load_checkpoint, safe_load, save_checkpoint
 from ..inputs.data import IMAGEFOLDER_PREFIX, augment, load_dataset
 from ..models import create_model
+from ..settings import split_kwargs
 from ..runtime import RuntimeConfig, autocast, choose_threads, default_batch_size, precision_policy, provenance
 from .config import TrainConfig, budget_marks
 from .recipes import layered_config, list_recipes, load_recipe, read_config_file, recipe_info
@@ -272,7 +273,7 @@ def _plan(cfg: TrainConfig, mode: str) -> list[_Phase]:
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, runtime: RuntimeConfig | None = None,
-          overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+          overwrite: bool = False, progress: bool = True, **runtime_fields) -> dict[str, Any]:
     """Train one model: a conventional SGD run or a single SWA run (from scratch, or from ``cfg.init``).
 
     - ``mode='sgd'``: ``epochs`` epochs on the SGD schedule (``lr_at(.., 'sgd')``) -> ``sgd.pt``
@@ -292,7 +293,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ru
         out_dir: output folder (created); see the module docstring for what goes into it.
         mode: ``'sgd'`` or ``'swa'`` (for the paper's paired protocol use :func:`train_branches`).
         runtime: where and how it runs (:class:`~widthkit.runtime.RuntimeConfig`: device, precision policy,
-            CPU threads, the evaluations' batch size); default ``RuntimeConfig()``.
+            CPU threads, the evaluations' batch size); default ``RuntimeConfig()``. Its fields may also be
+            passed as keywords (``device="cpu"``, ``precision="bf16"``).
         overwrite: delete this trainer's files in ``out_dir`` first instead of continuing / refusing.
         progress: show a tqdm bar per epoch and a line per finished epoch.
 
@@ -306,11 +308,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ru
     if cfg.init and mode != "swa":
         raise ValueError(f"init={cfg.init!r} starts an SWA phase from given weights: use mode='swa' (CLI: --mode swa, "
                          "the default with --init)")
-    return _Run.execute(cfg, out_dir, mode, runtime, overwrite=overwrite, progress=progress)
+    return _Run.execute(cfg, out_dir, mode, _runtime(runtime, runtime_fields), overwrite=overwrite, progress=progress)
 
 
 def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, runtime: RuntimeConfig | None = None,
-                   overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                   overwrite: bool = False, progress: bool = True, **runtime_fields) -> dict[str, Any]:
     """The paired SGD / SWA protocol: two solutions that share their first ``swa_start`` epochs.
 
     1. **Prefix**: SGD with momentum on the SGD schedule (``lr`` for the first half of the budget, then linear
@@ -345,7 +347,19 @@ def train_branches(cfg: TrainConfig, out_dir: str | os.PathLike, *, runtime: Run
     if cfg.init:
         raise ValueError(f"init={cfg.init!r} runs the SWA phase alone from given weights, without an SGD branch: "
                          "use train(cfg, out, 'swa') (CLI: --mode swa, the default with --init)")
-    return _Run.execute(cfg, out_dir, "branches", runtime, overwrite=overwrite, progress=progress)
+    return _Run.execute(cfg, out_dir, "branches", _runtime(runtime, runtime_fields), overwrite=overwrite,
+                        progress=progress)
+
+
+def _runtime(runtime: RuntimeConfig | None, fields: dict) -> RuntimeConfig:
+    """``runtime`` (or the defaults) with keyword overrides; an unknown keyword is a ``ValueError``."""
+    if runtime is not None and not isinstance(runtime, RuntimeConfig):
+        raise ValueError(f"runtime must be a RuntimeConfig, got {type(runtime).__name__}")
+    known, unknown = split_kwargs(RuntimeConfig, fields)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; the runtime settings are "
+                         f"{sorted(RuntimeConfig.__dataclass_fields__)}; training settings go into the TrainConfig")
+    return (runtime or RuntimeConfig()).replace(**known)
 
 
 class _Run:
@@ -384,14 +398,11 @@ class _Run:
     # ---- entry point ----------------------------------------------------------------------------------
 
     @classmethod
-    def execute(cls, cfg: TrainConfig, out_dir, mode: str, runtime: RuntimeConfig | None, overwrite: bool,
+    def execute(cls, cfg: TrainConfig, out_dir, mode: str, runtime: RuntimeConfig, overwrite: bool,
                 progress: bool) -> dict[str, Any]:
         if not isinstance(cfg, TrainConfig):
             raise ValueError(f"cfg must be a TrainConfig (see load_recipe / TrainConfig.from_dict), got "
                              f"{type(cfg).__name__}")
-        runtime = runtime or RuntimeConfig()
-        if not isinstance(runtime, RuntimeConfig):
-            raise ValueError(f"runtime must be a RuntimeConfig, got {type(runtime).__name__}")
         device = runtime.resolved_device()  # once: cuda -> cuda:N
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
