@@ -804,6 +804,49 @@ def test_non_checkpoints(tmp_path, obj, message):
         load_checkpoint(tmp_path / "x.pt", arch="digits_mlp")
 
 
+@pytest.mark.parametrize("arch, kwargs", [
+    ("torchvision:lraspp_mobilenet_v3_large", {"weights_backbone": "IMAGENET1K_V1"}),
+    ("torchvision:resnet18", {"weights": "IMAGENET1K_V1"}),
+    ("digits_cnn", {"pretrained": True}),
+])
+def test_recorded_pretrained_weights_are_refused_and_never_downloaded(tmp_path, monkeypatch, arch, kwargs):
+    """A checkpoint whose recorded architecture options ask torchvision for pretrained weights: building it
+    would download them (torch.hub's downloader, patched here to record the attempt)."""
+    downloads = []
+
+    def download(url, *args, **kw):
+        downloads.append(url)
+        raise OSError("no downloads in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing cached there
+    path = tmp_path / "pretrained.pt"
+    torch.save({"widthkit_checkpoint": 1, "arch": arch, "arch_kwargs": kwargs, "num_classes": 10,
+                "state_dict": {"w": torch.zeros(2)}}, path)
+    key, value = next(iter(kwargs.items()))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the checkpoint records arch_kwargs {key}={value!r}, which asks for pretrained "
+                          "weights to be downloaded; widthkit never downloads"), msg
+    assert f"drop the keyword (load_checkpoint(path, arch_kwargs={{{key!r}: None}})" in msg
+    assert downloads == [] and not (tmp_path / "torch-home").exists()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match=rf"bare\.pt: arch_kwargs {key}={re.escape(repr(value))} asks for "
+                                              "pretrained"):
+        load_checkpoint(tmp_path / "bare.pt", arch=arch, arch_kwargs={key: value})  # passed, not recorded
+    assert downloads == []
+
+
+def test_a_recorded_keyword_passed_as_none_is_dropped(tmp_path):
+    """arch_kwargs={key: None} over a recorded keyword drops it: the file then loads as the factory builds it."""
+    model = mlp()
+    path = tmp_path / "m.pt"
+    torch.save({"widthkit_checkpoint": 1, "arch": "digits_mlp", "arch_kwargs": {"pretrained": True},
+                "num_classes": 10, "state_dict": model.state_dict()}, path)
+    assert_same_model(load_checkpoint(path, arch_kwargs={"pretrained": None}), model)
+
+
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
     sd = trained_cnn().state_dict()
     broken = {k: v for k, v in sd.items() if not k.startswith("features.7")}

@@ -348,6 +348,7 @@ def load_checkpoint(
         arch, kwargs, num_classes = _resolve_recorded(recorded, arch, num_classes, arch_kwargs, path)
     else:
         kwargs = _drop_none(arch_kwargs)
+        _refuse_downloads(kwargs, path, recorded={})
         if arch is None:
             arch, num_classes = _detect_arch(sd, num_classes, kwargs, path)
         elif num_classes is None:
@@ -413,12 +414,34 @@ def _resolve_recorded(recorded: dict, arch: str | None, num_classes: int | None,
             f"was passed; leave out num_classes= to use the recorded one (a Python argument: the command line "
             f"always reads it from the file)"
         )
-    kwargs = {**_drop_none(recorded["arch_kwargs"]), **_drop_none(arch_kwargs)}
+    # a None passed over a recorded keyword drops it (the factory's default applies)
+    kwargs = _drop_none({**(recorded["arch_kwargs"] or {}), **(arch_kwargs or {})})
+    _refuse_downloads(kwargs, path, recorded=_drop_none(recorded["arch_kwargs"]))
     return recorded["arch"], kwargs, num_classes if num_classes is not None else recorded["num_classes"]
 
 
 def _drop_none(kwargs: Mapping | None) -> dict:
     return {k: v for k, v in (kwargs or {}).items() if v is not None}
+
+
+# create_model keywords that make torchvision (or timm) download pretrained weights
+_DOWNLOAD_KEYWORDS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+
+
+def _refuse_downloads(kwargs: Mapping, path: str, recorded: Mapping) -> None:
+    """Refuse architecture keywords that ask for pretrained weights: the weights come from the checkpoint, and
+    widthkit never downloads anything."""
+    asking = [k for k in _DOWNLOAD_KEYWORDS if kwargs.get(k) not in (None, False, "")]
+    if not asking:
+        return
+    key = asking[0]
+    what = f"arch_kwargs {key}={kwargs[key]!r}"
+    what = f"the checkpoint records {what}, which" if recorded.get(key) == kwargs[key] else what
+    raise CheckpointError(
+        f"{path}: {what} asks for pretrained weights to be downloaded; widthkit never downloads, and the "
+        f"weights come from this checkpoint: drop the keyword "
+        f"(load_checkpoint(path, arch_kwargs={{{key!r}: None}}) in Python, or re-save the checkpoint without it)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
