@@ -37,7 +37,7 @@ from ..fileio import atomic_write
 from ..runtime import provenance as runtime_provenance
 from .safe_pickle import CheckpointError, is_safetensors, safe_load
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint", "extract_state_dict",
+__all__ = ["ArchNames", "ANALYSIS_NAMES", "TRAINER_NAMES", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint", "extract_state_dict",
            "clean_state_dict", "file_sha256", "safe_load", "atomic_save"]
 
 FORMAT_VERSION = 1  # value of the "widthkit_checkpoint" key; bump when the layout changes
@@ -48,6 +48,32 @@ _SWA_AUTHORS_KEYS = {"swa": "swa_state_dict", "sgd": "state_dict"}
 _LIGHTNING_KEY = "pytorch-lightning_version"
 _LIGHTNING_PREFIXES = ("model.", "net.", "network.")  # only "model." outside Lightning files
 _FEW = 5  # how many keys an error message lists
+
+
+@dataclass(frozen=True)
+class ArchNames:
+    """How the caller's model arguments are spelled in messages: an analysis passes ``arch=`` (CLI ``--arch``,
+    optional: the architecture can be detected from the weights); the trainer ``model=`` (CLI ``--model``,
+    always set by its config)."""
+
+    keyword: str = "arch"
+    flag: str = "--arch"
+    kwargs_keyword: str = "arch_kwargs"
+    kwargs_flag: str | None = None  # None: a Python argument only
+    optional: bool = True
+
+    def pass_arch(self, name: str) -> str:
+        return f"pass {self.keyword}={name!r} (CLI: {self.flag} {name})"
+
+    def arch(self) -> str:
+        return f"{self.keyword}= (CLI: {self.flag})"
+
+    def kwargs(self) -> str:
+        return f"{self.kwargs_keyword}= " + (f"(CLI: {self.kwargs_flag})" if self.kwargs_flag else "(Python only)")
+
+
+ANALYSIS_NAMES = ArchNames()
+TRAINER_NAMES = ArchNames("model", "--model", "model_kwargs", "--model-kwargs", optional=False)
 
 
 @dataclass
@@ -311,6 +337,7 @@ def load_checkpoint(
     arch_kwargs: Mapping[str, Any] | None = None,
     *,
     allow_nonfinite: bool = False,
+    names: ArchNames = ANALYSIS_NAMES,
 ) -> Checkpoint:
     """Load a checkpoint file into a registered model (CPU, eval mode, weights loaded strictly).
 
@@ -325,6 +352,8 @@ def load_checkpoint(
             recorded ones.
         allow_nonfinite: load weights holding NaN/Inf instead of refusing them, to inspect them (Python only:
             no analysis can use such weights, and the command line has no flag for it).
+        names: how messages spell ``arch``/``arch_kwargs`` for the caller (:data:`TRAINER_NAMES` for the
+            trainer's ``model``/``--model``).
 
     Returns:
         a :class:`Checkpoint`.
@@ -345,15 +374,15 @@ def load_checkpoint(
         _check_finite(sd, path)
     recorded = info.pop("recorded", None)
     if recorded is not None:
-        arch, kwargs, num_classes = _resolve_recorded(recorded, arch, num_classes, arch_kwargs, path)
+        arch, kwargs, num_classes = _resolve_recorded(recorded, arch, num_classes, arch_kwargs, path, names)
     else:
         kwargs = _drop_none(arch_kwargs)
         _refuse_downloads(kwargs, path, recorded={})
         if arch is None:
             arch, num_classes = _detect_arch(sd, num_classes, kwargs, path)
         elif num_classes is None:
-            num_classes = _infer_num_classes(arch, kwargs, _shapes(sd), path)
-    model = _build_loaded(arch, num_classes, kwargs, sd, path, hint=recorded is None)
+            num_classes = _infer_num_classes(arch, kwargs, _shapes(sd), path, names=names)
+    model = _build_loaded(arch, num_classes, kwargs, sd, path, hint=recorded is None, names=names)
     recorded = recorded or {}
     meta = {
         "arch": arch,
@@ -400,13 +429,15 @@ def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
 
 
 def _resolve_recorded(recorded: dict, arch: str | None, num_classes: int | None,
-                      arch_kwargs: Mapping | None, path: str) -> tuple[str, dict, int]:
+                      arch_kwargs: Mapping | None, path: str, names: ArchNames) -> tuple[str, dict, int]:
     if not isinstance(recorded["arch"], str):
         raise CheckpointError(f"{path} is a widthkit checkpoint without a recorded 'arch'; it is damaged")
     if arch is not None and arch != recorded["arch"]:
+        fix = (f"leave out {names.arch()} to use the recorded one" if names.optional
+               else names.pass_arch(recorded["arch"]))
         raise CheckpointError(
-            f"{path}: the checkpoint records arch {recorded['arch']!r} but arch={arch!r} was passed (CLI: "
-            f"--arch {arch}); leave out arch= (CLI: --arch) to use the recorded one"
+            f"{path}: the checkpoint records arch {recorded['arch']!r} but {names.keyword}={arch!r} was passed "
+            f"(CLI: {names.flag} {arch}); {fix}"
         )
     if num_classes is not None and recorded["num_classes"] is not None and num_classes != recorded["num_classes"]:
         raise CheckpointError(
@@ -487,7 +518,7 @@ def _compare(expected: Shapes, given: Shapes) -> tuple[list[str], list[str], lis
 
 
 def _infer_num_classes(arch: str, kwargs: Mapping, given: Shapes, path: str,
-                       cache: dict | None = None) -> int | None:
+                       cache: dict | None = None, names: ArchNames = ANALYSIS_NAMES) -> int | None:
     """The class count that makes ``arch``'s final layer match ``given``; None when it cannot be read.
 
     The final layer is found by building ``arch`` with 10 and with 11 classes: the last weight whose shape
@@ -499,7 +530,7 @@ def _infer_num_classes(arch: str, kwargs: Mapping, given: Shapes, path: str,
             return 10
         s11 = _meta_shapes(arch, 11, kwargs, cache)
     except Exception as err:  # the factory's own error, whatever its type, says why it cannot be built
-        raise _build_error(arch, None, kwargs, path, err) from err
+        raise _build_error(arch, None, kwargs, path, err, names=names) from err
     changing = [k for k in s10 if k in s11 and s10[k] != s11[k] and k in given]
     weights = [k for k in changing if k.endswith("weight")] or changing
     if not weights:
@@ -579,7 +610,7 @@ def _fingerprint(model: nn.Module) -> list[tuple]:
 
 
 def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mapping[str, torch.Tensor],
-                  path: str, hint: bool) -> nn.Module:
+                  path: str, hint: bool, names: ArchNames = ANALYSIS_NAMES) -> nn.Module:
     """``create_model`` on the CPU, check names and shapes, ``load_state_dict(strict=True)``, ``eval()``."""
     from .. import models
 
@@ -587,46 +618,54 @@ def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mappi
     try:
         model = models.create_model(arch, **nc, **kwargs)
     except Exception as err:  # unknown name, bad kwargs: the registry's message names the options
-        raise _build_error(arch, num_classes, kwargs, path, err, recorded=not hint) from err
+        raise _build_error(arch, num_classes, kwargs, path, err, recorded=not hint, names=names) from err
     missing, unexpected, mismatched = _compare(_shapes(model.state_dict()), _shapes(sd))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: the weights do not fit {arch!r}: {len(missing)} missing key(s) [{_few(missing)}], "
-            f"{len(unexpected)} unexpected key(s) [{_few(unexpected)}]" + (_arch_hint(sd, arch, kwargs) if hint else "")
+            f"{len(unexpected)} unexpected key(s) [{_few(unexpected)}]"
+            + (_arch_hint(sd, arch, kwargs, names) if hint else "")
         )
     if mismatched:
         expected = model.state_dict()
         shapes = [f"{k!r} is {tuple(sd[k].shape)} in the checkpoint but {tuple(expected[k].shape)} in the model"
                   for k in mismatched]
+        if not hint:
+            fix = ("check num_classes= and arch_kwargs= (e.g. depth, widen_factor) against the run that wrote it "
+                   "(Python arguments passed over the ones the file records)")
+        elif names.optional:
+            fix = ("check num_classes= and arch_kwargs= (e.g. depth, widen_factor) against the run that wrote it "
+                   "(Python arguments; on the command line pass an --arch whose name fixes them, e.g. --arch "
+                   "preresnet164 for depth 164, or leave out --arch to detect the model)")
+        else:
+            fix = (f"check {names.kwargs()} (e.g. depth, widen_factor) and the data's class count against the run "
+                   "that wrote it")
         raise CheckpointError(
             f"{path}: shape mismatch loading into {arch!r} (num_classes={num_classes}, arch_kwargs={dict(kwargs)}): "
-            f"{_few(shapes, sep='; ')}; check num_classes= and arch_kwargs= (e.g. depth, widen_factor) against "
-            f"the run that wrote it (Python arguments"
-            + ("; on the command line pass an --arch whose name fixes them, e.g. --arch preresnet164 for depth "
-               "164, or leave out --arch to detect the model)" if hint else " passed over the ones the file "
-               "records)")
+            f"{_few(shapes, sep='; ')}; {fix}"
         )
     model.load_state_dict(dict(sd), strict=True)  # a copy: BatchNorm may add num_batches_tracked to it
     return model.eval()
 
 
-def _arch_hint(sd: Mapping[str, torch.Tensor], arch: str, kwargs: Mapping) -> str:
+def _arch_hint(sd: Mapping[str, torch.Tensor], arch: str, kwargs: Mapping, names: ArchNames) -> str:
     matches = [name for name, _ in _matching_models(_shapes(sd), None, kwargs) if name != arch]
     if len(matches) == 1:
-        return (f"; they match {matches[0]!r}: pass arch={matches[0]!r} (CLI: --arch {matches[0]}) or leave "
-                f"out arch= (CLI: --arch) to detect it")
-    return "; is arch= (CLI: --arch) the architecture that wrote it?"
+        detect = f" or leave out {names.arch()} to detect it" if names.optional else ""
+        return f"; they match {matches[0]!r}: {names.pass_arch(matches[0])}{detect}"
+    return f"; is {names.arch()} the architecture that wrote it?"
 
 
 def _build_error(arch: str, num_classes: int | None, kwargs: Mapping, path: str, err: Exception,
-                 recorded: bool = False) -> CheckpointError:
+                 recorded: bool = False, names: ArchNames = ANALYSIS_NAMES) -> CheckpointError:
     """``recorded``: ``arch`` and (some of) ``kwargs`` come from a widthkit file, not from the caller."""
     if recorded:
         fix = ("the file records this model: check any arch_kwargs= passed over the recorded ones (a Python "
                "argument), or load it with the widthkit release and model registrations that wrote it")
     else:
-        fix = ("fix arch= (CLI: --arch) or arch_kwargs= (Python only), or leave out arch= (CLI: --arch) to "
-               "detect the model from the weights")
+        fix = f"fix {names.arch()} or {names.kwargs()}"
+        if names.optional:
+            fix += f", or leave out {names.arch()} to detect the model from the weights"
     return CheckpointError(
         f"{path}: cannot build model {arch!r} (num_classes={num_classes}, arch_kwargs={dict(kwargs)}): {err}; {fix}"
     )
