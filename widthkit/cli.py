@@ -304,8 +304,8 @@ def run(body: Callable[[], int], saved: str = "every finished chunk of points is
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:  # None: a handler not installed from Python, which cannot be put back: the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def user_message(e: BaseException) -> str:

@@ -75,11 +75,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None] | b
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        os_error = next((e for e in _chain(err) if isinstance(e, OSError) and e.errno), None)
+        os_error = _os_error_of(err)
         if os_error is not None:
             raise _naming(os_error, path) from err
         raise
     return path
+
+
+def _os_error_of(err: BaseException) -> OSError | None:
+    """The OS error behind a failed write: ``err`` itself, or the one a writer wrapped in a ``RuntimeError``
+    (torch.save on a full disk: "inline_container.cc ... unexpected pos", the OSError as its context)."""
+    if isinstance(err, OSError):
+        return err if err.errno else None
+    if isinstance(err, RuntimeError):
+        return next((e for e in _chain(err) if isinstance(e, OSError) and e.errno), None)
+    return None
 
 
 def _chain(err: BaseException):
