@@ -200,3 +200,49 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Real small and read-only filesystems (root mounts a tmpfs; tests are skipped where mounting is not allowed)
+# --------------------------------------------------------------------------------------------------------
+
+
+def mount_tmpfs(folder, options: str):
+    """Mount a real tmpfs with ``options`` on ``folder`` for the duration of a test (skipped where mounting is
+    not allowed), then unmount it."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip(f"needs root to mount a tmpfs ({options})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 5 MiB filesystem."""
+    yield from mount_tmpfs(tmp_path / "small", "size=5m")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only filesystem (a tmpfs mounted ro): even root cannot write there."""
+    yield from mount_tmpfs(tmp_path / "ro", "ro,size=1m")
+
+
+def fill_disk(folder, leave: int) -> None:
+    """Fill the filesystem of ``folder`` (with the file ``folder/filler``) until about ``leave`` bytes are free
+    (0: completely full)."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    if leave <= 0:
+        return
+    st = os.statvfs(folder)
+    os.truncate(filler, max(0, filler.stat().st_size - (leave - st.f_bavail * st.f_frsize)))

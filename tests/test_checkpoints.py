@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
+import json
 import os
 import pickle
 import re
+import struct
 import sys
+import tarfile
 import zipfile
 from dataclasses import dataclass
 
@@ -560,7 +564,7 @@ def test_a_hostile_pickle_is_refused_for_safety_and_never_run(tmp_path, monkeypa
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     msg = str(info.value)
-    assert msg.startswith(f"{path} refused for safety: it stores the Python object {_SYSTEM!r}"), msg
+    assert msg.startswith(f"{path} refused for safety: its pickle wants to import {_SYSTEM!r}"), msg
     assert "nothing from the file was run" in msg and "treat the file as hostile" in msg
     assert "re-save just the weights as a state dict in the environment that made it" in msg
     assert "torch.save(" in msg and "state_dict" in msg
@@ -585,7 +589,7 @@ def test_refusal_wordings_of_torch_are_all_recognised(tmp_path, monkeypatch, wor
         raise pickle.UnpicklingError(wording)
 
     monkeypatch.setattr(torch, "load", load)
-    with pytest.raises(CheckpointError, match=r"net\.pt refused for safety: it stores the Python object "
+    with pytest.raises(CheckpointError, match=r"net\.pt refused for safety: its pickle wants to import "
                                               r"'mylab\.nets\.Net'"):
         load_checkpoint(path)
 
@@ -604,7 +608,7 @@ def test_a_refusal_in_words_this_code_does_not_know_is_read_from_the_pickle(tmp_
             raise pickle.UnpicklingError("this file cannot be loaded safely") from None
 
     monkeypatch.setattr(torch, "load", load)
-    with pytest.raises(CheckpointError, match=rf"hostile\.pt refused for safety: it stores the Python object "
+    with pytest.raises(CheckpointError, match=rf"hostile\.pt refused for safety: its pickle wants to import "
                                               rf"'{re.escape(_SYSTEM)}'"):
         load_checkpoint(path)
     assert not (tmp_path / "MARKER").exists()
@@ -618,7 +622,7 @@ def test_plain_pickle_files_are_named_as_such(tmp_path, protocol):
                                               rf"file written by torch\.save.*torch\.save\(state_dict, path\)"):
         load_checkpoint(tmp_path / "args.pkl")
     (tmp_path / "sd.pkl").write_bytes(pickle.dumps(mlp().state_dict(), protocol=protocol))
-    with pytest.raises(CheckpointError, match=r"sd\.pkl refused for safety: it stores the Python object "
+    with pytest.raises(CheckpointError, match=r"sd\.pkl refused for safety: its pickle wants to import "
                                               r"'torch\.\S+'.* plain Python pickle \(pickle\.dump\).*"
                                               r"state_dict = pickle\.load"):
         load_checkpoint(tmp_path / "sd.pkl")
@@ -640,16 +644,142 @@ def test_classes_from_a_training_script_are_refused_not_called_corrupt(tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(sys.modules["__main__"], "Net", net, raising=False)
         torch.save(net(), tmp_path / "script.pt")
-    with pytest.raises(CheckpointError, match=r"script\.pt refused for safety: it stores the Python object "
+    with pytest.raises(CheckpointError, match=r"script\.pt refused for safety: its pickle wants to import "
                                               r"'__main__\.Net'.*torch\.save\(model, path\) of a whole module"):
         load_checkpoint(tmp_path / "script.pt")
 
 
 def test_numpy_values_are_refused_too(tmp_path):
     torch.save({"state_dict": mlp().state_dict(), "best_acc": np.float64(91.2)}, tmp_path / "np.pt")
-    with pytest.raises(CheckpointError, match=r"np\.pt refused for safety: it stores the Python object "
+    with pytest.raises(CheckpointError, match=r"np\.pt refused for safety: its pickle wants to import "
                                               r"'numpy\.\S+'"):
         load_checkpoint(tmp_path / "np.pt")
+
+
+# Protocol-0 pickles written by hand, as an attacker would: a string pushed before the global (torch's
+# weights-only unpickler stops at the string opcode, before it ever sees the global) and INST, which imports
+# and calls in one opcode.
+_PROTOCOL_0 = {
+    "string_first": b"(S'echo pwned > MARKER'\ntp0\n0cos\nsystem\n(S'echo pwned > MARKER'\ntR.",
+    "inst": b"(S'echo pwned > MARKER'\nios\nsystem\n.",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_PROTOCOL_0))
+def test_a_hostile_protocol_0_pickle_is_refused_for_safety_not_called_corrupt(tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    payload = _PROTOCOL_0[kind]
+    (tmp_path / "control").mkdir()
+    with monkeypatch.context() as patch:  # the control: unpickled the unsafe way, it runs the command
+        patch.chdir(tmp_path / "control")
+        pickle.loads(payload)
+    assert (tmp_path / "control" / "MARKER").read_text().strip() == "pwned"
+    path = tmp_path / "hostile.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path} refused for safety: its pickle wants to import 'os.system', which widthkit "
+                          "does not allow"), msg
+    assert "nothing from the file was run" in msg and "If you trust the file" in msg
+    assert "corrupt" not in msg
+    assert not (tmp_path / "MARKER").exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_old_protocol_plain_pickles_are_named_as_such(tmp_path, protocol):
+    (tmp_path / "args.pkl").write_bytes(pickle.dumps({"lr": 0.1, "epochs": [1, 2]}, protocol=protocol))
+    with pytest.raises(CheckpointError, match=rf"args\.pkl is a plain Python pickle \(protocol {protocol}\)"):
+        load_checkpoint(tmp_path / "args.pkl")
+
+
+def _legacy_tar(path, sd: dict) -> None:
+    """A file in torch's legacy tar format (PyTorch 0.1.x), laid out as torch.serialization's own reader of it
+    expects: ``storages`` (count, then per storage its key, location and type, and its raw elements), ``tensors``
+    (count, then per tensor its key, storage, sizes, strides and offset) and ``pickle`` (the object, tensors
+    referred to by persistent ids)."""
+    storages, tensors, body = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    pickle.dump(len(sd), storages, protocol=2)
+    pickle.dump(len(sd), tensors, protocol=2)
+    for i, t in enumerate(sd.values()):
+        t = t.contiguous()
+        pickle.dump((i, "cpu", torch.FloatStorage), storages, protocol=2)
+        storages.write(struct.pack("<q", t.numel()) + t.numpy().tobytes())
+        pickle.dump((1000 + i, i, None), tensors, protocol=2)
+        tensors.write(struct.pack("<i", t.dim()) + b"\0" * 4 + struct.pack(f"<{t.dim()}q", *t.shape)
+                      + struct.pack(f"<{t.dim()}q", *t.stride()) + struct.pack("<q", 0))
+    pickle.dump([], storages, protocol=2)  # no storage views
+
+    class Ref:
+        def __init__(self, key):
+            self.key = key
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj.key if isinstance(obj, Ref) else None
+
+    Pickler(body, protocol=2).dump({name: Ref(1000 + i) for i, name in enumerate(sd)})
+    with tarfile.open(path, "w:", format=tarfile.PAX_FORMAT) as tar:
+        for member, buf in (("storages", storages), ("tensors", tensors), ("pickle", body)):
+            info = tarfile.TarInfo(member)
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+
+
+def test_torchs_legacy_tar_format_is_named_not_called_corrupt(tmp_path):
+    sd = mlp().state_dict()
+    path = tmp_path / "old.tar"
+    _legacy_tar(path, sd)
+    back = torch.load(path, weights_only=False)  # torch's own (unsafe) reader: it is the real format
+    assert list(back) == list(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    with pytest.raises(Exception, match="legacy .tar format"):
+        torch.load(path, weights_only=True)  # and torch's safe loader cannot read it
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, arch="digits_mlp")
+    msg = str(info.value)
+    assert msg.startswith(f"{path} is in torch's legacy .tar format (written by PyTorch 0.1.x)"), msg
+    assert "torch.save(torch.load(path, weights_only=False), 'weights.pt')" in msg
+    assert "corrupt" not in msg
+
+
+def _safetensors_file(path, sd: dict) -> None:
+    """A .safetensors file written by hand from the format's specification (8-byte little-endian header
+    length, JSON header of dtype/shape/data_offsets, raw little-endian bytes), not by the package."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in sd.items():
+        raw = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": {torch.float32: "F32", torch.int64: "I64"}[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_safetensors_files_are_read_with_the_safetensors_package(tmp_path):
+    pytest.importorskip("safetensors")
+    model = trained_cnn(3)
+    path = tmp_path / "model.safetensors"
+    _safetensors_file(path, model.state_dict())
+    ckpt = load_checkpoint(path)
+    assert_same_model(ckpt, model)
+    assert ckpt.meta["arch"] == "digits_cnn" and ckpt.meta["format"] == "safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # cut short: corrupt, said so
+    with pytest.raises(CheckpointError, match=r"model\.safetensors \(\d+ bytes\) is a truncated or corrupt "
+                                              r"safetensors file"):
+        load_checkpoint(path)
+
+
+def test_safetensors_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    _safetensors_file(path, mlp().state_dict())
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as where it is not installed: import fails
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a safetensors file; reading it needs the "
+                                              r"safetensors package, which is not installed: pip install "
+                                              r"safetensors"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize(
@@ -672,6 +802,49 @@ def test_non_checkpoints(tmp_path, obj, message):
     torch.save(obj, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "x.pt")) + ".*" + message):
         load_checkpoint(tmp_path / "x.pt", arch="digits_mlp")
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("torchvision:lraspp_mobilenet_v3_large", {"weights_backbone": "IMAGENET1K_V1"}),
+    ("torchvision:resnet18", {"weights": "IMAGENET1K_V1"}),
+    ("digits_cnn", {"pretrained": True}),
+])
+def test_recorded_pretrained_weights_are_refused_and_never_downloaded(tmp_path, monkeypatch, arch, kwargs):
+    """A checkpoint whose recorded architecture options ask torchvision for pretrained weights: building it
+    would download them (torch.hub's downloader, patched here to record the attempt)."""
+    downloads = []
+
+    def download(url, *args, **kw):
+        downloads.append(url)
+        raise OSError("no downloads in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing cached there
+    path = tmp_path / "pretrained.pt"
+    torch.save({"widthkit_checkpoint": 1, "arch": arch, "arch_kwargs": kwargs, "num_classes": 10,
+                "state_dict": {"w": torch.zeros(2)}}, path)
+    key, value = next(iter(kwargs.items()))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: the checkpoint records arch_kwargs {key}={value!r}, which asks for pretrained "
+                          "weights to be downloaded; widthkit never downloads"), msg
+    assert f"drop the keyword (load_checkpoint(path, arch_kwargs={{{key!r}: None}})" in msg
+    assert downloads == [] and not (tmp_path / "torch-home").exists()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match=rf"bare\.pt: arch_kwargs {key}={re.escape(repr(value))} asks for "
+                                              "pretrained"):
+        load_checkpoint(tmp_path / "bare.pt", arch=arch, arch_kwargs={key: value})  # passed, not recorded
+    assert downloads == []
+
+
+def test_a_recorded_keyword_passed_as_none_is_dropped(tmp_path):
+    """arch_kwargs={key: None} over a recorded keyword drops it: the file then loads as the factory builds it."""
+    model = mlp()
+    path = tmp_path / "m.pt"
+    torch.save({"widthkit_checkpoint": 1, "arch": "digits_mlp", "arch_kwargs": {"pretrained": True},
+                "num_classes": 10, "state_dict": model.state_dict()}, path)
+    assert_same_model(load_checkpoint(path, arch_kwargs={"pretrained": None}), model)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):

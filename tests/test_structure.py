@@ -4,13 +4,13 @@ cycles, the writer lock over the whole command, nothing left behind, provenance 
 import ast
 import gc
 import importlib
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import fill_disk
 
 import widthkit
 from widthkit import EvalConfig, cli, pipeline
@@ -243,38 +243,6 @@ def test_model_and_data_are_checked_against_each_other_before_any_file(digits_ck
         assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def _tmpfs(folder: Path, options: str):
-    """Mount a real tmpfs with ``options`` on ``folder`` for the duration of a test (skipped where mounting is
-    not allowed), then unmount it."""
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip(f"needs root to mount a tmpfs ({options})")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 5 MiB filesystem."""
-    yield from _tmpfs(tmp_path / "small", "size=5m")
-
-
-def _fill(folder: Path, leave: int) -> None:
-    """Fill the filesystem of ``folder`` until about ``leave`` bytes are free."""
-    filler = folder / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    st = os.statvfs(folder)
-    os.truncate(filler, max(0, filler.stat().st_size - (leave - st.f_bavail * st.f_frsize)))
-
-
 @pytest.mark.subprocess  # mount/umount
 def test_a_full_disk_while_storing_widths_keeps_the_finished_grid(digits_ckpts, small_disk, capsys):
     out = small_disk / "r.h5"
@@ -284,7 +252,7 @@ def test_a_full_disk_while_storing_widths_keeps_the_finished_grid(digits_ckpts, 
     before = read(out)
     size = out.stat().st_size
     assert rays_cmd.main(args) == 0 and out.stat().st_size == size  # a re-run does not grow the file
-    _fill(small_disk, leave=100_000)
+    fill_disk(small_disk, leave=100_000)
     capsys.readouterr()
     assert rays_cmd.main(args + ["--threshold", "test_err=+2"]) == 2  # new widths must be stored: no room
     err = capsys.readouterr().err
@@ -325,12 +293,6 @@ def test_figures_of_real_runs_say_what_their_coordinates_are(digits_ckpts, tmp_p
         finally:
             for _, fig in figs:
                 plt.close(fig)
-
-
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A real read-only filesystem (a tmpfs mounted ro): even root cannot write there."""
-    yield from _tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 @pytest.mark.subprocess  # mount/umount
@@ -399,7 +361,7 @@ def test_every_flag_is_checked_before_the_first_point(digits_ckpts, tmp_path, ca
 
 @pytest.mark.subprocess  # mount/umount
 def test_a_full_disk_when_the_file_is_created_is_one_line_and_leaves_nothing(digits_ckpts, small_disk, capsys):
-    _fill(small_disk, leave=20_000)
+    fill_disk(small_disk, leave=20_000)
     out = small_disk / "r.h5"
     assert rays_cmd.main(["--ckpt", digits_ckpts["sgd"], "--dirs", "30", "--steps", "3", "--bn", "keep", "--quiet",
                           "--no-plot", "--train-subset", "50", "--test-subset", "50", "--out", str(out)]) == 2

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -197,6 +201,8 @@ def run_command(analysis: Callable, kind: str, args, geometry_cls, make_after: C
     config = EvalConfig(**config_values(args, EvalConfig))
     runtime = runtime_config(args)
     out = Path(args.out or default_out(kind, args.ckpt or []))
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out / (kind + '.h5')}")
     figures = figure_options(args)
     for folder in (out.parent, figures.folder):  # before any point is computed, not after
         if folder is not None:
@@ -271,11 +277,15 @@ def models_from(ckpts: list[str]) -> dict | list:
 
 
 def default_out(kind: str, ckpts: list[str]) -> Path:
+    """``analyses/<kind>-<labels>.h5``: the labels (or checkpoint file stems) made into one file name, so that
+    no typed label (``../../x/NAME=ck.pt``) can place it outside ``analyses/``."""
+    from .fileio import safe_name
+
     stems = []
     for label, path in map(parse_ckpt, ckpts):
         pick = f"-{path.rpartition('#')[2]}" if path.endswith(("#swa", "#sgd")) else ""
         stems.append(label or Path(path).stem + pick)
-    return Path("analyses") / (f"{kind}-{'-'.join(stems)}.h5" if stems else f"{kind}.h5")
+    return Path("analyses") / safe_name(f"{kind}-{'-'.join(stems)}.h5" if stems else f"{kind}.h5")
 
 
 def progress_bar(enabled: bool, desc: str):
@@ -310,32 +320,65 @@ def log(msg: str = "") -> None:
         print(msg, flush=True)
 
 
-def run(body: Callable[[], int]) -> int:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a scheduler stopping a job, torchrun stopping the other ranks) raised as an
+    interruption: it unwinds like Ctrl-C, so locks are released and temporary files removed on the way out."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
+    raise Terminated()
+
+
+def run(body: Callable[[], int], saved: str = "every finished chunk of points is in the file") -> int:
     """Run a command body: tune the allocator, join torchrun's process group, turn user errors into one line.
 
     User errors (bad values, missing files, full disks and read-only folders, store refusals, out of memory,
-    ranks that disagree) print ``error: ...`` and return 2; programming errors keep their traceback.
+    ranks that disagree) print ``error: ...`` and return 2; programming errors keep their traceback. Ctrl-C
+    (exit status 130) and SIGTERM (143) print one line: ``saved`` (what the command keeps of its finished work)
+    and how to resume.
     """
     from .runtime import distributed
     from .fileio import OutputBusy
     from .report.store import StoreError
     from .runtime import tune_allocator
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     tune_allocator()
     try:
         code = body()
         distributed.shutdown()
         return code
-    except KeyboardInterrupt:
-        print("\ninterrupted: every finished chunk is saved; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how, code = ("terminated (SIGTERM)", 128 + signal.SIGTERM) if isinstance(e, Terminated) \
+            else ("interrupted", 130)
+        print(f"\n{how}: {saved}; run the same command again to resume", file=sys.stderr, flush=True)
+        return code
     except (ValueError, OSError, StoreError, OutputBusy, RuntimeError) as e:
         # OSError: a full disk, a read-only folder, a missing file: the message names the path
         if isinstance(e, RuntimeError) and not isinstance(e, (StoreError, OutputBusy)) \
                 and "out of memory" not in str(e).lower() and "ranks disagree" not in str(e):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:  # None: a handler not installed from Python, which cannot be put back: the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def user_message(e: BaseException) -> str:
+    """The one line a user error prints: its own message, or for an OS error the file, the reason and the fix."""
+    if not (isinstance(e, OSError) and e.errno and e.filename):
+        return str(e)
+    reason = e.strerror or os.strerror(e.errno)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write {e.filename}: {reason}; free some space there (or write elsewhere) and run the same "
+                "command again: what was finished is kept")
+    if e.errno == errno.EROFS:
+        folder = e.filename if os.path.isdir(e.filename) else os.path.dirname(e.filename) or "."
+        return f"cannot write to {folder} ({reason}); choose another folder (--out, --figures, --root)"
+    return f"{e.filename}: {reason}"
 
 
 def callable_module(module_name: str, fn: Callable) -> None:

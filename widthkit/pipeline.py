@@ -66,6 +66,7 @@ PIPELINE_CURVATURE = {"top_k": 2, "trace_hvps": 30, "slq_probes": 2, "slq_steps"
 # branches are kept for the analyses through iterates (planes through them, trajectories)
 PIPELINE_DEFAULTS = {"save_iterates": True}
 LABELS = ("SGD", "SWA")
+SEED_MAX = 2**63 - 1  # the largest seed every generator and file format involved takes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +128,20 @@ def parse_seeds(text: str | None) -> list[int] | None:
         raise ValueError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from None
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs distinct integers >= 0 such as 0,1,2, got {text!r}")
+    if max(seeds) > SEED_MAX:  # torch's generators take 64 bits: refused here, before any folder exists
+        raise ValueError(f"--seeds: {max(seeds)} is too large; seeds run from 0 to {SEED_MAX} (2**63 - 1)")
     return seeds
+
+
+def check_run_name(run: str) -> str:
+    """``--run`` names folders under ``<root>/checkpoints``, ``analyses`` and ``figures``: it may hold
+    sub-folders, but never climb out of them (``..``, an absolute path)."""
+    parts = Path(run).parts
+    if not run.strip() or Path(run).is_absolute() or ".." in parts or "\x00" in run:
+        raise ValueError(f"--run {run!r} would place the run outside the checkpoints/, analyses/ and figures/ of "
+                         "--root; give a name such as digits-lr0.1 (sub-folders like ablation/lr0.1 are fine), and "
+                         "--root to choose where they go")
+    return run
 
 
 def _stem(recipe: str) -> str:
@@ -137,7 +151,7 @@ def _stem(recipe: str) -> str:
 
 def _run_name(args, seed: int) -> str:
     if args.run:
-        return args.run
+        return check_run_name(args.run)
     stem = _stem(args.recipe)
     return stem if seed == 0 else f"{stem}-seed{seed}"
 
@@ -253,6 +267,8 @@ def main(argv=None) -> int:
         if bad:
             raise ValueError(f"unknown stage(s) {bad} in --skip; valid: {', '.join(STAGES[1:])}")
         seeds = parse_seeds(args.seeds)
+        if args.run is not None:
+            check_run_name(args.run)
         overrides = cli.config_values(args, TrainConfig, layered=True)
         if seeds is not None and "seed" in overrides:
             raise ValueError("pass either --seed (one run) or --seeds (several), not both")
@@ -308,7 +324,7 @@ def main(argv=None) -> int:
         print(f"total time {time.perf_counter() - t0:.0f} s")
         return 0
 
-    return cli.run(body)
+    return cli.run(body, saved="every finished stage, epoch and chunk of points is saved")
 
 
 if __name__ == "__main__":

@@ -26,17 +26,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        from .fileio import check_writable
         from .report import store
-        from .report.render import plot_analysis
+        from .report.render import partial_note, plot_analysis
 
+        figures = check_writable(args.figures or "figures")  # a read-only folder: one line, before any drawing
         for f in args.files:
             data = store.read(f)
-            done, total = store.completeness(data)
-            if done < total:
-                print(f"warning: {f} is partial: {done} of {total} points computed (a killed or running analysis); "
-                      "the figures show what is there. Run the command that made it again to finish it",
-                      file=sys.stderr)
-            for out in plot_analysis(data, Path(args.figures or "figures") / Path(f).stem,
+            note = partial_note(data, f)
+            if note:
+                print(f"warning: {note}", file=sys.stderr)
+            for out in plot_analysis(data, figures / Path(f).stem,
                                      formats=cli.formats_of(args), metric=args.metric, plane_kind=args.plane):
                 print(f"figure: {out}")
         return 0

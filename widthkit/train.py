@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"     log: {paths['log']}")
         return 0
 
-    return cli.run(body)
+    return cli.run(body, saved="every finished epoch is saved in the output folder")
 
 
 if __name__ == "__main__":

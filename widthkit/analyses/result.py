@@ -25,6 +25,7 @@ class Analysis:
         self.evaluators: dict = {}  # set by rays() in the process that computed it (for refine=True)
         self.reports: list[dict] = []  # width reports a command computed (widthkit.report.summary)
         self.figures: list[str] = []  # figure files a command wrote
+        self._warned_partial = False
         if tmpdir is not None:  # a result computed without out=: its file goes when the result does
             weakref.finalize(self, shutil.rmtree, tmpdir, True)
 
@@ -268,9 +269,16 @@ class Analysis:
 
     def plot(self, ax=None, metric: str | None = None):
         """Draw this analysis on ``ax`` (a new figure when None) with the labels and units its file records;
-        returns the Axes. See :func:`widthkit.report.render.draw`."""
-        from ..report.render import draw
+        returns the Axes. See :func:`widthkit.report.render.draw`. A partial file (a killed run) is marked
+        PARTIAL on the figure, and warned about once per result."""
+        import warnings
 
+        from ..report.render import draw, partial_note
+
+        note = partial_note(self.data, self.path)
+        if note and not self._warned_partial:
+            self._warned_partial = True
+            warnings.warn(note, UserWarning, stacklevel=2)
         return draw(self.data, metric=metric, ax=ax)
 
     def save(self, path) -> Path:

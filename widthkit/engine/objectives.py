@@ -122,6 +122,9 @@ def _topk_errors(output, target, k: int, what: str, only_class: int | None = Non
     logits, labels = _flat_classes(output, target, what)
     keep = labels != IGNORE_INDEX
     if only_class is not None:
+        if only_class >= logits.shape[1]:  # a shape, known before the first point: no NaN grid of 0 widths
+            raise ValueError(f"{what} asks for class {only_class}, but the model has {logits.shape[1]} outputs: "
+                             f"the class index must be in 0..{logits.shape[1] - 1}")
         keep = keep & (labels == only_class)
     k = min(k, logits.shape[1])
     if k == 1:
@@ -132,26 +135,66 @@ def _topk_errors(output, target, k: int, what: str, only_class: int | None = Non
 
 
 class Metric:
-    """One metric: ``name`` (the stored suffix), ``error`` (reported in %), ``fn(output, target) -> (sum, count)``."""
+    """One metric: ``name`` (the stored suffix), ``error`` (reported in %), ``fn(output, target) -> (sum, count)``,
+    ``tensor`` (it needs the model's output as one tensor: every built-in does)."""
 
-    def __init__(self, name: str, fn: Callable, error: bool = False, units: str | None = None):
-        self.name, self.fn, self.error, self.units = name, fn, error, units
+    def __init__(self, name: str, fn: Callable, error: bool = False, units: str | None = None, tensor: bool = True):
+        self.name, self.fn, self.error, self.units, self.tensor = name, fn, error, units, tensor
 
     def __repr__(self) -> str:
         return f"Metric({self.name!r})"
 
 
-def _as_sum_count(value, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_size(output, target) -> int | None:
+    """Examples in a batch: the labels' first dimension (else the outputs'), None when neither is a tensor."""
+    for t in (target, output):
+        if torch.is_tensor(t) and t.dim() > 0:
+            return int(t.shape[0])
+    return None
+
+
+def _as_sum_count(value, what: str, batch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss or metric result as (sum, count): per-example values must be shaped ``(batch,)`` (checked on
+    every batch: shapes are known without waiting for the device)."""
     if isinstance(value, (tuple, list)) and len(value) == 2:
         total, count = value
         total = torch.as_tensor(total)
         return total.double().sum(), count.double() if torch.is_tensor(count) else float(count)
     if torch.is_tensor(value):
-        if value.dim() == 0:
-            raise ValueError(f"{what} returned one number; return per-example values (B,) or a (sum, count) pair")
+        if value.dim() != 1 or (batch is not None and value.shape[0] != batch):
+            got = "one number" if value.dim() == 0 else f"values shaped {tuple(value.shape)}"
+            raise ValueError(f"{what} returned {got} for a batch of {batch} examples; it must return one value "
+                             f"per example, shaped ({batch},) (e.g. reduction='none', then .mean(dim=1) over "
+                             "any other dimensions), or a (sum, count) pair")
         return value.double().sum(), float(value.shape[0])  # a number: no host-to-device copy (graph capture)
     raise ValueError(f"{what} must return a tensor of per-example values (B,) or a (sum, count) pair, "
                      f"got {type(value).__name__}")
+
+
+# what a user's callable raises when it cannot handle what it is given: reported in one line, naming it
+_CALLABLE_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError)
+
+
+def call_user(fn: Callable, what: str, *args):
+    """``fn(*args)`` for a user's loss, metric or forward adapter; its errors as one ``ValueError`` naming it
+    (``what``) with the original message (the original stays the cause)."""
+    try:
+        return fn(*args)
+    except _CALLABLE_ERRORS as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{what} raised {type(err).__name__}" + (f": {first}" if first else "")) from err
+
+
+def describe_value(value) -> str:
+    """What a callable returned, in a few words: ``a tuple of 2 items (Tensor (8, 10), Tensor (8, 10))``."""
+    def one(v):
+        return f"Tensor {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
+    if isinstance(value, (tuple, list)):
+        items = ", ".join(one(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        return f"a {type(value).__name__} of {len(value)} items ({items})"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {list(value)[:6]}"
+    return f"a {type(value).__module__}.{type(value).__qualname__}"
 
 
 class Objective:
@@ -224,11 +267,14 @@ class Objective:
             if not isinstance(name, str) or not _NAME.match(name) or name == "<lambda>":
                 raise ValueError(f"name the metric callable {item!r} with lowercase letters, digits and _: pass "
                                  "metrics={'my_metric': fn}")
-            return Metric(name, lambda out, y, fn=item, n=name: _as_sum_count(fn(out, y), f"metric {n}"))
+            what = f"metric {name} ({describe_callable(item)})"
+            return Metric(name, lambda out, y, fn=item, w=what: _as_sum_count(call_user(fn, w, out, y), w,
+                                                                            _batch_size(out, y)), tensor=False)
         if not isinstance(item, str):
             raise ValueError(f"unknown metric {item!r}; valid: {METRIC_SYNTAX}")
         if item == "loss":
-            return Metric("loss", self._loss_sums, units="nats" if self.loss_name == "cross_entropy" else None)
+            return Metric("loss", self._loss_sums, units="nats" if self.loss_name == "cross_entropy" else None,
+                          tensor=self.loss_name in _LOSSES)
         if item == "err":
             return Metric("err", lambda o, y: _topk_errors(o, y, 1, "err"), error=True)
         if item == "top5_err":
@@ -240,7 +286,10 @@ class Objective:
         raise ValueError(f"unknown metric {item!r}; valid: {METRIC_SYNTAX}")
 
     def _loss_sums(self, output, target):
-        return _as_sum_count(self.loss_fn(output, target), f"loss {self.loss_name}")
+        what = f"loss {self.loss_name}"
+        value = self.loss_fn(output, target) if self.loss_name in _LOSSES else call_user(self.loss_fn, what, output,
+                                                                                          target)
+        return _as_sum_count(value, what, _batch_size(output, target))
 
     # -- use --------------------------------------------------------------------------------------------
     @property
@@ -255,16 +304,34 @@ class Objective:
         return names
 
     def output(self, model: nn.Module, inputs):
-        return model(inputs) if self.forward_fn is None else self.forward_fn(model, inputs)
+        """The model's output on ``inputs``, through the forward adapter when there is one."""
+        if self.forward_fn is None:
+            return model(inputs)
+        return call_user(self.forward_fn, f"forward={self.forward_name}", model, inputs)
 
     def accumulate(self, output, target, out: torch.Tensor) -> None:
         """Add each metric's (sum, count) of one batch to ``out`` (2·len(metrics),) float64, on the device."""
+        if not torch.is_tensor(output):
+            self._refuse_output(output)
         if torch.is_tensor(output) and output.is_floating_point() and output.dtype != torch.float64:
             output = output.float()
         for i, metric in enumerate(self.metrics):
             total, count = metric.fn(output, target)
             out[2 * i] += total.double() if torch.is_tensor(total) else float(total)
             out[2 * i + 1] += count.double() if torch.is_tensor(count) else float(count)
+
+    def _refuse_output(self, output) -> None:
+        """A model output that is not one tensor, for metrics that need one: say what came back and the fix."""
+        needing = [m.name for m in self.metrics if m.tensor]
+        if not needing:
+            return  # the user's own loss and metrics take whatever the model returns
+        needs = f"the metrics {needing} need the model's output as one tensor (batch, classes)"
+        if self.forward_fn is None:
+            raise ValueError(f"the model returned {describe_value(output)}; {needs}: pass forward= (CLI: --forward "
+                             "module:function) returning the logits, e.g. lambda m, x: m(x)[0] for a tuple or "
+                             "lambda m, x: m(x).logits")
+        raise ValueError(f"forward={self.forward_name} returned {describe_value(output)}; {needs}: make it return "
+                         "the logits, e.g. lambda m, x: m(x)[0] for a tuple")
 
     def recorded(self) -> dict:
         """What goes into a file's config: the loss, the metrics and the adapter by name."""

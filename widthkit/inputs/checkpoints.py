@@ -24,14 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
-import pickle
-import pickletools
-import re
-import sys
-import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +35,10 @@ from torch import nn
 
 from ..fileio import atomic_write
 from ..runtime import provenance as runtime_provenance
+from .safe_pickle import CheckpointError, is_safetensors, safe_load
+
+__all__ = ["ArchNames", "ANALYSIS_NAMES", "TRAINER_NAMES", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint", "extract_state_dict",
+           "clean_state_dict", "file_sha256", "safe_load", "atomic_save"]
 
 FORMAT_VERSION = 1  # value of the "widthkit_checkpoint" key; bump when the layout changes
 ROLES = ("sgd", "swa", "iterate", "start")  # or None
@@ -52,8 +50,30 @@ _LIGHTNING_PREFIXES = ("model.", "net.", "network.")  # only "model." outside Li
 _FEW = 5  # how many keys an error message lists
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file (or an argument about one) that widthkit cannot use; the message says the fix."""
+@dataclass(frozen=True)
+class ArchNames:
+    """How the caller's model arguments are spelled in messages: an analysis passes ``arch=`` (CLI ``--arch``,
+    optional: the architecture can be detected from the weights); the trainer ``model=`` (CLI ``--model``,
+    always set by its config)."""
+
+    keyword: str = "arch"
+    flag: str = "--arch"
+    kwargs_keyword: str = "arch_kwargs"
+    kwargs_flag: str | None = None  # None: a Python argument only
+    optional: bool = True
+
+    def pass_arch(self, name: str) -> str:
+        return f"pass {self.keyword}={name!r} (CLI: {self.flag} {name})"
+
+    def arch(self) -> str:
+        return f"{self.keyword}= (CLI: {self.flag})"
+
+    def kwargs(self) -> str:
+        return f"{self.kwargs_keyword}= " + (f"(CLI: {self.kwargs_flag})" if self.kwargs_flag else "(Python only)")
+
+
+ANALYSIS_NAMES = ArchNames()
+TRAINER_NAMES = ArchNames("model", "--model", "model_kwargs", "--model-kwargs", optional=False)
 
 
 @dataclass
@@ -317,6 +337,7 @@ def load_checkpoint(
     arch_kwargs: Mapping[str, Any] | None = None,
     *,
     allow_nonfinite: bool = False,
+    names: ArchNames = ANALYSIS_NAMES,
 ) -> Checkpoint:
     """Load a checkpoint file into a registered model (CPU, eval mode, weights loaded strictly).
 
@@ -331,6 +352,8 @@ def load_checkpoint(
             recorded ones.
         allow_nonfinite: load weights holding NaN/Inf instead of refusing them, to inspect them (Python only:
             no analysis can use such weights, and the command line has no flag for it).
+        names: how messages spell ``arch``/``arch_kwargs`` for the caller (:data:`TRAINER_NAMES` for the
+            trainer's ``model``/``--model``).
 
     Returns:
         a :class:`Checkpoint`.
@@ -345,18 +368,21 @@ def load_checkpoint(
     path = os.fspath(path)
     obj = safe_load(path)
     sd, info = extract_state_dict(obj, which=which, source=path)
+    if is_safetensors(path):  # a flat dict of tensors: "state_dict" as extract_state_dict sees it
+        info["format"] = "safetensors" + info["format"][len("state_dict"):]
     if not allow_nonfinite:
         _check_finite(sd, path)
     recorded = info.pop("recorded", None)
     if recorded is not None:
-        arch, kwargs, num_classes = _resolve_recorded(recorded, arch, num_classes, arch_kwargs, path)
+        arch, kwargs, num_classes = _resolve_recorded(recorded, arch, num_classes, arch_kwargs, path, names)
     else:
         kwargs = _drop_none(arch_kwargs)
+        _refuse_downloads(kwargs, path, recorded={})
         if arch is None:
             arch, num_classes = _detect_arch(sd, num_classes, kwargs, path)
         elif num_classes is None:
-            num_classes = _infer_num_classes(arch, kwargs, _shapes(sd), path)
-    model = _build_loaded(arch, num_classes, kwargs, sd, path, hint=recorded is None)
+            num_classes = _infer_num_classes(arch, kwargs, _shapes(sd), path, names=names)
+    model = _build_loaded(arch, num_classes, kwargs, sd, path, hint=recorded is None, names=names)
     recorded = recorded or {}
     meta = {
         "arch": arch,
@@ -385,290 +411,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def safe_load(path: str | os.PathLike) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what went wrong
-    (:class:`CheckpointError`). Every file widthkit reads with torch goes through here.
-
-    A file torch refuses for safety (its pickle names a Python object outside torch's allowlist, such as
-    ``os.system`` or a model class) is reported as refused, naming the object; a plain ``pickle.dump`` file as
-    such; anything else that fails as truncated or corrupt. Nothing in the file is run to find out: the
-    pickle is only disassembled (:mod:`pickletools`).
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint file {path} does not exist (looked in {os.path.abspath(path)})")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder; pass the checkpoint file inside it")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except PermissionError as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: permission denied") from err
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError,
-            AttributeError, OSError) as err:
-        raise _load_error(path, err) from err
-
-
-def _load_error(path: str, err: Exception) -> CheckpointError:
-    """Why ``torch.load(path, weights_only=True)`` raised ``err``: refused for safety, a plain pickle, or
-    corrupt."""
-    scan = _scan_pickles(path)
-    plain = scan is not None and scan.kind == "pickle"
-    if isinstance(err, pickle.UnpicklingError):
-        refused = _refused_globals(err)
-        if not refused and scan is not None:  # a wording this code does not know: the pickle itself says
-            allowed = _allowed_globals()
-            refused = [name for name in scan.globals if not allowed(name)]
-        if refused:
-            return _refusal(path, refused, plain)
-    if plain:
-        return CheckpointError(
-            f"{path} is a plain Python pickle (protocol {scan.protocol}), not a file written by torch.save, "
-            f"and torch.load(weights_only=True) cannot read it; if you trust the file, load it with pickle "
-            f"in the environment that made it and save the weights with torch.save(state_dict, path)"
-        )
-    return _corrupt(path, err)
-
-
-# torch's own wordings of a refused global, first the ones that name it (torch 2.x: "Unsupported global: GLOBAL
-# x.y was not an allowed global by default", "Trying to load unsupported GLOBAL x.y whose module x is blocked"),
-# then one that names only the module.
-_REFUSED_GLOBAL_PATTERNS = (
-    re.compile(r"\bGLOBAL\s+`*([A-Za-z_][\w.]*)"),
-    re.compile(r"\bwhose module\s+`*([A-Za-z_][\w.]*)`*\s+is blocked"),
-)
-
-
-def _refused_globals(err: pickle.UnpicklingError) -> list[str]:
-    """The globals torch's weights-only unpickler refused, read from its messages; [] when it names none.
-
-    torch re-raises its unpickler's error as a new ``UnpicklingError`` whose message wraps the original
-    (``raise ... from None``), so the original stays reachable as ``__context__``: both are read.
-    """
-    found: list[str] = []
-    seen: set[int] = set()
-    exc: BaseException | None = err
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, pickle.UnpicklingError):
-            for pattern in _REFUSED_GLOBAL_PATTERNS:
-                names = [n.rstrip(".") for n in pattern.findall(str(exc))]
-                names = [n for n in names if n and _plausible_global(n)]
-                found += [n for n in names if n not in found]
-                if names:
-                    break
-        exc = exc.__cause__ or exc.__context__
-    return found
-
-
-def _plausible_global(name: str) -> bool:
-    """False for a name torch itself lacks (a garbled read of a truncated legacy file, e.g. ``torch.Lo``).
-
-    Only torch's names are checked: a user's class may simply live in a module this process has not imported.
-    """
-    module, _, attr = name.rpartition(".")
-    if (module == "torch" or module.startswith("torch.")) and module in sys.modules:
-        return hasattr(sys.modules[module], attr)
-    return True
-
-
-def _refusal(path: str, names: list[str], plain: bool) -> CheckpointError:
-    """``path`` refused because its pickle names ``names``; ``plain``: it was written by pickle, not torch.save."""
-    name = names[0]
-    others = f" (and {_few([repr(n) for n in names[1:]])})" if len(names) > 1 else ""
-    module = name.partition(".")[0] if "." in name else "builtins"
-    where = f" (where {name!r} can be imported)"
-    if module in _blocked_modules():
-        where = ""
-        why = (f" {module!r} gives access to the operating system (running commands, reading files): no "
-               f"checkpoint needs it, so treat the file as hostile unless you know who made it and why it holds "
-               f"{name!r}.")
-    elif plain:
-        why = " The file is a plain Python pickle (pickle.dump), not a torch.save file."
-    else:
-        why = (" Typical cause: torch.save(model, path) of a whole module, or numpy values in a training "
-               "checkpoint.")
-    if plain:
-        fix = ("state_dict = pickle.load(open(path, 'rb')); torch.save(state_dict, path) (for a whole model: "
-               "torch.save(model.state_dict(), path))")
-    else:
-        fix = ("model = torch.load(path, weights_only=False); torch.save(model.state_dict(), path) (for a dict "
-               "checkpoint: torch.save(ckpt['state_dict'], path))")
-    return CheckpointError(
-        f"{path} refused for safety: it stores the Python object {name!r}{others}, and unpickling arbitrary "
-        f"objects can run arbitrary code, so widthkit reads only tensors and plain containers "
-        f"(torch.load(weights_only=True)); nothing from the file was run.{why} If you trust the file, re-save "
-        f"just the weights as a state dict in the environment that made it{where}: {fix}"
-    )
-
-
-def _blocked_modules() -> tuple[str, ...]:
-    """Modules torch refuses even when allowlisted (``os``, ``sys``, ``posix``, ``nt`` in torch 2.x)."""
-    try:
-        from torch import _weights_only_unpickler
-    except ImportError:  # another torch
-        return ("sys", "os", "posix", "nt")
-    return tuple(getattr(_weights_only_unpickler, "_blocklisted_modules", ("sys", "os", "posix", "nt")))
-
-
-def _allowed_globals() -> Callable[[str], bool]:
-    """A predicate: is this ``module.name`` one ``torch.load(weights_only=True)`` accepts?"""
-    try:  # torch's private allowlists (built-in and torch.serialization.add_safe_globals)
-        from torch import _weights_only_unpickler
-
-        allowed = set(_weights_only_unpickler._get_allowed_globals())
-        allowed |= set(_weights_only_unpickler._get_user_allowed_globals())
-    except Exception:  # another torch: its tensors, storages and dtypes, and the containers it allows
-        return lambda name: name.startswith("torch.") or name in _PLAIN_GLOBALS
-    return lambda name: name in allowed or name in _PLAIN_GLOBALS
-
-
-_PLAIN_GLOBALS = frozenset({"collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.set",
-                            "builtins.bytearray", "builtins.complex"})
-
-
-@dataclass(frozen=True)
-class _PickleScan:
-    kind: str  # "zip" (torch.save), "legacy" (torch.save(_use_new_zipfile_serialization=False)), "pickle"
-    protocol: int
-    globals: tuple[str, ...]  # every module.name the pickle(s) refer to, in order of appearance
-
-
-_LEGACY_MAGIC = getattr(torch.serialization, "MAGIC_NUMBER", 0x1950A86A20F9469CFC6C)
-
-
-def _scan_pickles(path: str) -> _PickleScan | None:
-    """Disassemble the file's pickles without running them; None when they are not complete, valid pickles.
-
-    A torch.save zip holds one pickle (``data.pkl``); a legacy torch.save file starts with four (magic number,
-    protocol, system info, the object); anything else is read as one plain pickle.
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                member = next((n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")), None)
-                read = None if member is None else _read_pickle(io.BytesIO(archive.read(member)))
-            return None if read is None else _PickleScan("zip", read[0], read[1])
-        with open(path, "rb") as f:
-            if f.read(2) == b"PK":  # a zip without its directory: a truncated torch.save file
-                return None
-            f.seek(0)
-            first = _read_pickle(f)
-            if first is None:
-                return None
-            if first[2] != _LEGACY_MAGIC:
-                return _PickleScan("pickle", first[0], first[1])
-            names = list(first[1])
-            for _ in range(3):
-                read = _read_pickle(f)
-                if read is None:
-                    return None
-                names += [n for n in read[1] if n not in names]
-            return _PickleScan("legacy", first[0], tuple(names))
-    except Exception:  # an unreadable archive or file is for the caller to call corrupt
-        return None
-
-
-_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-                         "BINUNICODE8"})
-
-
-def _read_pickle(f) -> tuple[int, tuple[str, ...], Any] | None:
-    """``(protocol, globals, value)`` of the pickle starting at ``f``'s position (left just after it), where
-    ``value`` is the argument of a pickle holding a single number (the legacy magic number) or None.
-
-    None unless it is a complete, consistent pickle of protocol 2 or later (every torch.save file is): random
-    bytes almost never pass :func:`pickletools.dis`'s stack and memo checks.
-    """
-    start = f.tell()
-    names: list[str] = []
-    strings: list[str] = []  # strings pushed so far, for STACK_GLOBAL (protocol 4+) which pops two of them
-    memo: dict[int, str | None] = {}
-    top: str | None = None  # the string on top of the stack, if the top is one
-    ops = []
-    for op, arg, _ in pickletools.genops(f):
-        ops.append((op.name, arg))
-        if op.name in ("GLOBAL", "INST"):
-            module, _, attr = arg.partition(" ")
-            names.append(f"{module}.{attr}")
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            names.append(f"{strings[-2]}.{strings[-1]}")
-        if op.name in _STRING_OPS and isinstance(arg, str):
-            top = arg
-            strings.append(arg)
-        elif op.name == "MEMOIZE":
-            memo[len(memo)] = top
-        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[int(arg)] = top
-        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-            top = memo.get(int(arg))
-            if top is not None:
-                strings.append(top)
-        elif op.name != "FRAME":
-            top = None
-    if not ops or ops[0][0] != "PROTO" or not 2 <= ops[0][1] <= pickle.HIGHEST_PROTOCOL:
-        return None
-    end = f.tell()
-    if end - start <= _CHECKED_PICKLE_BYTES:  # larger ones are no accident of random bytes
-        f.seek(start)
-        pickletools.dis(io.BytesIO(f.read(end - start)), out=_Discard())  # ValueError: not a consistent pickle
-        f.seek(end)
-    value = ops[1][1] if len(ops) == 3 and isinstance(ops[1][1], int) else None
-    return ops[0][1], tuple(dict.fromkeys(n for n in names if _is_dotted_name(n))), value
-
-
-_CHECKED_PICKLE_BYTES = 64 << 20
-
-
-class _Discard:
-    """A text sink: :func:`pickletools.dis` checks the pickle; its listing is not needed."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-
-def _is_dotted_name(name: str) -> bool:
-    return all(part.isidentifier() for part in name.split("."))
-
-
-def _corrupt(path: str, err: Exception) -> CheckpointError:
-    size = os.path.getsize(path)
-    detail = _excerpt(_torch_reason(err))
-    return CheckpointError(
-        f"{path} ({size} bytes) is truncated or corrupt: torch.load failed with {type(err).__name__}"
-        + (f": {detail}" if detail else "")
-        + "; copy or save the file again (an interrupted save or transfer leaves such files)"
-    )
-
-
-def _torch_reason(err: Exception) -> str:
-    """torch's own complaint: for a weights-only load, the unpickler's error that torch's longer message wraps
-    (kept as ``__context__``), else the message itself."""
-    inner = err.__context__
-    if isinstance(err, pickle.UnpicklingError) and isinstance(inner, pickle.UnpicklingError) and str(inner).strip():
-        return str(inner)
-    return str(err)
-
-
-def _excerpt(text: str, limit: int = 160) -> str:
-    """``text`` on one line, at most about ``limit`` characters, cut after a sentence or else between words,
-    never inside a word or a `backtick span`."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())  # no ANSI bold, no line breaks
-    if len(text) <= limit:
-        return text[:-1] if re.search(r"[^.]\.$", text) else text  # the caller's sentence goes on
-
-    def outside_backticks(i: int) -> bool:
-        return text[:i].count("`") % 2 == 0
-
-    sentences = [m.end() - 1 for m in re.finditer(r"[.!?](?=\s)", text[: limit + 1]) if outside_backticks(m.end())]
-    if sentences and sentences[-1] >= limit // 3:
-        return text[: sentences[-1]]  # the full stop is left out: the caller's sentence goes on
-    spaces = [m.start() for m in re.finditer(r"\s", text[: limit + 1]) if outside_backticks(m.start())]
-    if spaces:
-        return text[: spaces[-1]].rstrip(",;:") + " ..."
-    first = re.match(r"\S+", text)
-    return first.group(0) + " ..."  # one long word (a path): whole
-
-
 def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
     bad = []
     for name, t in sd.items():
@@ -687,13 +429,15 @@ def _check_finite(sd: Mapping[str, torch.Tensor], path: str) -> None:
 
 
 def _resolve_recorded(recorded: dict, arch: str | None, num_classes: int | None,
-                      arch_kwargs: Mapping | None, path: str) -> tuple[str, dict, int]:
+                      arch_kwargs: Mapping | None, path: str, names: ArchNames) -> tuple[str, dict, int]:
     if not isinstance(recorded["arch"], str):
         raise CheckpointError(f"{path} is a widthkit checkpoint without a recorded 'arch'; it is damaged")
     if arch is not None and arch != recorded["arch"]:
+        fix = (f"leave out {names.arch()} to use the recorded one" if names.optional
+               else names.pass_arch(recorded["arch"]))
         raise CheckpointError(
-            f"{path}: the checkpoint records arch {recorded['arch']!r} but arch={arch!r} was passed (CLI: "
-            f"--arch {arch}); leave out arch= (CLI: --arch) to use the recorded one"
+            f"{path}: the checkpoint records arch {recorded['arch']!r} but {names.keyword}={arch!r} was passed "
+            f"(CLI: {names.flag} {arch}); {fix}"
         )
     if num_classes is not None and recorded["num_classes"] is not None and num_classes != recorded["num_classes"]:
         raise CheckpointError(
@@ -701,12 +445,34 @@ def _resolve_recorded(recorded: dict, arch: str | None, num_classes: int | None,
             f"was passed; leave out num_classes= to use the recorded one (a Python argument: the command line "
             f"always reads it from the file)"
         )
-    kwargs = {**_drop_none(recorded["arch_kwargs"]), **_drop_none(arch_kwargs)}
+    # a None passed over a recorded keyword drops it (the factory's default applies)
+    kwargs = _drop_none({**(recorded["arch_kwargs"] or {}), **(arch_kwargs or {})})
+    _refuse_downloads(kwargs, path, recorded=_drop_none(recorded["arch_kwargs"]))
     return recorded["arch"], kwargs, num_classes if num_classes is not None else recorded["num_classes"]
 
 
 def _drop_none(kwargs: Mapping | None) -> dict:
     return {k: v for k, v in (kwargs or {}).items() if v is not None}
+
+
+# create_model keywords that make torchvision (or timm) download pretrained weights
+_DOWNLOAD_KEYWORDS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+
+
+def _refuse_downloads(kwargs: Mapping, path: str, recorded: Mapping) -> None:
+    """Refuse architecture keywords that ask for pretrained weights: the weights come from the checkpoint, and
+    widthkit never downloads anything."""
+    asking = [k for k in _DOWNLOAD_KEYWORDS if kwargs.get(k) not in (None, False, "")]
+    if not asking:
+        return
+    key = asking[0]
+    what = f"arch_kwargs {key}={kwargs[key]!r}"
+    what = f"the checkpoint records {what}, which" if recorded.get(key) == kwargs[key] else what
+    raise CheckpointError(
+        f"{path}: {what} asks for pretrained weights to be downloaded; widthkit never downloads, and the "
+        f"weights come from this checkpoint: drop the keyword "
+        f"(load_checkpoint(path, arch_kwargs={{{key!r}: None}}) in Python, or re-save the checkpoint without it)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -752,7 +518,7 @@ def _compare(expected: Shapes, given: Shapes) -> tuple[list[str], list[str], lis
 
 
 def _infer_num_classes(arch: str, kwargs: Mapping, given: Shapes, path: str,
-                       cache: dict | None = None) -> int | None:
+                       cache: dict | None = None, names: ArchNames = ANALYSIS_NAMES) -> int | None:
     """The class count that makes ``arch``'s final layer match ``given``; None when it cannot be read.
 
     The final layer is found by building ``arch`` with 10 and with 11 classes: the last weight whose shape
@@ -764,7 +530,7 @@ def _infer_num_classes(arch: str, kwargs: Mapping, given: Shapes, path: str,
             return 10
         s11 = _meta_shapes(arch, 11, kwargs, cache)
     except Exception as err:  # the factory's own error, whatever its type, says why it cannot be built
-        raise _build_error(arch, None, kwargs, path, err) from err
+        raise _build_error(arch, None, kwargs, path, err, names=names) from err
     changing = [k for k in s10 if k in s11 and s10[k] != s11[k] and k in given]
     weights = [k for k in changing if k.endswith("weight")] or changing
     if not weights:
@@ -844,7 +610,7 @@ def _fingerprint(model: nn.Module) -> list[tuple]:
 
 
 def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mapping[str, torch.Tensor],
-                  path: str, hint: bool) -> nn.Module:
+                  path: str, hint: bool, names: ArchNames = ANALYSIS_NAMES) -> nn.Module:
     """``create_model`` on the CPU, check names and shapes, ``load_state_dict(strict=True)``, ``eval()``."""
     from .. import models
 
@@ -852,46 +618,54 @@ def _build_loaded(arch: str, num_classes: int | None, kwargs: Mapping, sd: Mappi
     try:
         model = models.create_model(arch, **nc, **kwargs)
     except Exception as err:  # unknown name, bad kwargs: the registry's message names the options
-        raise _build_error(arch, num_classes, kwargs, path, err, recorded=not hint) from err
+        raise _build_error(arch, num_classes, kwargs, path, err, recorded=not hint, names=names) from err
     missing, unexpected, mismatched = _compare(_shapes(model.state_dict()), _shapes(sd))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: the weights do not fit {arch!r}: {len(missing)} missing key(s) [{_few(missing)}], "
-            f"{len(unexpected)} unexpected key(s) [{_few(unexpected)}]" + (_arch_hint(sd, arch, kwargs) if hint else "")
+            f"{len(unexpected)} unexpected key(s) [{_few(unexpected)}]"
+            + (_arch_hint(sd, arch, kwargs, names) if hint else "")
         )
     if mismatched:
         expected = model.state_dict()
         shapes = [f"{k!r} is {tuple(sd[k].shape)} in the checkpoint but {tuple(expected[k].shape)} in the model"
                   for k in mismatched]
+        if not hint:
+            fix = ("check num_classes= and arch_kwargs= (e.g. depth, widen_factor) against the run that wrote it "
+                   "(Python arguments passed over the ones the file records)")
+        elif names.optional:
+            fix = ("check num_classes= and arch_kwargs= (e.g. depth, widen_factor) against the run that wrote it "
+                   "(Python arguments; on the command line pass an --arch whose name fixes them, e.g. --arch "
+                   "preresnet164 for depth 164, or leave out --arch to detect the model)")
+        else:
+            fix = (f"check {names.kwargs()} (e.g. depth, widen_factor) and the data's class count against the run "
+                   "that wrote it")
         raise CheckpointError(
             f"{path}: shape mismatch loading into {arch!r} (num_classes={num_classes}, arch_kwargs={dict(kwargs)}): "
-            f"{_few(shapes, sep='; ')}; check num_classes= and arch_kwargs= (e.g. depth, widen_factor) against "
-            f"the run that wrote it (Python arguments"
-            + ("; on the command line pass an --arch whose name fixes them, e.g. --arch preresnet164 for depth "
-               "164, or leave out --arch to detect the model)" if hint else " passed over the ones the file "
-               "records)")
+            f"{_few(shapes, sep='; ')}; {fix}"
         )
     model.load_state_dict(dict(sd), strict=True)  # a copy: BatchNorm may add num_batches_tracked to it
     return model.eval()
 
 
-def _arch_hint(sd: Mapping[str, torch.Tensor], arch: str, kwargs: Mapping) -> str:
+def _arch_hint(sd: Mapping[str, torch.Tensor], arch: str, kwargs: Mapping, names: ArchNames) -> str:
     matches = [name for name, _ in _matching_models(_shapes(sd), None, kwargs) if name != arch]
     if len(matches) == 1:
-        return (f"; they match {matches[0]!r}: pass arch={matches[0]!r} (CLI: --arch {matches[0]}) or leave "
-                f"out arch= (CLI: --arch) to detect it")
-    return "; is arch= (CLI: --arch) the architecture that wrote it?"
+        detect = f" or leave out {names.arch()} to detect it" if names.optional else ""
+        return f"; they match {matches[0]!r}: {names.pass_arch(matches[0])}{detect}"
+    return f"; is {names.arch()} the architecture that wrote it?"
 
 
 def _build_error(arch: str, num_classes: int | None, kwargs: Mapping, path: str, err: Exception,
-                 recorded: bool = False) -> CheckpointError:
+                 recorded: bool = False, names: ArchNames = ANALYSIS_NAMES) -> CheckpointError:
     """``recorded``: ``arch`` and (some of) ``kwargs`` come from a widthkit file, not from the caller."""
     if recorded:
         fix = ("the file records this model: check any arch_kwargs= passed over the recorded ones (a Python "
                "argument), or load it with the widthkit release and model registrations that wrote it")
     else:
-        fix = ("fix arch= (CLI: --arch) or arch_kwargs= (Python only), or leave out arch= (CLI: --arch) to "
-               "detect the model from the weights")
+        fix = f"fix {names.arch()} or {names.kwargs()}"
+        if names.optional:
+            fix += f", or leave out {names.arch()} to detect the model from the weights"
     return CheckpointError(
         f"{path}: cannot build model {arch!r} (num_classes={num_classes}, arch_kwargs={dict(kwargs)}): {err}; {fix}"
     )

@@ -30,6 +30,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..fileio import atomic_write
 from . import store
 from .figures import (
     LINE_DISTANCE_LABEL,
@@ -438,7 +439,30 @@ def draw(data, metric: str | None = None, ax: Axes | None = None) -> Axes:
     data = _as_data(data)
     kind = _check_data(data)
     with loss_units(units_of_loss(data)):
-        return _DRAWERS[kind](data, metric, ax)
+        ax = _DRAWERS[kind](data, metric, ax)
+    mark_partial(ax.figure, data)
+    return ax
+
+
+def mark_partial(fig: Figure, data) -> bool:
+    """Write PARTIAL on ``fig`` when ``data`` is a killed (or still running) analysis' file: the figure itself
+    says so, not only the terminal. Returns whether it did."""
+    done, total = store.completeness(data)
+    if done >= total or any(t.get_gid() == "partial" for t in fig.texts):
+        return done < total
+    fig.text(0.01, 0.995, f"PARTIAL: {done} of {total} points computed; resume with the same command",
+             ha="left", va="top", color="tab:red", fontsize="small", gid="partial")
+    return True
+
+
+def partial_note(data, name) -> str | None:
+    """The warning for a partial analysis file ``name`` (None when it is complete), as the plot command prints
+    it and :meth:`widthkit.analyses.result.Analysis.plot` warns."""
+    done, total = store.completeness(data)
+    if done >= total:
+        return None
+    return (f"{name} is partial: {done} of {total} points computed (a killed or running analysis); the figures show "
+            "what is there. Run the command that made it again to finish it")
 
 
 def units_of_loss(data) -> str:
@@ -465,11 +489,8 @@ def figures_of(data, metric=None, plane_kind: str = "contour") -> list[tuple[str
     try:
         with loss_units(units_of_loss(data)):
             figures = _BUILDERS[kind](data, metric, plane_kind)
-        done, total = store.completeness(data)
-        if done < total:  # a killed run's file: say so on the figure itself, not only on the terminal
-            for _, fig in figures:
-                fig.text(0.01, 0.995, f"PARTIAL: {done} of {total} points computed; resume with the same command",
-                         ha="left", va="top", color="tab:red", fontsize="small", gid="partial")
+        for _, fig in figures:
+            mark_partial(fig, data)
         return figures
     except BaseException:
         for num in set(plt.get_fignums()) - before:
@@ -513,7 +534,9 @@ def plot_analysis(data, out_stem, formats: Sequence[str] = ("png", "pdf"), metri
             for suffix, fig in figures:
                 for fmt in formats:
                     path = out_stem.with_name(f"{out_stem.name}{suffix}.{fmt}")
-                    fig.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
+                    # through a temporary file: a full disk leaves no empty or half figure behind
+                    atomic_write(path, lambda f, fig=fig, fmt=fmt: fig.savefig(f, format=fmt, dpi=PNG_DPI,
+                                                                                bbox_inches="tight"))
                     paths.append(str(path))
     finally:
         for num in set(plt.get_fignums()) - before:

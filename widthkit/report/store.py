@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from ..fileio import WriterLock, to_json
+from ..fileio import WriterLock, temp_path, to_json
 
 SCHEMA = 1
 KINDS = ("rays", "line", "plane")
@@ -146,7 +146,7 @@ def update_attrs(path, attrs: Mapping[str, Any], group: str | None = None) -> No
     """
     path = Path(path)
     with WriterLock(path):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temp_path(path)
         try:
             _rewrite_with_attrs(path, tmp, attrs, group)
         except OSError as err:
@@ -212,6 +212,7 @@ def open_analysis(
     if kind not in KINDS:
         raise ValueError(f"unknown analysis kind {kind!r}; valid: {KINDS}")
     path = Path(path)
+    check_file_path(path, kind)
     lock = WriterLock(path).acquire()
     try:
         af = AnalysisFile(path, lock, list(groups), list(metrics), tuple(int(s) for s in grid_shape))
@@ -227,6 +228,13 @@ def open_analysis(
         raise
 
 
+def check_file_path(path: Path, kind: str) -> None:
+    """``ValueError`` when ``path``, meant to be an analysis file, names an existing folder."""
+    if path.is_dir():
+        raise ValueError(f"out={str(path)!r} is a folder; give the analysis file's name, such as "
+                         f"{str(path / (kind + '.h5'))!r}")
+
+
 def _axis_spec(spec) -> tuple[np.ndarray, list[str], dict]:
     """``(array, dims)`` or ``(array, dims, {"long_name": ..., "units": ...})`` -> all three."""
     arr, dims, *rest = spec
@@ -234,7 +242,7 @@ def _axis_spec(spec) -> tuple[np.ndarray, list[str], dict]:
 
 
 def _create(path, kind, config_json, axes, groups, grid_shape, metrics, attrs):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with h5py.File(tmp, "w", track_order=True) as f:
             f.attrs["schema"] = SCHEMA

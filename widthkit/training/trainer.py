@@ -62,8 +62,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from ..engine.objectives import split_sums
-from ..fileio import WriterLock, atomic_write
-from ..inputs.checkpoints import atomic_save, load_checkpoint, safe_load, save_checkpoint
+from ..fileio import WriterLock, atomic_write, check_writable
+from ..inputs.checkpoints import TRAINER_NAMES, atomic_save, load_checkpoint, safe_load, save_checkpoint
 from ..inputs.data import IMAGEFOLDER_PREFIX, augment, load_dataset
 from ..models import create_model
 from ..settings import split_kwargs
@@ -381,7 +381,7 @@ class _Run:
         self.threads = torch.get_num_threads()  # until choose_threads
         if cfg.init:
             given = load_checkpoint(cfg.init, arch=cfg.model, num_classes=self.data.num_classes,
-                                    arch_kwargs=cfg.model_kwargs or None)
+                                    arch_kwargs=cfg.model_kwargs or None, names=TRAINER_NAMES)
             self.model.load_state_dict(given.model.state_dict())
             self.init_sha256 = given.sha256
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -407,6 +407,7 @@ class _Run:
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"output folder {out} is a file; pass a folder path")
+        check_writable(out, create=False)  # a read-only place: one line naming it, before the lock or any data
         # one writer per output folder for the whole run: a second `train --out` of the same folder is refused
         with WriterLock(out):
             return cls._execute_locked(cfg, out, mode, runtime, device, overwrite, progress)
