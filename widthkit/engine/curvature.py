@@ -75,6 +75,9 @@ class CurvatureConfig:
                                        "≤ tol·max|λ| (the residuals stored are then measured)")
     lanczos_max_iter: int = option(100, "most Lanczos steps (Hessian-vector products) for the top eigenpairs")
     trace_hvps: int = option(99, "Hessian-vector products of the Hutch++ trace (a multiple of 3; 0: no trace)")
+    # 4 probes (measured on the digits checkpoints, 16 probes' spread): the standard error over probes is 2.5-5 %
+    # of the effective dimension at α ≤ 0.1, ~14 % at α = 1 and ~25 % of the density's trace (Hutch++: 0.3 %);
+    # 8 probes would double the costliest estimator for a factor √2, and fewer steps bias the quadrature
     slq_probes: int = option(4, "random probes of the stochastic Lanczos quadrature density (0: no density)")
     slq_steps: int = option(64, "Lanczos steps per density probe")
     density_points: int = option(512, "grid points of the smoothed densities")
