@@ -66,7 +66,8 @@ def main(argv=None) -> int:
                 u = slq_uncertainty(v["slq_nodes"][:P], v["slq_weights"][:P], dim, alphas)
                 eff = effective_dimension(v["slq_nodes"][:P], v["slq_weights"][:P], dim, alphas)
                 rows[P] = {"trace": (u["trace"], u["trace_stderr"]),
-                           **{f"eff_dim_{a:g}": (e, s) for a, e, s in zip(alphas, eff, u["effective_dimension_stderr"])}}
+                           **{f"eff_dim_{a:g}": (e, s)
+                              for a, e, s in zip(alphas, eff, u["effective_dimension_stderr"])}}
                 for name, (val, se) in rows[P].items():
                     print(f"| {group} | {name} | {P} | {val:.4g} | {se:.2g} | {_ratio(se, val)} |")
                 P *= 2
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
         res = widthkit.sharpness(args.ckpt, kinds=kinds, samples=args.draws, pac_samples=args.pac_samples, **common)
         rho = res["axes"]["rho_avg"]
         print(f"\nsharpness: average-case over {args.draws} draws (SE for the first n from the per-draw spread)")
-        print("| model | measure | ρ | value | SE/value, 16 draws | SE/value, all draws | seconds |\n|---|---|---|---|---|---|---|")
+        print("| model | measure | ρ | value | SE/value, 16 draws | SE/value, all draws | seconds |\n"
+              "|---|---|---|---|---|---|---|")
         units = ["point", *kinds]
         for group, m in res["models"].items():
             v = m["values"]

@@ -56,7 +56,8 @@ def test_slq_errors_are_over_probes_and_describe_the_spread_of_repeated_estimate
 
     nodes, weights = run(0)
     u = slq_uncertainty(nodes, weights, D, alphas)
-    # by hand, one probe at a time: its trace estimate D·Σᵢ wᵢθᵢ, its effective dimension D·Σᵢ wᵢ λ⁺/(λ⁺ + α)
+    # by hand, one probe at a time: its trace estimate D·Σᵢ wᵢθᵢ, its effective dimension
+    # D·Σᵢ wᵢ λ⁺/(λ⁺ + α)
     per_trace = [D * sum(w * t for t, w in zip(n, ww)) for n, ww in zip(nodes, weights)]
     per_eff = [[D * sum(w * max(t, 0) / (max(t, 0) + a) for t, w in zip(n, ww)) for a in alphas]
                for n, ww in zip(nodes, weights)]

@@ -58,8 +58,8 @@ FROM_TRAINING = {"dataset": "dataset", "data_root": "data_root", "device": "devi
 # the pipeline's planes are start/SGD/SWA and its iterate planes: what places them is not a flag here
 PLANE_THROUGH_CHECKPOINTS = ("random", "span", "norm", "exclude", "mark", "pca", "pca_center", "trajectory")
 # a quick look at the Hessian in the pipeline (the curvature command's own defaults measure more)
-# 4 density probes: with 2 the effective dimension's standard error reached 21 % on the digits checkpoints (4: ≤ 10.5 %,
-# about 12 s more per model)
+# 4 density probes: with 2 the effective dimension's standard error reached 21 % on the digits checkpoints
+# (4: ≤ 10.5 %, about 12 s more per model)
 PIPELINE_CURVATURE = {"top_k": 2, "trace_hvps": 30, "slq_probes": 4, "slq_steps": 40, "loss_subset": 512}
 # what the pipeline sets unless the recipe's --config file or a flag says otherwise: the SGD iterates of both
 # branches are kept for the analyses through iterates (planes through them, trajectories)

@@ -217,7 +217,8 @@ def _curvature_datasets(spec: CurvatureConfig, dim: int) -> dict:
         "eigenvalues": ((k,), f8), "eigenvectors": ((k, dim), f4, {"dims": ["eigenpair", "theta"]}),
         "eigen_residuals": ((k,), f8, {"what": MEASURED}), "eigen_residuals_lanczos": ((k,), f8, {"what": ESTIMATED}),
         "lambda_min": ((), f8), "lambda_min_vector": ((dim,), f4),
-        "lambda_min_residual": ((), f8, {"what": MEASURED}), "lambda_min_residual_lanczos": ((), f8, {"what": ESTIMATED}),
+        "lambda_min_residual": ((), f8, {"what": MEASURED}),
+        "lambda_min_residual_lanczos": ((), f8, {"what": ESTIMATED}),
         "lanczos_iterations": ((), f8), "lanczos_converged": ((), np.uint8),
         "seconds": ((len(units),), f8, {"units": "s", "estimators": list(units)}), "hvps": ((len(units),), f8),
     }
@@ -486,8 +487,8 @@ def surface_curvature(path, points=None, *, coords=None, group: str | None = Non
 
     Returns:
         ``{"points" (P, ndim) or None, "coords" (P, k), "lambda_max" (P,), "lambda_min" (P,), "ratio"
-        (|λ_min|/λ_max, Li et al.'s convexity measure), "residuals" (P, 2) (measured ‖Hy − λy‖ of λ_max and λ_min),
-        "iterations" (P,)}``.
+        (|λ_min|/λ_max, Li et al.'s convexity measure), "residuals" (P, 2) (measured ‖Hy − λy‖ of λ_max and
+        λ_min), "iterations" (P,)}``.
     """
     surface = store.read(path, load_large=True)
     kind = surface["kind"]

@@ -488,7 +488,8 @@ def lanczos(matvec: MatVec, dim: int, *, k: int = 1, tol: float = 1e-4, max_iter
     reorthogonalisation.
 
     Starts from a seeded Gaussian vector; every new Lanczos vector is orthogonalised against all previous ones
-    (twice), so the Ritz residual of a pair (λ, y = Q s) is |β_{m+1}·s_m| (in exact arithmetic). Stops when these of the
+    (twice), so the Ritz residual of a pair (λ, y = Q s) is |β_{m+1}·s_m| (in exact arithmetic). Stops when these of
+    the
     top ``k`` pairs and of the smallest are all ≤ ``tol``·max|λ|, or after ``max_iter`` steps (``converged``
     False), or when the Krylov space is invariant (β = 0: the Ritz pairs are exact; with fewer Ritz values than
     needed a fresh random vector continues it).

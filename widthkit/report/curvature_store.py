@@ -231,9 +231,9 @@ def read_curvature(path, load_vectors: bool = True) -> dict:
     Eigenvectors (``eigenvectors`` (k, D), ``lambda_min_vector`` (D,)) are replaced by ``<name>_shape`` unless
     ``load_vectors``. A group whose ``done`` flags are not all set is partial: its values there are NaN.
 
-    Residuals: ``eigen_residuals`` / ``lambda_min_residual`` are measured ‖Hy − λy‖, ``eigen_residuals_lanczos`` /
-    ``lambda_min_residual_lanczos`` Lanczos' estimates. A file written before both were stored held the estimates
-    under the first names: they are read under the second, and ``notes`` says so.
+    Residuals: ``eigen_residuals`` / ``lambda_min_residual`` are measured ‖Hy − λy‖,
+    ``eigen_residuals_lanczos`` / ``lambda_min_residual_lanczos`` Lanczos' estimates. A file written before both
+    were stored held the estimates under the first names: they are read under the second, and ``notes`` says so.
     """
     path = Path(path)
     with open_for_reading(path, "curvature/sharpness") as f:
