@@ -138,7 +138,7 @@ def test_pac_bayes_reports_the_error_at_sigma_with_its_error(small_minimum):
 
 
 SMALL = ["--loss-subset", "96", "--top-k", "2", "--lanczos-max-iter", "12", "--trace-hvps", "6", "--slq-probes", "3",
-         "--slq-steps", "6", "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet", "--no-plot"]
+         "--slq-steps", "6", "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet", "--no-plot", "--device", "cpu"]
 
 
 def test_curvature_file_and_tables_carry_the_errors_and_probe_counts(digits_ckpts, tmp_path, capsys):
@@ -171,7 +171,7 @@ def test_sharpness_file_and_tables_carry_the_errors_and_draw_counts(digits_ckpts
     assert sharpness_cmd.main(["--ckpt", digits_ckpts["swa"], "--loss-subset", "64", "--bn-mode", "keep",
                                "--kinds", "avg", "worst_l2", "pac_bayes", "--rho-avg", "0.01", "0.05",
                                "--rho-l2", "0.05", "--samples", "5", "--ascent-steps", "2", "--pac-samples", "3",
-                               "--pac-tol", "0.2", "--quiet", "--out", str(out)]) == 0
+                               "--pac-tol", "0.2", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     v = read_curvature(out)["models"]["swa"]["values"]
     assert v["avg_stderr"].shape == (2,) and (v["avg_stderr"] > 0).all() and "worst_l2_stderr" not in v
