@@ -91,7 +91,8 @@ def test_a_matrix_operator_gives_residuals_at_float64_rounding():
 
 
 SMALL = ["--loss-subset", "96", "--top-k", "2", "--lanczos-max-iter", "40", "--trace-hvps", "0", "--slq-probes", "0",
-         "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet", "--no-plot", "--device", "cpu"]
+         "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet", "--no-plot",
+         "--device", "cpu"]
 
 
 def test_files_store_both_and_earlier_files_read_as_estimates(digits_ckpts, tmp_path):

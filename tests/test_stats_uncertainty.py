@@ -138,7 +138,8 @@ def test_pac_bayes_reports_the_error_at_sigma_with_its_error(small_minimum):
 
 
 SMALL = ["--loss-subset", "96", "--top-k", "2", "--lanczos-max-iter", "12", "--trace-hvps", "6", "--slq-probes", "3",
-         "--slq-steps", "6", "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet", "--no-plot", "--device", "cpu"]
+         "--slq-steps", "6", "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet", "--no-plot",
+         "--device", "cpu"]
 
 
 def test_curvature_file_and_tables_carry_the_errors_and_probe_counts(digits_ckpts, tmp_path, capsys):
