@@ -16,7 +16,8 @@ cross-entropy over the examples), interleaved round by round so that machine noi
 
 Reported: seconds per product (median over rounds) and products per second, the ratios widthkit/x, and the top
 eigenvalue of each: widthkit's Lanczos, Lanczos on the plain loop's products, PyHessian's power iteration (its
-``eigenvalues(maxIter, tol)``), with their relative differences.
+``eigenvalues(maxIter, tol)``), with their relative differences. On a shared machine the ratios move by ±25 %
+from one run to the next: run it at least 3 times and quote the range (benchmarks/RESULTS.md does).
 
     python benchmarks/bench_hvp.py --ckpt checkpoints/digits/sgd.pt            # digits: all 1,438 train images
     python benchmarks/bench_hvp.py --ckpt sgd.pt --examples 4096 --rounds 3 --out benchmarks/hvp.md

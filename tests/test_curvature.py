@@ -363,7 +363,8 @@ def test_curvature_command_on_digits_checkpoints(digits_ckpts, tmp_path, capsys)
             "--figures", str(tmp_path / "fig"), "--format", "png"]
     assert curvature_cmd.main(args) == 0
     printed = capsys.readouterr().out
-    assert "SGD" in printed and "SWA" in printed and "λ_1 (λ_max)" in printed and "trace (Hutch++)" in printed
+    assert "SGD" in printed and "SWA" in printed and "λ_1 (λ_max)" in printed
+    assert "trace (Hutch++, 6 products)" in printed
     assert (tmp_path / "fig" / "c.png").stat().st_size > 5000
     data = read_curvature(out)
     assert data["kind"] == "curvature" and data["attrs"]["operator"]["n_examples"] == 96
@@ -415,6 +416,27 @@ def test_commands_refuse_bad_input_before_any_work(digits_ckpts, tmp_path, capsy
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="unknown setting"):
         widthkit.curvature(digits_ckpts["swa"], top_kk=3)
+
+
+def test_top_k_is_checked_against_the_iterations_and_the_parameter_count_before_any_file(digits_ckpts, tmp_path,
+                                                                                         capsys):
+    out = tmp_path / "a" / "c.h5"
+    base = ["--ckpt", digits_ckpts["swa"], "--out", str(out), "--quiet", "--loss-subset", "64", "--no-plot"]
+    # today: an 836 MB file of (20000, D) eigenvectors, then "got shape (6,), the file holds (14458,)"
+    assert curvature_cmd.main(base + ["--top-k", "20000", "--lanczos-max-iter", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "top_k 20000 eigenpairs need at least as many Lanczos steps, but " \
+        "lanczos_max_iter is 6" in err and "--lanczos-max-iter" in err, err
+    D = widthkit.load_checkpoint(digits_ckpts["swa"]).model
+    D = sum(p.numel() for p in D.parameters())
+    assert curvature_cmd.main(base + ["--top-k", str(D + 1), "--lanczos-max-iter", str(D + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"top_k {D + 1} is more than the {D} parameters of SWA" in err and f"--top-k {D} or fewer" in err, err
+    assert not out.exists() and not list(out.parent.glob("*"))
+    with pytest.raises(ValueError, match="3 eigenpairs need at least 3 Lanczos steps, but max_iter is 2"):
+        lanczos(lambda v: v, 10, k=3, max_iter=2)
+    # along a surface only λ_max is computed: a small --lanczos-max-iter is no contradiction there
+    assert CurvatureConfig(top_k=2, lanczos_max_iter=2).top_k == 2
 
 
 def test_sharpness_command_on_digits_checkpoints(digits_ckpts, tmp_path, capsys):

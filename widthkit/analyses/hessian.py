@@ -36,10 +36,12 @@ from ..engine.curvature import (
     lanczos,
     log_spectral_density,
     slq_probe,
+    slq_uncertainty,
     spectral_density,
 )
 from ..engine.sharpness import KINDS as SHARPNESS_KINDS
-from ..engine.sharpness import PAC_BAYES, RADII, WORST, SharpnessConfig, sharpness_of
+from ..engine.sharpness import AVERAGE, PAC_BAYES, RADII, WORST, SharpnessConfig, sharpness_of
+from ..engine.space import ThetaLayout
 from ..report import curvature_store, store
 from ..runtime import RuntimeConfig, choose_threads, provenance, random_subset
 from ..settings import split_kwargs
@@ -201,6 +203,16 @@ def _curvature_units(spec: CurvatureConfig) -> list[str]:
     return ["point", "lanczos"] + (["hutchpp"] if spec.trace_hvps else []) + (["slq"] if spec.slq_probes else [])
 
 
+def _lanczos_products(spec: CurvatureConfig, dim: int) -> int:
+    """The most products Lanczos takes: its steps, then one per measured residual (top k and λ_min)."""
+    return min(spec.lanczos_max_iter, dim) + min(spec.top_k, dim) + 1
+
+
+MEASURED = "‖Hy − λy‖ measured: one more Hessian-vector product per eigenvector"
+ESTIMATED = ("Lanczos' estimate |β·s| of ‖Hy − λy‖ (what stops it; far below what the products resolve once "
+             "converged, not a measurement)")
+
+
 def _curvature_datasets(spec: CurvatureConfig, dim: int) -> dict:
     k = min(spec.top_k, dim)
     units = _curvature_units(spec)
@@ -209,8 +221,11 @@ def _curvature_datasets(spec: CurvatureConfig, dim: int) -> dict:
     ds = {
         "loss": ((), f8, {"units": "nats"}), "train_error": ((), f8, {"units": "fraction"}), "grad_norm": ((), f8),
         "eigenvalues": ((k,), f8), "eigenvectors": ((k, dim), f4, {"dims": ["eigenpair", "theta"]}),
-        "eigen_residuals": ((k,), f8), "lambda_min": ((), f8), "lambda_min_vector": ((dim,), f4),
-        "lambda_min_residual": ((), f8), "lanczos_iterations": ((), f8), "lanczos_converged": ((), np.uint8),
+        "eigen_residuals": ((k,), f8, {"what": MEASURED}), "eigen_residuals_lanczos": ((k,), f8, {"what": ESTIMATED}),
+        "lambda_min": ((), f8), "lambda_min_vector": ((dim,), f4),
+        "lambda_min_residual": ((), f8, {"what": MEASURED}),
+        "lambda_min_residual_lanczos": ((), f8, {"what": ESTIMATED}),
+        "lanczos_iterations": ((), f8), "lanczos_converged": ((), np.uint8),
         "seconds": ((len(units),), f8, {"units": "s", "estimators": list(units)}), "hvps": ((len(units),), f8),
     }
     if spec.trace_hvps:
@@ -222,7 +237,11 @@ def _curvature_datasets(spec: CurvatureConfig, dim: int) -> dict:
                    "density_sigma": ((), f8), "log_density_grid": ((g,), f8, {"units": "log10 |eigenvalue|"}),
                    "log_density_positive": ((g,), f8), "log_density_negative": ((g,), f8),
                    "log_density_excluded": ((), f8), "spectral_moments": ((2,), f8),
-                   "effective_dimension": ((a,), f8, {"dims": ["eff_dim_alpha"]})})
+                   "spectral_moments_stderr": ((2,), f8, {"over": "SLQ probes"}),
+                   "slq_trace": ((), f8, {"what": "D times the density's mean"}),
+                   "slq_trace_stderr": ((), f8, {"over": "SLQ probes"}),
+                   "effective_dimension": ((a,), f8, {"dims": ["eff_dim_alpha"]}),
+                   "effective_dimension_stderr": ((a,), f8, {"dims": ["eff_dim_alpha"], "over": "SLQ probes"})})
     return ds
 
 
@@ -249,6 +268,8 @@ def curvature(models, data=None, *, config: EvalConfig | None = None,
     """
     spec, loss, cfg, rt = _configs(CurvatureConfig, kwargs, config, runtime)
     setup = prepare(models, data, cfg, rt, arch=arch, which=which, what="curvature")
+    for s in setup.subjects:  # before any product or file
+        spec.check_dim(ThetaLayout.from_model(s.model).size, s.label)
     threads_before = torch.get_num_threads()
     try:
         ops = operators(setup, loss, spec.hvp, _recorded(out, overwrite))
@@ -258,7 +279,7 @@ def curvature(models, data=None, *, config: EvalConfig | None = None,
                   for s in setup.subjects}
         axes = {"eff_dim_alpha": (np.array(spec.eff_dim_alpha), ["eff_dim_alpha"],
                                   {"long_name": "α of Σ λ/(λ+α)", "units": "eigenvalue"})}
-        per_model = 2 + spec.lanczos_max_iter + spec.trace_hvps + spec.slq_probes * spec.slq_steps
+        per_model = 2 + _lanczos_products(spec, dim) + spec.trace_hvps + spec.slq_probes * spec.slq_steps
         bar = _Progress(progress, per_model * len(setup.subjects))
 
         def body(rf):
@@ -298,18 +319,19 @@ def _curvature_of(i: int, group: str, ops: Operators, spec: CurvatureConfig, see
         r = lanczos(op.hvp, op.dim, k=spec.top_k, tol=spec.lanczos_tol, max_iter=spec.lanczos_max_iter, seed=seed,
                     device=dev, on_step=lambda j: bar.tick())
         write({"eigenvalues": r.eigenvalues, "eigenvectors": r.eigenvectors.float().cpu().numpy(),
-               "eigen_residuals": r.residuals, "lambda_min": r.lambda_min,
+               "eigen_residuals": r.residuals, "eigen_residuals_lanczos": r.ritz_residuals, "lambda_min": r.lambda_min,
                "lambda_min_vector": r.lambda_min_vector.float().cpu().numpy(),
-               "lambda_min_residual": r.lambda_min_residual, "lanczos_iterations": r.iterations,
+               "lambda_min_residual": r.lambda_min_residual, "lambda_min_residual_lanczos": r.lambda_min_ritz_residual,
+               "lanczos_iterations": r.iterations,
                "lanczos_converged": int(r.converged)}, "lanczos", time.perf_counter() - t0, op.hvp_count - n0)
-    bar.done = start + 2 + spec.lanczos_max_iter
+    bar.done = start + 2 + _lanczos_products(spec, op.dim)
     bar.tick(0)
     if "hutchpp" in units and not done["hutchpp"]:
         t0, n0 = time.perf_counter(), op.hvp_count
         t = hutchpp(op.hvp, op.dim, spec.trace_hvps, seed=seed, device=dev, on_step=lambda j: bar.tick())
         write({"trace": t.trace, "trace_stderr": t.stderr, "trace_low_rank": t.low_rank, "trace_samples": t.samples},
               "hutchpp", time.perf_counter() - t0, op.hvp_count - n0)
-    bar.done = start + 2 + spec.lanczos_max_iter + spec.trace_hvps
+    bar.done = start + 2 + _lanczos_products(spec, op.dim) + spec.trace_hvps
     bar.tick(0)
     if "slq" in units and not done["slq"]:
         _density_of(group, op, spec, seed, rf, units, bar)
@@ -335,11 +357,15 @@ def _density_of(group, op: HessianOperator, spec: CurvatureConfig, seed: int, rf
     grid, dens, sigma = spectral_density(nodes, weights, points=spec.density_points, sigma=spec.density_sigma)
     logd = log_spectral_density(nodes, weights, points=spec.density_points, sigma=spec.log_density_sigma)
     moments = [float((weights * nodes ** o).sum() / nodes.shape[0]) for o in (1, 2)]
+    spread = slq_uncertainty(nodes, weights, op.dim, spec.eff_dim_alpha)
     k = units.index("slq")
     rf.write(group, {"density_grid": grid, "density": dens, "density_sigma": sigma, "log_density_grid": logd["grid"],
                      "log_density_positive": logd["positive"], "log_density_negative": logd["negative"],
                      "log_density_excluded": logd["excluded"], "spectral_moments": moments,
+                     "spectral_moments_stderr": spread["spectral_moments_stderr"], "slq_trace": spread["trace"],
+                     "slq_trace_stderr": spread["trace_stderr"],
                      "effective_dimension": effective_dimension(nodes, weights, op.dim, spec.eff_dim_alpha),
+                     "effective_dimension_stderr": spread["effective_dimension_stderr"],
                      "seconds": (k, time.perf_counter() - t0), "hvps": (k, op.hvp_count - n0)}, done=["slq"])
 
 
@@ -353,9 +379,13 @@ def _sharpness_datasets(spec: SharpnessConfig) -> dict:
           "seconds": ((len(units),), f8)}
     for kind in spec.kinds:
         if kind in PAC_BAYES:
-            ds.update({kind: ((), f8), f"{kind}_sigma": ((), f8), f"{kind}_evaluations": ((), f8)})
+            ds.update({kind: ((), f8), f"{kind}_sigma": ((), f8), f"{kind}_evaluations": ((), f8),
+                       f"{kind}_error": ((), f8, {"units": "fraction", "what": "expected train error at σ'"}),
+                       f"{kind}_error_stderr": ((), f8, {"units": "fraction", "over": "pac_samples draws"})})
         else:
             ds[kind] = ((len(spec.radii(kind)),), f8)
+            if kind in AVERAGE:
+                ds[f"{kind}_stderr"] = ((len(spec.radii(kind)),), f8, {"over": "samples draws"})
             if kind in WORST:
                 ds[f"{kind}_eps_norm"] = ((len(spec.radii(kind)),), f8)
     return ds
@@ -413,8 +443,11 @@ def _measure(unit: str, op: HessianOperator, spec: SharpnessConfig, seed: int) -
         return {"loss": loss, "train_error": err}
     res = sharpness_of(unit, op, spec, seed=seed)
     if unit in PAC_BAYES:
-        return {unit: res["flatness"], f"{unit}_sigma": res["sigma"], f"{unit}_evaluations": res["evaluations"]}
+        return {unit: res["flatness"], f"{unit}_sigma": res["sigma"], f"{unit}_evaluations": res["evaluations"],
+                f"{unit}_error": res["error"], f"{unit}_error_stderr": res["error_stderr"]}
     out = {unit: res["values"]}
+    if unit in AVERAGE:
+        out[f"{unit}_stderr"] = res["stderr"]
     if unit in WORST:
         out[f"{unit}_eps_norm"] = res["eps_norms"]
     return out
@@ -463,7 +496,8 @@ def surface_curvature(path, points=None, *, coords=None, group: str | None = Non
 
     Returns:
         ``{"points" (P, ndim) or None, "coords" (P, k), "lambda_max" (P,), "lambda_min" (P,), "ratio"
-        (|λ_min|/λ_max, Li et al.'s convexity measure), "residuals" (P, 2), "iterations" (P,)}``.
+        (|λ_min|/λ_max, Li et al.'s convexity measure), "residuals" (P, 2) (measured ‖Hy − λy‖ of λ_max and
+        λ_min), "iterations" (P,)}``.
     """
     surface = store.read(path, load_large=True)
     kind = surface["kind"]
@@ -486,7 +520,7 @@ def surface_curvature(path, points=None, *, coords=None, group: str | None = Non
     extra = {k for k in kwargs if k in {f.name for f in dataclasses.fields(CurvatureConfig)} - allowed}
     if extra:
         raise ValueError(f"{sorted(extra)} do not apply along a surface (only λ_max and λ_min are computed there)")
-    spec, loss, cfg, rt = _configs(CurvatureConfig, kwargs, config, runtime)
+    spec, loss, cfg, rt = _configs(CurvatureConfig, {**kwargs, "top_k": 1}, config, runtime)  # λ_max only
     setup = prepare(models, data, cfg, rt, arch=arch, which=which, count=(1,), what="curvature along a surface")
     if coords is None:
         all_idx, all_coords = surface_points(surface, group)

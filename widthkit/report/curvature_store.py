@@ -227,9 +227,13 @@ def read_curvature(path, load_vectors: bool = True) -> dict:
     """Read a curvature or sharpness file into plain Python/numpy values.
 
     Returns ``{"kind", "config", "attrs", "axes": {name: array}, "models": {group: {"attrs": {...},
-    "values": {name: array, or float for a scalar}, "done": {unit: bool}}}, "path"}``. Eigenvectors
-    (``eigenvectors`` (k, D), ``lambda_min_vector`` (D,)) are replaced by ``<name>_shape`` unless
+    "values": {name: array, or float for a scalar}, "done": {unit: bool}, "notes": [str]}}, "path"}``.
+    Eigenvectors (``eigenvectors`` (k, D), ``lambda_min_vector`` (D,)) are replaced by ``<name>_shape`` unless
     ``load_vectors``. A group whose ``done`` flags are not all set is partial: its values there are NaN.
+
+    Residuals: ``eigen_residuals`` / ``lambda_min_residual`` are measured ‖Hy − λy‖,
+    ``eigen_residuals_lanczos`` / ``lambda_min_residual_lanczos`` Lanczos' estimates. A file written before both
+    were stored held the estimates under the first names: they are read under the second, and ``notes`` says so.
     """
     path = Path(path)
     with open_for_reading(path, "curvature/sharpness") as f:
@@ -252,11 +256,29 @@ def read_curvature(path, load_vectors: bool = True) -> dict:
                     continue
                 arr = ds[...]
                 values[dname] = float(arr) if arr.shape == () else arr
+            notes = _legacy_residuals(kind, values)
             units = decode_attr(obj["done"].attrs["units"])
             flags = obj["done"][...]
             out["models"][name] = {"attrs": {k: decode_attr(v) for k, v in obj.attrs.items()}, "values": values,
-                                   "done": {u: bool(flags[i]) for i, u in enumerate(units)}}
+                                   "done": {u: bool(flags[i]) for i, u in enumerate(units)}, "notes": notes}
     return out
+
+
+# residual datasets that files written before widthkit measured ‖Hy − λy‖ held Lanczos' estimates in
+LEGACY_RESIDUALS = {"eigen_residuals": "eigen_residuals_lanczos", "lambda_min_residual": "lambda_min_residual_lanczos"}
+
+
+def _legacy_residuals(kind: str, values: dict) -> list[str]:
+    """A curvature file from before the residuals were measured (no ``eigen_residuals_lanczos``): its
+    ``eigen_residuals`` and ``lambda_min_residual`` are Lanczos' estimates, so they are read under the names of
+    the estimates and the measured ones are absent. Returns the note that says so (none for newer files)."""
+    if kind != "curvature" or "eigen_residuals" not in values or "eigen_residuals_lanczos" in values:
+        return []
+    for old, new in LEGACY_RESIDUALS.items():
+        if old in values:
+            values[new] = values.pop(old)
+    return ["written before residuals were measured: its residuals are Lanczos' estimates (eigen_residuals_lanczos, "
+            "lambda_min_residual_lanczos); re-run with --overwrite to measure them"]
 
 
 def completeness(data: Mapping) -> tuple[int, int]:

@@ -180,6 +180,34 @@ def _scalar(v: Mapping, name: str):
     return None if x is None else float(np.asarray(x).reshape(-1)[0]) if np.size(x) else None
 
 
+def _pm(value, stderr, spec: str = ".4g") -> str:
+    """``value ± stderr`` (the standard error to 2 significant digits); the value alone when no error is known
+    (a file written before errors were stored)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if stderr is None or (isinstance(stderr, float) and math.isnan(stderr)):
+        return _fmt(value, spec)
+    return f"{_fmt(value, spec)} ± {_fmt(stderr, '.2g')}"
+
+
+def _at(v: Mapping, name: str, j: int):
+    return float(np.atleast_1d(v[name])[j]) if name in v else None
+
+
+def _count(n, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s") if n is not None else f"? {what}s"
+
+
+def _residual(v: Mapping) -> str:
+    """The largest residual of the top pairs: measured, or (a file from before they were measured) Lanczos'
+    estimate, marked as such."""
+    for name, mark in (("eigen_residuals", ""), ("eigen_residuals_lanczos", " (Lanczos estimate)")):
+        r = np.atleast_1d(v.get(name, []))
+        if r.size and not np.isnan(r).all():
+            return _fmt(float(np.nanmax(r)), ".2g") + mark
+    return "—"
+
+
 def curvature_rows(data) -> tuple[list[str], list[list[str]]]:
     """(model labels, rows ``[quantity, value per model...]``) of a curvature file."""
     data = _as_data(data)
@@ -195,15 +223,22 @@ def curvature_rows(data) -> tuple[list[str], list[list[str]]]:
         rows.append([f"λ_{i + 1}" + (" (λ_max)" if i == 0 else "")]
                     + [_fmt(float(v["eigenvalues"][i]) if "eigenvalues" in v else None) for v in vals])
     rows.append(["λ_min"] + [_fmt(_scalar(v, "lambda_min")) for v in vals])
+    if any("eigen_residuals" in v or "eigen_residuals_lanczos" in v for v in vals):
+        rows.append([f"largest ‖Hy − λy‖ of λ_1..λ_{k}"] + [_residual(v) for v in vals])
+    cfg = data["config"].get("curvature", {})
+    probes = _count(cfg.get("slq_probes"), "probe")
     if any("trace" in v for v in vals):
-        rows.append(["trace (Hutch++)"] + [
-            f"{_fmt(_scalar(v, 'trace'))} ± {_fmt(_scalar(v, 'trace_stderr'), '.2g')}" if "trace" in v else "—"
-            for v in vals])
+        rows.append([f"trace (Hutch++, {_count(cfg.get('trace_hvps'), 'product')})"] + [
+            _pm(_scalar(v, "trace"), _scalar(v, "trace_stderr")) if "trace" in v else "—" for v in vals])
+    if any("slq_trace" in v for v in vals):
+        rows.append([f"trace (D × density mean, {probes})"] + [
+            _pm(_scalar(v, "slq_trace"), _scalar(v, "slq_trace_stderr")) if "slq_trace" in v else "—" for v in vals])
     alphas = data["axes"].get("eff_dim_alpha")
     if alphas is not None and any("effective_dimension" in v for v in vals):
         for j, a in enumerate(np.atleast_1d(alphas)):
-            rows.append([f"effective dim. (α={a:g})"] + [
-                _fmt(float(v["effective_dimension"][j]), ".4g") if "effective_dimension" in v else "—" for v in vals])
+            rows.append([f"effective dim. (α={a:g}, {probes})"] + [
+                _pm(_at(v, "effective_dimension", j), _at(v, "effective_dimension_stderr", j))
+                if "effective_dimension" in v else "—" for v in vals])
     rows.append(["Lanczos steps"] + [
         f"{_fmt(_scalar(v, 'lanczos_iterations'), '.0f')}"
         + ("" if _scalar(v, "lanczos_converged") in (None, 1.0) else " (not converged)") for v in vals])
@@ -214,27 +249,35 @@ def curvature_rows(data) -> tuple[list[str], list[list[str]]]:
 
 def sharpness_rows(data) -> tuple[list[str], list[list[str]]]:
     """(model labels, rows) of a sharpness file: one row per measure and radius."""
-    from ..engine.sharpness import KIND_TEXT, PAC_BAYES, RADII, radius_field
+    from ..engine.sharpness import AVERAGE, KIND_TEXT, PAC_BAYES, RADII, radius_field
 
     data = _as_data(data)
     groups = list(data["models"])
     labels = [_label(data, g) for g in groups]
     vals = [data["models"][g]["values"] for g in groups]
-    kinds = data["config"].get("sharpness", {}).get("kinds", [])
+    cfg = data["config"].get("sharpness", {})
+    kinds = cfg.get("kinds", [])
     radii = {name: data["axes"][name] for name in RADII if name in data["axes"]}
     rows = [["train loss (nats)"] + [_fmt(_scalar(v, "loss")) for v in vals],
             ["train error (%)"] + [_fmt(None if _scalar(v, "train_error") is None else 100 * _scalar(v, "train_error"),
                                         ".2f") for v in vals]]
     for kind in kinds:
         if kind in PAC_BAYES:
-            rows.append([KIND_TEXT[kind]] + [f"{_fmt(_scalar(v, kind))} (σ' = {_fmt(_scalar(v, kind + '_sigma'), '.3g')})"
-                                             for v in vals])
+            def pac(v):
+                text = f"{_fmt(_scalar(v, kind))} (σ' = {_fmt(_scalar(v, kind + '_sigma'), '.3g')}"
+                err, se = _scalar(v, kind + "_error"), _scalar(v, kind + "_error_stderr")
+                if err is not None and not math.isnan(err):
+                    text += f"; error there {_pm(100 * err, None if se is None else 100 * se, '.3g')} %"
+                return text + ")"
+
+            rows.append([f"{KIND_TEXT[kind]} ({_count(cfg.get('pac_samples'), 'draw')})"] + [pac(v) for v in vals])
             continue
         name = radius_field(kind)
         symbol = "ε" if kind == "keskar" else "ρ"
+        draws = f" ({_count(cfg.get('samples'), 'draw')})" if kind in AVERAGE else ""
         for j, r in enumerate(np.atleast_1d(radii[name])):
-            rows.append([f"{KIND_TEXT[kind]}, {symbol}={r:g}"]
-                        + [_fmt(float(np.atleast_1d(v[kind])[j]) if kind in v else None) for v in vals])
+            rows.append([f"{KIND_TEXT[kind]}, {symbol}={r:g}{draws}"]
+                        + [_pm(_at(v, kind, j), _at(v, f"{kind}_stderr", j)) for v in vals])
     return labels, rows
 
 
@@ -255,7 +298,11 @@ def curvature_table(data) -> str:
     head = f"Hessian of the {_describe(data)}" if data["kind"] == "curvature" else "Sharpness of the train loss"
     partial = f"\n(partial: {done} of {total} estimators finished; run the same command again to finish)" \
         if done < total else ""
-    return head + "\n" + _text_table(labels, rows) + partial
+    return head + "\n" + _text_table(labels, rows) + partial + "".join(f"\n{line}" for line in _notes(data))
+
+
+def _notes(data: Mapping) -> list[str]:
+    return [f"{_label(data, g)}: {note}" for g, m in data["models"].items() for note in m.get("notes") or []]
 
 
 def sharpness_table(data) -> str:
@@ -272,17 +319,21 @@ def curvature_markdown(path) -> str:
     prov = data["attrs"].get("provenance") or {}
     lines = [f"## {title}", ""]
     if data["kind"] == "curvature":
-        lines += [f"Hessian of the {_describe(data)}; top eigenvalues by Lanczos, trace by Hutch++ "
-                  "(± standard error), effective dimension Σ λ/(λ+α) from the SLQ density.", ""]
+        lines += [f"Hessian of the {_describe(data)}; top eigenvalues by Lanczos, trace by Hutch++ and from the "
+                  "SLQ density, effective dimension Σ λ/(λ+α) from the SLQ density; ± one standard error over the "
+                  "random probes (their number beside each row).", ""]
     else:
-        lines += ["Rise of the train loss under weight perturbations (c = 1 plain, c = |θ| adaptive); PAC-Bayes "
-                  "flatness 1/σ'² (σ': the weight noise that raises the train error by the set amount; a larger "
-                  "1/σ'² is a sharper minimum).", ""]
+        lines += ["Rise of the train loss under weight perturbations (c = 1 plain, c = |θ| adaptive); average-case "
+                  "± one Monte-Carlo standard error over the draws; worst-case values are the largest rise an ascent "
+                  "found (a lower bound, no spread); PAC-Bayes flatness 1/σ'² (σ': the weight noise that raises the "
+                  "train error by the set amount, measured over the draws; a larger 1/σ'² is a sharper minimum).",
+                  ""]
     lines += ["| quantity | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     done, total = completeness(data)
     if done < total:
         lines += ["", f"Partial: {done} of {total} estimators finished."]
+    lines += [""] + _notes(data) if _notes(data) else []
     lines += ["", f"Computed on {prov.get('device', '?')} with {prov.get('threads', '?')} threads, torch "
               f"{prov.get('torch_version', '?')}; file `{Path(data['path']).name}`.", ""]
     return "\n".join(lines)

@@ -181,22 +181,36 @@ def paired_test(a: Sequence[float], b: Sequence[float], names: tuple[str, str] =
     their mean and sample std, a two-sided paired t-test (:func:`scipy.stats.ttest_rel`) and the Wilcoxon
     signed-rank test (:func:`scipy.stats.wilcoxon`, with the smallest p-value it can give for this n).
 
+    Differences equal up to float rounding (within :data:`~widthkit.report.width.ROUNDING_REL` of the largest
+    |value|, :func:`~widthkit.report.width.without_rounding`) count as equal: when every seed moved by the same
+    amount (e.g. SWA got exactly one more test image right on each seed) the t statistic is undefined, and
+    instead of the huge t that rounding noise would give, no p-value and a note that says so. ``mean_diff`` and
+    ``std_diff`` are those of the differences without rounding (``differences`` holds them as computed).
+
     With 3 seeds the Wilcoxon test cannot go below p = 0.25; the t-test assumes roughly normal differences.
     """
+    from .width import ROUNDING_REL, without_rounding
+
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"paired_test needs two equally long 1-D sequences, got shapes {x.shape} and {y.shape}")
-    d = y - x
-    n = int(d.size)
-    out: dict = {"names": list(names), "n": n, "differences": d.tolist(),
+    raw = y - x
+    n = int(raw.size)
+    scale = float(np.abs(np.concatenate([x, y])).max()) if n else 0.0
+    d = without_rounding(raw, scale)
+    out: dict = {"names": list(names), "n": n, "differences": raw.tolist(),
                  "mean_diff": float(d.mean()) if n else None, "std_diff": float(d.std(ddof=1)) if n > 1 else None,
                  "t": None, "t_pvalue": None, "wilcoxon_statistic": None, "wilcoxon_pvalue": None,
                  "wilcoxon_min_pvalue": None, "notes": []}
     if n < 2:
         out["notes"].append("fewer than 2 seeds: no paired test")
         return out
-    if np.all(d == d[0]):
-        out["notes"].append("every difference is the same: the t statistic is undefined")
+    if float(raw.max() - raw.min()) <= ROUNDING_REL * scale:
+        if not d.any():
+            out["notes"].append("every seed gave the same value: no difference to test")
+        else:
+            out["notes"].append(f"all seeds moved by the same amount (difference {float(d.mean()):+.6g}): the t "
+                                "statistic is undefined, no p-value")
     else:
         t = stats.ttest_rel(y, x)
         out["t"], out["t_pvalue"] = float(t.statistic), float(t.pvalue)
@@ -361,7 +375,7 @@ def _width_lines(w: dict, seeds: Sequence[int], names: tuple[str, str]) -> list[
     lines.append(f"Across seeds (per-seed mean widths{bound}: {a} "
                  + ", ".join(f"{v:.4g}" for v in w["seed_means"][a]) + f"; {b} "
                  + ", ".join(f"{v:.4g}" for v in w["seed_means"][b])
-                 + f"): mean difference {b} − {a} {_num(t['mean_diff'])}, paired t-test p = {_p(t['t_pvalue'])}, "
+                 + f"): mean difference {b} − {a} {_num(t['mean_diff'])}, {_t_text(t)}, "
                    f"Wilcoxon p = {_p(t['wilcoxon_pvalue'])}"
                  + (f" (cannot go below {t['wilcoxon_min_pvalue']:.3g} with {t['n']} seeds)"
                     if t["wilcoxon_min_pvalue"] else "") + ".")
@@ -382,8 +396,6 @@ def _acc(v) -> str:
 def _t_text(t: dict) -> str:
     if t["t_pvalue"] is not None:
         return f"paired t-test p = {t['t_pvalue']:.3g}"
-    if t["n"] > 1 and not any(t["differences"]):
-        return "identical on every seed"
     return "no t-test: " + "; ".join(t["notes"]) if t["notes"] else "no t-test"
 
 

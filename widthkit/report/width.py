@@ -104,6 +104,9 @@ _SPEC = re.compile(rf"^\s*([A-Za-z_0-9]+)\s*=\s*(\+|x|X|\*)?\s*(-?{_NUMBER})\s*$
 
 # Fewer nonzero paired differences than this and a two-sided Wilcoxon p-value cannot get below 2/2**5 = 0.0625.
 _WILCOXON_MIN_N = 6
+#: Paired differences closer than this fraction of the largest |value| compared are float rounding, not a
+#: difference (a float64 sum or a grid distance carries ~1e-16 of its magnitude; 1e-9 leaves a wide margin).
+ROUNDING_REL = 1e-9
 
 
 # --------------------------------------------------------------------------------------------- thresholds
@@ -682,10 +685,47 @@ def _ratio_text(r: float, kind: str) -> str:
     return {"lower": "> " + text, "upper": "< " + text, "unknown": "?"}.get(kind, text)
 
 
-def _wilcoxon(diffs: np.ndarray, n_censored: int, m: float) -> dict:
+def without_rounding(diffs, scale: float, rel: float = ROUNDING_REL) -> np.ndarray:
+    """Paired differences with float rounding taken out, for tests that look at signs, ties and spread.
+
+    Args:
+        diffs: (N,) differences b − a.
+        scale: the largest |value| the differences were taken between (their rounding is a fraction of it).
+        rel: differences within ``rel``·``scale`` count as equal.
+
+    Returns:
+        (N,) float64: |d| ≤ rel·scale set to 0; magnitudes that follow one another within rel·scale (sorted) set
+        to their group's mean, signs kept. Otherwise the differences given: 0.3 − 0.2 and 0.2 − 0.1 on a grid
+        differ in the last bit, and a rank test would rank as different what is one step each.
+    """
+    d = np.asarray(diffs, dtype=np.float64).copy()
+    tol = rel * float(scale) if math.isfinite(scale) else 0.0
+    d[np.abs(d) <= tol] = 0.0
+    mags = np.abs(d)
+    order = np.argsort(mags, kind="stable")
+    start = 0
+    for i in range(1, order.size + 1):
+        if i == order.size or mags[order[i]] - mags[order[i - 1]] > tol:
+            group = order[start:i]
+            if group.size > 1:
+                d[group] = np.sign(d[group]) * mags[group].mean()
+            start = i
+    return d
+
+
+def _largest(*arrays) -> float:
+    """The largest finite |value| in the arrays (0 when none)."""
+    vals = np.concatenate([np.abs(np.asarray(a, dtype=np.float64)).ravel() for a in arrays])
+    vals = vals[np.isfinite(vals)]
+    return float(vals.max()) if vals.size else 0.0
+
+
+def _wilcoxon(diffs: np.ndarray, n_censored: int, m: float, scale: float = 0.0) -> dict:
+    diffs = without_rounding(diffs, scale)
     nonzero = int(np.count_nonzero(diffs))
     res: dict = {
-        "test": "scipy.stats.wilcoxon, paired, two-sided, zero differences dropped (zero_method='wilcox')",
+        "test": "scipy.stats.wilcoxon, paired, two-sided, zero differences dropped (zero_method='wilcox'); "
+                f"differences within {ROUNDING_REL:g} of the largest width count as equal",
         "n_nonzero": nonzero,
         "n_censored": n_censored,
         "statistic": None,
@@ -745,7 +785,8 @@ def compare(
           ``median_ratio_censored`` whether any were;
         * ``wider``: {name_a: count, name_b: count} of directions where that solution is strictly wider,
           ``ties``, ``undetermined`` (both never crossed);
-        * ``wilcoxon``: paired signed-rank test on b - a (censored widths at ``max_distance``) with notes.
+        * ``wilcoxon``: paired signed-rank test on b - a (censored widths at ``max_distance``; differences equal
+          up to float rounding count as ties, :func:`without_rounding`) with notes.
     """
     if (
         len(names) != 2
@@ -796,7 +837,7 @@ def compare(
         "wider": {names[0]: int(a_wider.sum()), names[1]: int(b_wider.sum())},
         "ties": int(ties.sum()),
         "undetermined": int(undetermined.sum()),
-        "wilcoxon": _wilcoxon(diffs, int((~ca | ~cb).sum()), m),
+        "wilcoxon": _wilcoxon(diffs, int((~ca | ~cb).sum()), m, _largest(fa, fb)),
     }
 
 
