@@ -488,8 +488,9 @@ def _choice_checks() -> dict:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def test_old_spellings_work_and_warn_once(capsys):
+def test_old_spellings_work_and_warn_once(capsys, monkeypatch):
     """--bn, --dataset, --bn_mode, --no-progress and --amp still work, each with one deprecation line."""
+    monkeypatch.setattr(cli, "_WARNED", set())  # once per process: earlier tests may have used the old names
     p = rays_cmd.build_parser()
     args = p.parse_args(["--ckpt", "x.pt", "--bn", "keep", "--dataset", "digits", "--amp", "--no-progress"])
     assert (args.bn_mode, args.dataset, args.amp, args.quiet) == ("keep", "digits", True, True)
