@@ -23,6 +23,7 @@ Datasets (``load_dataset(name, root=None, split="train")``):
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass, field, replace
@@ -70,6 +71,13 @@ class Dataset:
             (pixel / 255); ``len(mean) == len(std) == C``.
         split: ``"train"`` or ``"test"``.
         classes: optional class names, ``classes[label]``; empty when unknown.
+        full_size: examples in the whole split before a subset was drawn.
+        cache: image folders: the decoded cache folder the images are memory-mapped from.
+        fingerprint: a SHA-256 (hex) of what the split was built from, so a run resumed on other data can be
+            refused: image folders, the files' names/sizes/modification times, labels, transform and subset
+            (and the normalisation statistics); file datasets, their files' names, sizes and modification
+            times; the bundled digits, the arrays themselves. A subset's covers its indices. None when unknown
+            (a Dataset built by hand).
     """
 
     name: str
@@ -81,7 +89,8 @@ class Dataset:
     split: str
     classes: tuple[str, ...] = field(default=())
     full_size: int | None = None  # examples in the whole split (before a subset was drawn)
-    cache: str | None = None  # the decoded cache folder the images are memory-mapped from (image folders)
+    cache: str | None = None
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
@@ -111,10 +120,13 @@ class Dataset:
     def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray | slice) -> "Dataset":
         """A new Dataset with the samples at ``indices`` (int indices, a bool mask of length N, or a slice).
 
-        Normalisation (``mean``/``std``), name, split and classes are kept; the tensors are copies.
+        Normalisation (``mean``/``std``), name, split and classes are kept; the tensors are copies; the
+        fingerprint covers the indices.
         """
         idx = _as_index(indices, len(self))
-        return replace(self, images=self.images[idx].clone(), labels=self.labels[idx].clone(), cache=None)
+        fingerprint = None if self.fingerprint is None else imagefolder.digest([self.fingerprint, idx.tolist()])
+        return replace(self, images=self.images[idx].clone(), labels=self.labels[idx].clone(), cache=None,
+                       fingerprint=fingerprint)
 
 
 def _as_index(indices, n: int) -> torch.Tensor:
@@ -258,6 +270,13 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
     return ds if idx is None else replace(ds.subset(idx), full_size=len(ds))
 
 
+def files_fingerprint(name: str, split: str, paths: Sequence[Path]) -> str:
+    """The fingerprint of a split read from ``paths``: their names, sizes and modification times (a stat
+    each, no reading: cheap on any size of dataset, and any rewrite of a file changes it)."""
+    stats = [(p.name, st.st_size, st.st_mtime_ns) for p in paths for st in (Path(p).stat(),)]
+    return imagefolder.digest([name, split, stats])
+
+
 def data_root(root: str | os.PathLike | None = None) -> Path:
     """The data folder: ``root`` if given, else ``$WIDTHKIT_DATA``, else ``./data`` (``~`` expanded)."""
     if root is None:
@@ -310,8 +329,10 @@ def _load_digits(root: Path | None, split: str) -> Dataset:
     images, labels, train_idx, test_idx = _digits_arrays()
     mean, std = channel_stats(torch.from_numpy(images[train_idx]))
     idx = train_idx if split == "train" else test_idx
-    return Dataset(name="digits", images=torch.from_numpy(images[idx]), labels=torch.from_numpy(labels[idx]),
-                   num_classes=10, mean=mean, std=std, split=split, classes=tuple(str(d) for d in range(10)))
+    x, y = images[idx], labels[idx]
+    fingerprint = imagefolder.digest(["digits", split, hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()])
+    return Dataset(name="digits", images=torch.from_numpy(x), labels=torch.from_numpy(y), num_classes=10,
+                   mean=mean, std=std, split=split, classes=tuple(str(d) for d in range(10)), fingerprint=fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -459,7 +480,8 @@ def _load_cifar(spec: _CifarSpec, root: Path | None, split: str) -> Dataset:
     images = np.require(images, requirements=["C_CONTIGUOUS", "WRITEABLE"])  # a copy only if needed
     return Dataset(name=spec.name, images=torch.from_numpy(images),
                    labels=torch.from_numpy(labels), num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
-                   split=split, classes=classes)
+                   split=split, classes=classes,
+                   fingerprint=files_fingerprint(spec.name, split, [folder / f for f in files + (spec.meta_file,)]))
 
 
 @_register("cifar10")
@@ -504,7 +526,8 @@ def _load_imagefolder(name: str, split: str, *, subset, subset_seed, image_size,
             listing, "train", transform, cache, sample, workers, progress)
         mean, std = _cached_stats(stats_part.folder, stats_part.images)
     return Dataset(name=name, images=part.images, labels=part.labels, num_classes=len(listing.classes), mean=mean,
-                   std=std, split=split, classes=listing.classes, full_size=part.full_size, cache=str(part.folder))
+                   std=std, split=split, classes=listing.classes, full_size=part.full_size, cache=str(part.folder),
+                   fingerprint=imagefolder.digest([part.key, mean, std]))
 
 
 def _cached_stats(folder: Path, images: torch.Tensor):

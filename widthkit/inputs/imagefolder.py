@@ -201,7 +201,7 @@ def choose_transform(listing: Listing, image_size: int | None, cache: Path) -> T
     if image_size is not None:
         return Transform.for_size(image_size)
     paths = listing.files["train"] + listing.files.get("test", [])
-    key = _digest([listing.entries(paths)])
+    key = digest([listing.entries(paths)])
     memo = cache / f"transform-{key[:20]}.json"
     try:
         return Transform(**{k: tuple(v) if k == "shape" and v else v for k, v in json.loads(memo.read_text()).items()})
@@ -242,7 +242,8 @@ def default_cache_dir(root: Path) -> Path:
     return Path(base) / "widthkit"
 
 
-def _digest(parts) -> str:
+def digest(parts) -> str:
+    """SHA-256 (hex) of JSON-encoded ``parts``: cache keys and data fingerprints."""
     h = hashlib.sha256()
     for part in parts:
         h.update(json.dumps(part, separators=(",", ":"), default=str).encode())
@@ -351,6 +352,7 @@ class CachedSplit:
     folder: Path
     transform: Transform
     full_size: int
+    key: str  # SHA-256 of the files' names, sizes and mtimes, their labels, the transform and the subset
 
 
 def cached_split(listing: Listing, split: str, transform: Transform, cache: Path, indices: torch.Tensor | None,
@@ -361,7 +363,7 @@ def cached_split(listing: Listing, split: str, transform: Transform, cache: Path
     if indices is not None:
         idx = indices.tolist()
         paths, labels = [paths[i] for i in idx], [labels[i] for i in idx]
-    key = _digest([CACHE_VERSION, split, asdict(transform), labels, listing.entries(paths)])
+    key = digest([CACHE_VERSION, split, asdict(transform), labels, listing.entries(paths)])
     entry = cache / f"{split}-{key[:20]}"
     shape = (len(paths), transform.channels, *transform.out_hw)
     meta_path = entry / "meta.json"
@@ -383,4 +385,5 @@ def cached_split(listing: Listing, split: str, transform: Transform, cache: Path
         raise ValueError(f"the image cache {entry} does not match its folder (shape {meta['shape']} vs {list(shape)});"
                          f" delete {entry} and run again")
     images = np.memmap(entry / "images.u8", dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never altered
-    return CachedSplit(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), entry, transform, full_size)
+    return CachedSplit(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), entry, transform, full_size,
+                       key)
