@@ -4,13 +4,18 @@ unreadable class folders, and a model that does not fit the folder found before 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import signal
 
 import h5py
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import STOP_HERE, kill9, python_child, wait_for_marker
 
 import widthkit
 from widthkit.inputs import imagefolder
@@ -90,3 +95,77 @@ def test_fingerprints_of_the_bundled_and_file_datasets(tmp_path):
     sub = load_dataset("digits", split="test", subset=20, subset_seed=1)
     assert sub.fingerprint not in (a.fingerprint, load_dataset("digits", split="test", subset=20).fingerprint)
     assert a.subset([0, 1]).fingerprint != a.subset([1, 0]).fingerprint
+
+
+# ------------------------------------------------------------------------------- a build killed with its workers
+
+KILLED_WITH_WORKERS = STOP_HERE + """
+# argv: ROOT CACHE MARKER BLOCKED: build the train split's cache with 2 workers, chunks of 4 images; chunk 0
+# decodes, every later chunk is an image that takes forever (its worker writes BLOCKED/<pid> and waits); the
+# builder stops at MARKER once chunk 0 is marked done
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+root, cache, marker, blocked = sys.argv[1:5]
+imagefolder.CHUNK = 4
+real_decode, real_progress = imagefolder._decode_chunk, imagefolder._progress
+
+
+def decode(target, shape, start, paths, transform):
+    if start > 0:
+        open(os.path.join(blocked, str(os.getpid())), "w").close()
+        while True:
+            time.sleep(3600)
+    return real_decode(target, shape, start, paths, transform)
+
+
+def progress(total, desc, enabled):
+    bar = real_progress(total, desc, False)
+    bar.update = lambda n: n > 0 and stop_here(marker)  # called once per chunk marked done
+    return bar
+
+
+imagefolder._decode_chunk, imagefolder._progress = decode, progress
+load_dataset("imagefolder:" + root, workers=2, cache_dir=cache, progress=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped has ended: it holds no file any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_build_takes_its_workers_along_and_a_rerun_finishes_it(tmp_path, spawn, monkeypatch, sig):
+    root = digits_folder(tmp_path / "digits", per_class=(2, 1))  # 20 train images: 5 chunks of 4
+    cache, blocked = tmp_path / "cache", tmp_path / "blocked"
+    blocked.mkdir()
+    proc, log = spawn(python_child(KILLED_WITH_WORKERS, root, cache, tmp_path / "marker", blocked))
+    wait_for_marker(tmp_path / "marker", proc, log)
+    while len(os.listdir(blocked)) < 2:  # both workers are decoding (no deadline: pytest-timeout bounds it)
+        assert proc.poll() is None
+    workers = [int(p) for p in os.listdir(blocked)]
+    try:
+        os.kill(proc.pid, sig)
+        proc.wait()
+        while any(_alive(w) for w in workers):  # they die with their builder; before the fix they waited forever
+            pass
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    lock = next(cache.glob(".train-*.lock"))
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds the build lock now
+    monkeypatch.setattr(imagefolder, "CHUNK", 4)
+    decoded = []
+    real = imagefolder._decode_chunk
+    monkeypatch.setattr(imagefolder, "_decode_chunk", lambda *a: decoded.append(a[2]) or real(*a))
+    resumed = load_dataset(f"imagefolder:{root}", workers=1, cache_dir=cache, progress=False)
+    assert sorted(decoded) == [4, 8, 12, 16]  # chunk 0 was kept
+    fresh = load_dataset(f"imagefolder:{root}", workers=1, cache_dir=tmp_path / "fresh", progress=False)
+    assert torch.equal(resumed.images, fresh.images) and torch.equal(resumed.labels, fresh.labels)

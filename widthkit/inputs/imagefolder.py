@@ -252,14 +252,46 @@ def digest(parts) -> str:
 
 @contextmanager
 def _build_lock(path: Path):
-    """A blocking exclusive ``flock``: one process builds a cache entry, the others wait and then reuse it."""
+    """A blocking exclusive ``flock``: one process builds a cache entry, the others wait and then reuse it.
+    Yields the lock's file descriptor (forked decoding workers close their copy: see :func:`_worker_start`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         os.close(fd)
+
+
+_PARENT: int | None = None  # in a decoding worker: the pid of the process building the cache
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_start(parent: int, inherited_lock: int | None) -> None:
+    """Initializer of a decoding worker: it dies with the process that builds the cache, and holds no lock.
+
+    A forked worker shares the builder's lock (a ``flock`` belongs to the open file, which the fork copied),
+    and a worker whose builder was killed would wait for work forever, adopted by pid 1, holding it: every
+    later run would then wait for that lock. So the copy is closed, and on Linux the kernel kills the worker
+    when its builder dies (``PR_SET_PDEATHSIG``); elsewhere the worker checks its parent between images.
+    """
+    global _PARENT
+    _PARENT = parent
+    if inherited_lock is not None:
+        try:
+            os.close(inherited_lock)
+        except OSError:
+            pass
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the builder died before the request above took effect
+        os._exit(1)
 
 
 def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], transform: Transform) -> int:
@@ -268,6 +300,8 @@ def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], trans
 
     images = np.memmap(target, dtype=np.uint8, mode="r+", shape=shape)
     for i, p in enumerate(paths):
+        if _PARENT is not None and os.getppid() != _PARENT:
+            os._exit(1)  # the builder is gone: nobody will mark this chunk done
         try:
             with Image.open(p) as img:
                 images[start + i] = transform.apply(img)
@@ -286,8 +320,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | None, progress: bool,
-           what: str) -> None:
-    """Decode ``paths`` into ``entry/images.u8`` (resuming a killed build), then mark it complete."""
+           what: str, lock_fd: int | None = None) -> None:
+    """Decode ``paths`` into ``entry/images.u8`` (resuming a killed build), then mark it complete. ``lock_fd``:
+    the build lock, which forked workers must not hold."""
     n = len(paths)
     shape = (n, transform.channels, *transform.out_hw)
     partial = entry / "images.u8.partial"
@@ -323,16 +358,18 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+            fork = "fork" in mp.get_all_start_methods()
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                       mp_context=mp.get_context("fork" if fork else "spawn"),
+                                       initializer=_worker_start, initargs=(os.getpid(), lock_fd if fork else None))
+            try:
                 futures = {pool.submit(_decode_chunk, *a): c for c, a in zip(todo, args)}
-                try:
-                    for fut in as_completed(futures):
-                        mark(futures[fut], fut.result())
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
-                    raise
+                for fut in as_completed(futures):
+                    mark(futures[fut], fut.result())
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # the chunks under way end, nothing new starts
+                raise
+            pool.shutdown()
     bar.close()
     fd = os.open(partial, os.O_RDONLY)
     try:
@@ -373,10 +410,10 @@ def cached_split(listing: Listing, split: str, transform: Transform, cache: Path
         except OSError as e:
             raise OSError(f"cannot create the image cache folder {cache}: {e.strerror}; pass --cache-dir DIR "
                           "(a writable folder with room for the decoded images)") from None
-        with _build_lock(cache / f".{entry.name}.lock"):
+        with _build_lock(cache / f".{entry.name}.lock") as lock_fd:
             if not meta_path.exists():  # another process may have built it while this one waited
                 what = f"{len(paths)} {split} images ({transform.describe()})"
-                _build(entry, paths, transform, workers, progress, what)
+                _build(entry, paths, transform, workers, progress, what, lock_fd)
                 atomic_write(meta_path, to_json({"version": CACHE_VERSION, "split": split, "shape": list(shape),
                                                  "transform": asdict(transform), "root": str(listing.root),
                                                  "classes": list(listing.classes), "n_files": full_size}, indent=1))
