@@ -8,6 +8,8 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -169,3 +171,85 @@ def test_a_killed_build_takes_its_workers_along_and_a_rerun_finishes_it(tmp_path
     assert sorted(decoded) == [4, 8, 12, 16]  # chunk 0 was kept
     fresh = load_dataset(f"imagefolder:{root}", workers=1, cache_dir=tmp_path / "fresh", progress=False)
     assert torch.equal(resumed.images, fresh.images) and torch.equal(resumed.labels, fresh.labels)
+
+
+# ------------------------------------------------------------------------------- a full disk during the build
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 2 MiB tmpfs (skipped where mounting is not allowed); ``remount(size)`` makes it larger."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+BUILD = """
+import sys
+from widthkit import cli
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+root, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+imagefolder.CHUNK = 8  # several chunks: with 2 workers they are decoded by a process pool
+sys.exit(cli.run(lambda: load_dataset("imagefolder:" + root, image_size=160, workers=workers, cache_dir=cache,
+                                      progress=False) and 0))
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_during_the_build_is_one_line_naming_the_cache(tmp_path, tiny_disk, workers):
+    root = digits_folder(tmp_path / "digits")  # 50 train images, 160x160 RGB: 3.7 MiB decoded
+    cache = tiny_disk / "cache"
+    run = subprocess.run([sys.executable, "-c", BUILD, root, cache, str(workers)], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-2000:]  # before: SIGBUS (rc -7) or a BrokenProcessPool traceback
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"no room for the image cache in {cache}" in lines[0] and "3.7 MiB" in lines[0]
+    assert "free space there, or pass --cache-dir" in lines[0]
+    assert not list(cache.rglob("meta.json")) and not list(cache.rglob("images.u8*"))  # nothing half-written kept
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_disk)], check=True)
+    again = subprocess.run([sys.executable, "-c", BUILD, root, cache, str(workers)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    built = load_dataset(f"imagefolder:{root}", image_size=160, cache_dir=cache, progress=False)
+    fresh = load_dataset(f"imagefolder:{root}", image_size=160, cache_dir=tmp_path / "fresh", workers=1,
+                         progress=False)
+    assert torch.equal(built.images, fresh.images)
+
+
+WORKER_KILLED = """
+import os, signal, sys
+from widthkit import cli
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+imagefolder.CHUNK = 8
+real = imagefolder._decode_chunk
+
+
+def decode(target, shape, start, paths, transform):
+    if start == 16:  # as the out-of-memory killer would
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(target, shape, start, paths, transform)
+
+
+imagefolder._decode_chunk = decode
+sys.exit(cli.run(lambda: load_dataset("imagefolder:" + sys.argv[1], workers=2, cache_dir=sys.argv[2],
+                                      progress=False) and 0))
+"""
+
+
+def test_a_decoding_worker_killed_by_the_system_is_one_line(tmp_path):
+    root = digits_folder(tmp_path / "digits")
+    run = subprocess.run([sys.executable, "-c", WORKER_KILLED, root, tmp_path / "cache"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        f"error: a process decoding 50 train images (as they are (8x8, L)) into {tmp_path / 'cache'} died (killed "
+        "by the system: out of memory?); run again to resume the build, with fewer --workers"]
+    assert not list((tmp_path / "cache").rglob("meta.json"))

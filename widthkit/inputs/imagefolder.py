@@ -21,6 +21,7 @@ writable, else in ``$XDG_CACHE_HOME/widthkit`` (``~/.cache/widthkit``); ``cache_
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -312,6 +313,41 @@ def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], trans
     return len(paths)
 
 
+def _allocate(path: Path, nbytes: int) -> None:
+    """Reserve the disk space of the whole file now. Writes through a memory map into a sparse file on a disk
+    that fills up kill the process with SIGBUS (no message, no traceback); reserved up front, a full disk is an
+    ``OSError`` (ENOSPC) before any image is decoded."""
+    if nbytes == 0 or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # EINVAL/EOPNOTSUPP: a filesystem that cannot reserve space; the file stays sparse
+    finally:
+        os.close(fd)
+
+
+def _no_room(cache: Path, what: str, nbytes: int) -> OSError:
+    """The one-line error of a full disk while the cache is built."""
+    try:
+        st = os.statvfs(cache)
+        free = f", {_size(st.f_bavail * st.f_frsize)} free"
+    except OSError:
+        free = ""
+    err = OSError(f"no room for the image cache in {cache}: decoding {what} needs {_size(nbytes)}{free}; free "
+                  "space there, or pass --cache-dir DIR on a disk with room (the images decoded so far are kept, "
+                  "and a re-run resumes)")
+    err.errno = errno.ENOSPC
+    return err
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -330,14 +366,20 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
     n_chunks = (n + CHUNK - 1) // CHUNK
     entry.mkdir(parents=True, exist_ok=True)
     nbytes = int(np.prod(shape))
-    if not partial.exists() or partial.stat().st_size != nbytes or not done_path.exists():
+    fresh = not partial.exists() or partial.stat().st_size != nbytes or not done_path.exists() \
+        or done_path.stat().st_size != n_chunks
+    if fresh:
         with open(partial, "wb") as f:
-            f.truncate(nbytes)  # sparse: the disk fills as images are written
+            f.truncate(nbytes)
         done_path.write_bytes(bytes(n_chunks))
+    try:
+        _allocate(partial, nbytes)
+    except OSError:
+        if fresh:  # nothing decoded yet: hold no space
+            partial.unlink(missing_ok=True)
+            done_path.unlink(missing_ok=True)
+        raise
     done = bytearray(done_path.read_bytes())
-    if len(done) != n_chunks:
-        done = bytearray(n_chunks)
-        done_path.write_bytes(bytes(done))
     todo = [c for c in range(n_chunks) if not done[c]]
     workers = workers or min(os.cpu_count() or 1, 16)
     bar = _progress(n, f"decoding {what} into the cache", progress)
@@ -357,6 +399,7 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
 
             fork = "fork" in mp.get_all_start_methods()
             pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)),
@@ -366,6 +409,10 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
                 futures = {pool.submit(_decode_chunk, *a): c for c, a in zip(todo, args)}
                 for fut in as_completed(futures):
                     mark(futures[fut], fut.result())
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise OSError(f"a process decoding {what} into {entry.parent} died (killed by the system: out of "
+                              "memory?); run again to resume the build, with fewer --workers") from None
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)  # the chunks under way end, nothing new starts
                 raise
@@ -413,10 +460,16 @@ def cached_split(listing: Listing, split: str, transform: Transform, cache: Path
         with _build_lock(cache / f".{entry.name}.lock") as lock_fd:
             if not meta_path.exists():  # another process may have built it while this one waited
                 what = f"{len(paths)} {split} images ({transform.describe()})"
-                _build(entry, paths, transform, workers, progress, what, lock_fd)
-                atomic_write(meta_path, to_json({"version": CACHE_VERSION, "split": split, "shape": list(shape),
-                                                 "transform": asdict(transform), "root": str(listing.root),
-                                                 "classes": list(listing.classes), "n_files": full_size}, indent=1))
+                try:
+                    _build(entry, paths, transform, workers, progress, what, lock_fd)
+                    atomic_write(meta_path, to_json({"version": CACHE_VERSION, "split": split, "shape": list(shape),
+                                                     "transform": asdict(transform), "root": str(listing.root),
+                                                     "classes": list(listing.classes), "n_files": full_size},
+                                                    indent=1))
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise _no_room(cache, what, int(np.prod(shape))) from None
+                    raise
     meta = json.loads(meta_path.read_text())
     if list(meta["shape"]) != list(shape):
         raise ValueError(f"the image cache {entry} does not match its folder (shape {meta['shape']} vs {list(shape)});"
