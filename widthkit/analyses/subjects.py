@@ -142,7 +142,7 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
             # the subset is drawn before anything is decoded (an image folder decodes only those files)
             ds = load_dataset(name, root=cfg.data_root, split=split, subset=k, subset_seed=seed,
                               image_size=cfg.image_size, normalize=cfg.normalize, cache_dir=cfg.cache_dir,
-                              workers=cfg.workers)
+                              workers=cfg.workers, download=cfg.download)
             if k is not None and k > ds.full_size:
                 raise ValueError(f"--{split}-subset {k} asks for more images than the {name} split has "
                                  f"({ds.full_size}); pass at most {ds.full_size}, or leave it unset to use them all")

@@ -24,7 +24,7 @@ Auto = Literal["auto"]
 # Settings that change how fast results come, not what they are: left out of the stored config, so a run
 # resumed with other values continues the same file (the device, thread count and levers go to its provenance).
 HOW_FIELDS = ("device", "eval_batch_size", "threads", "points_in_flight", "chunk_size", "channels_last",
-              "cuda_graphs", "compile", "cache_dir", "max_memory", "workers")
+              "cuda_graphs", "compile", "cache_dir", "max_memory", "workers", "download")
 NORMALIZE = ("auto", "dataset", "imagenet")
 # Old spellings folded into their replacement on construction and never stored: amp=True is precision="bf16".
 ALIAS_FIELDS = ("amp",)
@@ -69,10 +69,13 @@ class EvalConfig:
                                    metavar="N")
     weight_decay: float | None = option(
         None, "adds train_loss_l2 = CE + wd/2·‖θ‖² (default: the weight decay the checkpoint records, else none)")
-    dataset: str | None = option(None, "dataset: digits, cifar10, cifar100, imagefolder:PATH (default: the "
-                                       "checkpoint's)", aliases=("--data",))
-    data_root: str | None = option(None, "folder holding cifar-10-batches-py/ or cifar-100-python/ "
-                                         "(default: $WIDTHKIT_DATA or ./data)")
+    dataset: str | None = option(None, "dataset: digits, cifar10, cifar100, mnist, fashion-mnist, kmnist, "
+                                       "emnist:SPLIT, svhn, stl10, imagefolder:PATH (default: the checkpoint's)",
+                                 aliases=("--data",))
+    data_root: str | None = option(None, "the folder torchvision's datasets live in (cifar-10-batches-py/, MNIST/raw/, "
+                                         "...; default: $WIDTHKIT_DATA or ./data)")
+    download: bool = option(False, "fetch a torchvision dataset into --data-root with torchvision's download "
+                                   "(needs internet; never done otherwise)")
     train_subset: int | None = option(None, "train metrics on N fixed random training images (default: all)",
                                       metavar="N")
     test_subset: int | None = option(None, "test metrics on N fixed random test images (default: all)", metavar="N")

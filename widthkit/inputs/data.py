@@ -35,7 +35,7 @@ import torch
 
 from ..fileio import atomic_write, to_json
 from ..runtime import random_subset
-from . import imagefolder
+from . import imagefolder, torchvision_data
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -218,21 +218,23 @@ def _register(name: str):
 
 
 def list_datasets() -> list[str]:
-    """The dataset names :func:`load_dataset` accepts (sorted); ``imagefolder:PATH`` is accepted as well."""
+    """The dataset names :func:`load_dataset` accepts (sorted, ``emnist:SPLIT`` once per split);
+    ``imagefolder:PATH`` is accepted as well."""
     return sorted(_LOADERS)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train", *,
                  subset: int | None = None, subset_seed: int = 0, image_size: int | None = None,
                  normalize: str = "auto", cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                 progress: bool = True) -> Dataset:
+                 progress: bool = True, download: bool = False) -> Dataset:
     """Load one split of a dataset by name.
 
     Args:
-        name: one of :func:`list_datasets` (``"digits"``, ``"cifar10"``, ``"cifar100"``) or
-            ``"imagefolder:PATH"``.
-        root: folder holding ``cifar-10-batches-py/`` / ``cifar-100-python/`` (or that folder itself);
-            default ``$WIDTHKIT_DATA``, else ``./data``. Unused by ``digits`` and ``imagefolder:``.
+        name: one of :func:`list_datasets` (``"digits"``, ``"cifar10"``, ``"cifar100"``, ``"mnist"``,
+            ``"fashion-mnist"``, ``"kmnist"``, ``"emnist:SPLIT"``, ``"svhn"``, ``"stl10"``) or ``"imagefolder:PATH"``.
+        root: the folder torchvision's datasets were given as root (holding ``cifar-10-batches-py/``,
+            ``MNIST/raw/``, ...; see :mod:`widthkit.inputs.torchvision_data`); default ``$WIDTHKIT_DATA``, else
+            ``./data``. Unused by ``digits`` and ``imagefolder:``.
         split: ``"train"`` or ``"test"``.
         subset: keep ``subset`` fixed random examples (``runtime.random_subset(n, subset, subset_seed)``,
             in their order in the split); an image folder decodes only those.
@@ -241,6 +243,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
             constants), ``"auto"`` (imagenet for resized photo folders, else dataset).
         cache_dir, workers, progress: image folders: where the decoded cache lives, how many processes decode,
             whether a progress bar is shown while it is built.
+        download: torchvision's datasets and CIFAR: fetch the split (and the train split, whose statistics
+            normalise it) with torchvision's own download first. Never done unless asked.
 
     Returns:
         a :class:`Dataset`; with ``normalize="dataset"`` ``mean``/``std`` come from the train split.
@@ -259,8 +263,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
         return _load_imagefolder(name, split, subset=subset, subset_seed=subset_seed, image_size=image_size,
                                  normalize=normalize, cache_dir=cache_dir, workers=workers, progress=progress)
     if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {list_datasets()}, "
+        hint = " (emnist needs its split: emnist:SPLIT)" if name == "emnist" else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {list_datasets()}, "
                          f"or '{IMAGEFOLDER_PREFIX}PATH' for a folder with one sub-folder of images per class")
+    if download:
+        for part in dict.fromkeys((split, "train")):
+            torchvision_data.download(name, data_root(root), part)
     ds = _LOADERS[name](None if root is None else Path(root), split)
     if normalize == "imagenet":
         if ds.images.shape[1] != 3:
@@ -494,6 +502,33 @@ def _load_cifar10(root: Path | None, split: str) -> Dataset:
 def _load_cifar100(root: Path | None, split: str) -> Dataset:
     """CIFAR-100 (fine labels) from ``<root>/cifar-100-python/`` (train, test, meta)."""
     return _load_cifar(_CIFAR["cifar100"], root, split)
+
+
+# --------------------------------------------------------------------------------------------------------
+# torchvision's datasets (MNIST family, SVHN, STL-10) in torchvision's own layout
+# --------------------------------------------------------------------------------------------------------
+
+_TRAIN_STATS: dict[str, tuple] = {}  # train split's fingerprint -> (mean, std): the test split needs them too
+
+
+def _load_torchvision(name: str, root: Path | None, split: str) -> Dataset:
+    """One split read by :func:`torchvision_data.read`, normalised with the train split's channel statistics."""
+    base = data_root(root)
+    arrays = torchvision_data.read(name, base, split)
+    fingerprint = files_fingerprint(name, split, arrays.files)
+    train_print = fingerprint if split == "train" else files_fingerprint(
+        name, "train", torchvision_data.read_files(name, base, "train"))
+    if train_print not in _TRAIN_STATS:
+        train = arrays if split == "train" else torchvision_data.read(name, base, "train")
+        _TRAIN_STATS[train_print] = channel_stats(torch.from_numpy(train.images))
+    mean, std = _TRAIN_STATS[train_print]
+    return Dataset(name=name, images=torch.from_numpy(arrays.images), labels=torch.from_numpy(arrays.labels),
+                   num_classes=len(arrays.classes), mean=mean, std=std, split=split, classes=arrays.classes,
+                   fingerprint=imagefolder.digest([fingerprint, train_print]))
+
+
+for _name in torchvision_data.NAMES:
+    _LOADERS[_name] = functools.partial(_load_torchvision, _name)
 
 
 # --------------------------------------------------------------------------------------------------------
