@@ -449,14 +449,16 @@ def test_stratified_split_partitions():
 
 
 def test_list_datasets():
-    assert list_datasets() == ["cifar10", "cifar100", "digits"]
+    emnist = [f"emnist:{s}" for s in ("balanced", "byclass", "bymerge", "digits", "letters", "mnist")]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", *emnist, "fashion-mnist", "kmnist", "mnist", "stl10",
+                               "svhn"]
     assert data.DEFAULT_DATASET in list_datasets()
 
 
 def test_load_dataset_rejects_bad_name_and_split():
-    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; valid names: \['cifar10', 'cifar100', "
-                                         r"'digits'\], or 'imagefolder:PATH'"):
-        load_dataset("mnist")
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; valid names: \['cifar10', 'cifar100', "
+                                         r"'digits', .*'svhn'\], or 'imagefolder:PATH'"):
+        load_dataset("imagenet")
     with pytest.raises(ValueError, match=r"split must be one of \['train', 'test'\], got 'val'"):
         load_dataset("digits", split="val")
 

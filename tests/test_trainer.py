@@ -98,7 +98,7 @@ def test_lr_at_rejects_bad_arguments(epoch, branch, match):
     ({"epochs": 4, "swa_start": 5}, r"swa_start=5 is outside the budget: it must be in \[1, epochs=4\]; lower "
                                     r"swa_start \(or leave it unset for 0.75\*epochs = 3; CLI: --swa-start auto\)"),
     ({"model": "resnet9000"}, "training config 'model': unknown model 'resnet9000'.*Valid names: .*digits_cnn"),
-    ({"dataset": "mnist"}, r"unknown dataset 'mnist'; valid names: \['cifar10', 'cifar100', 'digits'\]"),
+    ({"dataset": "imagenet"}, r"unknown dataset 'imagenet'; valid names: \['cifar10', 'cifar100', 'digits', "),
     ({"device": "cpu"}, "device is a runtime setting, not part of the training config: pass --device on the "
                         r"command line \(in Python: runtime=RuntimeConfig\(device=...\)\)"),
     ({"amp": True, "threads": 1}, "amp, threads are runtime settings"),

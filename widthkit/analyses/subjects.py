@@ -137,18 +137,21 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
                     "--data-root DIR, --data imagefolder:PATH)"
                 )
             name = recorded.pop()
-        splits = {}
+        splits, fingerprints = {}, {}
         for split, k, seed in (("train", cfg.train_subset, cfg.seed), ("test", cfg.test_subset, cfg.seed + 1)):
             # the subset is drawn before anything is decoded (an image folder decodes only those files)
             ds = load_dataset(name, root=cfg.data_root, split=split, subset=k, subset_seed=seed,
                               image_size=cfg.image_size, normalize=cfg.normalize, cache_dir=cfg.cache_dir,
-                              workers=cfg.workers)
+                              workers=cfg.workers, download=cfg.download)
             if k is not None and k > ds.full_size:
                 raise ValueError(f"--{split}-subset {k} asks for more images than the {name} split has "
                                  f"({ds.full_size}); pass at most {ds.full_size}, or leave it unset to use them all")
             splits[split] = EvalSet.from_dataset(ds, device, max_memory=cfg.max_memory)
+            fingerprints[split] = ds.fingerprint
         train, test = splits["train"], splits["test"]
         desc = {"name": name, "root": str(cfg.data_root) if cfg.data_root else None}
+        if None not in fingerprints.values():  # a resume on changed files is refused (report.store)
+            desc["fingerprint"] = fingerprints
     else:
         if isinstance(data, Mapping):
             train_src, test_src = data.get("train"), data.get("test")

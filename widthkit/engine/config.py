@@ -23,7 +23,7 @@ BN_MODES: tuple[str, ...] = ("recompute", "keep", "batch")
 # (Device, precision, threads, batch size and levers are not here at all: they are the runtime config's,
 # :class:`widthkit.runtime.RuntimeConfig`, and go to provenance.) The precision policy is the one runtime
 # setting that changes numbers: it is recorded beside these, from the runtime config.
-HOW_FIELDS = ("chunk_size", "cache_dir", "max_memory", "workers")
+HOW_FIELDS = ("chunk_size", "cache_dir", "max_memory", "workers", "download")
 NORMALIZE = ("auto", "dataset", "imagenet")
 
 
@@ -38,10 +38,13 @@ class EvalConfig:
                                    metavar="N")
     weight_decay: float | None = option(
         None, "adds train_loss_l2 = CE + wd/2·‖θ‖² (default: the weight decay the checkpoint records, else none)")
-    dataset: str | None = option(None, "dataset: digits, cifar10, cifar100, imagefolder:PATH (default: the "
-                                       "checkpoint's)", flag="--data", old=("--dataset",))
-    data_root: str | None = option(None, "folder holding cifar-10-batches-py/ or cifar-100-python/ "
-                                         "(default: $WIDTHKIT_DATA or ./data)")
+    dataset: str | None = option(None, "dataset: digits, cifar10, cifar100, mnist, fashion-mnist, kmnist, "
+                                       "emnist:SPLIT, svhn, stl10, imagefolder:PATH (default: the checkpoint's)",
+                                 flag="--data", old=("--dataset",))
+    data_root: str | None = option(None, "the folder torchvision's datasets live in (cifar-10-batches-py/, MNIST/raw/, "
+                                         "...; default: $WIDTHKIT_DATA or ./data)")
+    download: bool = option(False, "fetch a torchvision dataset into --data-root with torchvision's download "
+                                   "(needs internet; never done otherwise)")
     train_subset: int | None = option(None, "train metrics on N fixed random training images (default: all)",
                                       metavar="N")
     test_subset: int | None = option(None, "test metrics on N fixed random test images (default: all)", metavar="N")

@@ -23,6 +23,7 @@ Datasets (``load_dataset(name, root=None, split="train")``):
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass, field, replace
@@ -34,7 +35,7 @@ import torch
 
 from ..fileio import atomic_write, to_json
 from ..runtime import random_subset
-from . import imagefolder
+from . import imagefolder, torchvision_data
 from .imagefolder import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -70,6 +71,13 @@ class Dataset:
             (pixel / 255); ``len(mean) == len(std) == C``.
         split: ``"train"`` or ``"test"``.
         classes: optional class names, ``classes[label]``; empty when unknown.
+        full_size: examples in the whole split before a subset was drawn.
+        cache: image folders: the decoded cache folder the images are memory-mapped from.
+        fingerprint: a SHA-256 (hex) of what the split was built from, so a run resumed on other data can be
+            refused: image folders, the files' names/sizes/modification times, labels, transform and subset
+            (and the normalisation statistics); file datasets, their files' names, sizes and modification
+            times; the bundled digits, the arrays themselves. A subset's covers its indices. None when unknown
+            (a Dataset built by hand).
     """
 
     name: str
@@ -81,7 +89,8 @@ class Dataset:
     split: str
     classes: tuple[str, ...] = field(default=())
     full_size: int | None = None  # examples in the whole split (before a subset was drawn)
-    cache: str | None = None  # the decoded cache folder the images are memory-mapped from (image folders)
+    cache: str | None = None
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
@@ -111,10 +120,13 @@ class Dataset:
     def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray | slice) -> "Dataset":
         """A new Dataset with the samples at ``indices`` (int indices, a bool mask of length N, or a slice).
 
-        Normalisation (``mean``/``std``), name, split and classes are kept; the tensors are copies.
+        Normalisation (``mean``/``std``), name, split and classes are kept; the tensors are copies; the
+        fingerprint covers the indices.
         """
         idx = _as_index(indices, len(self))
-        return replace(self, images=self.images[idx].clone(), labels=self.labels[idx].clone(), cache=None)
+        fingerprint = None if self.fingerprint is None else imagefolder.digest([self.fingerprint, idx.tolist()])
+        return replace(self, images=self.images[idx].clone(), labels=self.labels[idx].clone(), cache=None,
+                       fingerprint=fingerprint)
 
 
 def _as_index(indices, n: int) -> torch.Tensor:
@@ -206,21 +218,23 @@ def _register(name: str):
 
 
 def list_datasets() -> list[str]:
-    """The dataset names :func:`load_dataset` accepts (sorted); ``imagefolder:PATH`` is accepted as well."""
+    """The dataset names :func:`load_dataset` accepts (sorted, ``emnist:SPLIT`` once per split);
+    ``imagefolder:PATH`` is accepted as well."""
     return sorted(_LOADERS)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train", *,
                  subset: int | None = None, subset_seed: int = 0, image_size: int | None = None,
                  normalize: str = "auto", cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                 progress: bool = True) -> Dataset:
+                 progress: bool = True, download: bool = False) -> Dataset:
     """Load one split of a dataset by name.
 
     Args:
-        name: one of :func:`list_datasets` (``"digits"``, ``"cifar10"``, ``"cifar100"``) or
-            ``"imagefolder:PATH"``.
-        root: folder holding ``cifar-10-batches-py/`` / ``cifar-100-python/`` (or that folder itself);
-            default ``$WIDTHKIT_DATA``, else ``./data``. Unused by ``digits`` and ``imagefolder:``.
+        name: one of :func:`list_datasets` (``"digits"``, ``"cifar10"``, ``"cifar100"``, ``"mnist"``,
+            ``"fashion-mnist"``, ``"kmnist"``, ``"emnist:SPLIT"``, ``"svhn"``, ``"stl10"``) or ``"imagefolder:PATH"``.
+        root: the folder torchvision's datasets were given as root (holding ``cifar-10-batches-py/``,
+            ``MNIST/raw/``, ...; see :mod:`widthkit.inputs.torchvision_data`); default ``$WIDTHKIT_DATA``, else
+            ``./data``. Unused by ``digits`` and ``imagefolder:``.
         split: ``"train"`` or ``"test"``.
         subset: keep ``subset`` fixed random examples (``runtime.random_subset(n, subset, subset_seed)``,
             in their order in the split); an image folder decodes only those.
@@ -229,6 +243,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
             constants), ``"auto"`` (imagenet for resized photo folders, else dataset).
         cache_dir, workers, progress: image folders: where the decoded cache lives, how many processes decode,
             whether a progress bar is shown while it is built.
+        download: torchvision's datasets and CIFAR: fetch the split (and the train split, whose statistics
+            normalise it) with torchvision's own download first. Never done unless asked.
 
     Returns:
         a :class:`Dataset`; with ``normalize="dataset"`` ``mean``/``std`` come from the train split.
@@ -247,8 +263,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
         return _load_imagefolder(name, split, subset=subset, subset_seed=subset_seed, image_size=image_size,
                                  normalize=normalize, cache_dir=cache_dir, workers=workers, progress=progress)
     if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {list_datasets()}, "
+        hint = " (emnist needs its split: emnist:SPLIT)" if name == "emnist" else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {list_datasets()}, "
                          f"or '{IMAGEFOLDER_PREFIX}PATH' for a folder with one sub-folder of images per class")
+    if download:
+        for part in dict.fromkeys((split, "train")):
+            torchvision_data.download(name, data_root(root), part)
     ds = _LOADERS[name](None if root is None else Path(root), split)
     if normalize == "imagenet":
         if ds.images.shape[1] != 3:
@@ -256,6 +276,13 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = 
         ds = replace(ds, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     idx = random_subset(len(ds), subset, subset_seed)
     return ds if idx is None else replace(ds.subset(idx), full_size=len(ds))
+
+
+def files_fingerprint(name: str, split: str, paths: Sequence[Path]) -> str:
+    """The fingerprint of a split read from ``paths``: their names, sizes and modification times (a stat
+    each, no reading: cheap on any size of dataset, and any rewrite of a file changes it)."""
+    stats = [(p.name, st.st_size, st.st_mtime_ns) for p in paths for st in (Path(p).stat(),)]
+    return imagefolder.digest([name, split, stats])
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -310,8 +337,10 @@ def _load_digits(root: Path | None, split: str) -> Dataset:
     images, labels, train_idx, test_idx = _digits_arrays()
     mean, std = channel_stats(torch.from_numpy(images[train_idx]))
     idx = train_idx if split == "train" else test_idx
-    return Dataset(name="digits", images=torch.from_numpy(images[idx]), labels=torch.from_numpy(labels[idx]),
-                   num_classes=10, mean=mean, std=std, split=split, classes=tuple(str(d) for d in range(10)))
+    x, y = images[idx], labels[idx]
+    fingerprint = imagefolder.digest(["digits", split, hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()])
+    return Dataset(name="digits", images=torch.from_numpy(x), labels=torch.from_numpy(y), num_classes=10,
+                   mean=mean, std=std, split=split, classes=tuple(str(d) for d in range(10)), fingerprint=fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -459,7 +488,8 @@ def _load_cifar(spec: _CifarSpec, root: Path | None, split: str) -> Dataset:
     images = np.require(images, requirements=["C_CONTIGUOUS", "WRITEABLE"])  # a copy only if needed
     return Dataset(name=spec.name, images=torch.from_numpy(images),
                    labels=torch.from_numpy(labels), num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
-                   split=split, classes=classes)
+                   split=split, classes=classes,
+                   fingerprint=files_fingerprint(spec.name, split, [folder / f for f in files + (spec.meta_file,)]))
 
 
 @_register("cifar10")
@@ -472,6 +502,33 @@ def _load_cifar10(root: Path | None, split: str) -> Dataset:
 def _load_cifar100(root: Path | None, split: str) -> Dataset:
     """CIFAR-100 (fine labels) from ``<root>/cifar-100-python/`` (train, test, meta)."""
     return _load_cifar(_CIFAR["cifar100"], root, split)
+
+
+# --------------------------------------------------------------------------------------------------------
+# torchvision's datasets (MNIST family, SVHN, STL-10) in torchvision's own layout
+# --------------------------------------------------------------------------------------------------------
+
+_TRAIN_STATS: dict[str, tuple] = {}  # train split's fingerprint -> (mean, std): the test split needs them too
+
+
+def _load_torchvision(name: str, root: Path | None, split: str) -> Dataset:
+    """One split read by :func:`torchvision_data.read`, normalised with the train split's channel statistics."""
+    base = data_root(root)
+    arrays = torchvision_data.read(name, base, split)
+    fingerprint = files_fingerprint(name, split, arrays.files)
+    train_print = fingerprint if split == "train" else files_fingerprint(
+        name, "train", torchvision_data.read_files(name, base, "train"))
+    if train_print not in _TRAIN_STATS:
+        train = arrays if split == "train" else torchvision_data.read(name, base, "train")
+        _TRAIN_STATS[train_print] = channel_stats(torch.from_numpy(train.images))
+    mean, std = _TRAIN_STATS[train_print]
+    return Dataset(name=name, images=torch.from_numpy(arrays.images), labels=torch.from_numpy(arrays.labels),
+                   num_classes=len(arrays.classes), mean=mean, std=std, split=split, classes=arrays.classes,
+                   fingerprint=imagefolder.digest([fingerprint, train_print]))
+
+
+for _name in torchvision_data.NAMES:
+    _LOADERS[_name] = functools.partial(_load_torchvision, _name)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -504,7 +561,8 @@ def _load_imagefolder(name: str, split: str, *, subset, subset_seed, image_size,
             listing, "train", transform, cache, sample, workers, progress)
         mean, std = _cached_stats(stats_part.folder, stats_part.images)
     return Dataset(name=name, images=part.images, labels=part.labels, num_classes=len(listing.classes), mean=mean,
-                   std=std, split=split, classes=listing.classes, full_size=part.full_size, cache=str(part.folder))
+                   std=std, split=split, classes=listing.classes, full_size=part.full_size, cache=str(part.folder),
+                   fingerprint=imagefolder.digest([part.key, mean, std]))
 
 
 def _cached_stats(folder: Path, images: torch.Tensor):

@@ -21,6 +21,7 @@ writable, else in ``$XDG_CACHE_HOME/widthkit`` (``~/.cache/widthkit``); ``cache_
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -201,7 +202,7 @@ def choose_transform(listing: Listing, image_size: int | None, cache: Path) -> T
     if image_size is not None:
         return Transform.for_size(image_size)
     paths = listing.files["train"] + listing.files.get("test", [])
-    key = _digest([listing.entries(paths)])
+    key = digest([listing.entries(paths)])
     memo = cache / f"transform-{key[:20]}.json"
     try:
         return Transform(**{k: tuple(v) if k == "shape" and v else v for k, v in json.loads(memo.read_text()).items()})
@@ -242,7 +243,8 @@ def default_cache_dir(root: Path) -> Path:
     return Path(base) / "widthkit"
 
 
-def _digest(parts) -> str:
+def digest(parts) -> str:
+    """SHA-256 (hex) of JSON-encoded ``parts``: cache keys and data fingerprints."""
     h = hashlib.sha256()
     for part in parts:
         h.update(json.dumps(part, separators=(",", ":"), default=str).encode())
@@ -251,14 +253,46 @@ def _digest(parts) -> str:
 
 @contextmanager
 def _build_lock(path: Path):
-    """A blocking exclusive ``flock``: one process builds a cache entry, the others wait and then reuse it."""
+    """A blocking exclusive ``flock``: one process builds a cache entry, the others wait and then reuse it.
+    Yields the lock's file descriptor (forked decoding workers close their copy: see :func:`_worker_start`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield fd
     finally:
         os.close(fd)
+
+
+_PARENT: int | None = None  # in a decoding worker: the pid of the process building the cache
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _worker_start(parent: int, inherited_lock: int | None) -> None:
+    """Initializer of a decoding worker: it dies with the process that builds the cache, and holds no lock.
+
+    A forked worker shares the builder's lock (a ``flock`` belongs to the open file, which the fork copied),
+    and a worker whose builder was killed would wait for work forever, adopted by pid 1, holding it: every
+    later run would then wait for that lock. So the copy is closed, and on Linux the kernel kills the worker
+    when its builder dies (``PR_SET_PDEATHSIG``); elsewhere the worker checks its parent between images.
+    """
+    global _PARENT
+    _PARENT = parent
+    if inherited_lock is not None:
+        try:
+            os.close(inherited_lock)
+        except OSError:
+            pass
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the builder died before the request above took effect
+        os._exit(1)
 
 
 def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], transform: Transform) -> int:
@@ -267,6 +301,8 @@ def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], trans
 
     images = np.memmap(target, dtype=np.uint8, mode="r+", shape=shape)
     for i, p in enumerate(paths):
+        if _PARENT is not None and os.getppid() != _PARENT:
+            os._exit(1)  # the builder is gone: nobody will mark this chunk done
         try:
             with Image.open(p) as img:
                 images[start + i] = transform.apply(img)
@@ -277,6 +313,41 @@ def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], trans
     return len(paths)
 
 
+def _allocate(path: Path, nbytes: int) -> None:
+    """Reserve the disk space of the whole file now. Writes through a memory map into a sparse file on a disk
+    that fills up kill the process with SIGBUS (no message, no traceback); reserved up front, a full disk is an
+    ``OSError`` (ENOSPC) before any image is decoded."""
+    if nbytes == 0 or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # EINVAL/EOPNOTSUPP: a filesystem that cannot reserve space; the file stays sparse
+    finally:
+        os.close(fd)
+
+
+def _no_room(cache: Path, what: str, nbytes: int) -> OSError:
+    """The one-line error of a full disk while the cache is built."""
+    try:
+        st = os.statvfs(cache)
+        free = f", {_size(st.f_bavail * st.f_frsize)} free"
+    except OSError:
+        free = ""
+    err = OSError(f"no room for the image cache in {cache}: decoding {what} needs {_size(nbytes)}{free}; free "
+                  "space there, or pass --cache-dir DIR on a disk with room (the images decoded so far are kept, "
+                  "and a re-run resumes)")
+    err.errno = errno.ENOSPC
+    return err
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -285,8 +356,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | None, progress: bool,
-           what: str) -> None:
-    """Decode ``paths`` into ``entry/images.u8`` (resuming a killed build), then mark it complete."""
+           what: str, lock_fd: int | None = None) -> None:
+    """Decode ``paths`` into ``entry/images.u8`` (resuming a killed build), then mark it complete. ``lock_fd``:
+    the build lock, which forked workers must not hold."""
     n = len(paths)
     shape = (n, transform.channels, *transform.out_hw)
     partial = entry / "images.u8.partial"
@@ -294,14 +366,20 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
     n_chunks = (n + CHUNK - 1) // CHUNK
     entry.mkdir(parents=True, exist_ok=True)
     nbytes = int(np.prod(shape))
-    if not partial.exists() or partial.stat().st_size != nbytes or not done_path.exists():
+    fresh = not partial.exists() or partial.stat().st_size != nbytes or not done_path.exists() \
+        or done_path.stat().st_size != n_chunks
+    if fresh:
         with open(partial, "wb") as f:
-            f.truncate(nbytes)  # sparse: the disk fills as images are written
+            f.truncate(nbytes)
         done_path.write_bytes(bytes(n_chunks))
+    try:
+        _allocate(partial, nbytes)
+    except OSError:
+        if fresh:  # nothing decoded yet: hold no space
+            partial.unlink(missing_ok=True)
+            done_path.unlink(missing_ok=True)
+        raise
     done = bytearray(done_path.read_bytes())
-    if len(done) != n_chunks:
-        done = bytearray(n_chunks)
-        done_path.write_bytes(bytes(done))
     todo = [c for c in range(n_chunks) if not done[c]]
     workers = workers or min(os.cpu_count() or 1, 16)
     bar = _progress(n, f"decoding {what} into the cache", progress)
@@ -321,17 +399,24 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
 
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+            fork = "fork" in mp.get_all_start_methods()
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)),
+                                       mp_context=mp.get_context("fork" if fork else "spawn"),
+                                       initializer=_worker_start, initargs=(os.getpid(), lock_fd if fork else None))
+            try:
                 futures = {pool.submit(_decode_chunk, *a): c for c, a in zip(todo, args)}
-                try:
-                    for fut in as_completed(futures):
-                        mark(futures[fut], fut.result())
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
-                    raise
+                for fut in as_completed(futures):
+                    mark(futures[fut], fut.result())
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise OSError(f"a process decoding {what} into {entry.parent} died (killed by the system: out of "
+                              "memory?); run again to resume the build, with fewer --workers") from None
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # the chunks under way end, nothing new starts
+                raise
+            pool.shutdown()
     bar.close()
     fd = os.open(partial, os.O_RDONLY)
     try:
@@ -351,6 +436,7 @@ class CachedSplit:
     folder: Path
     transform: Transform
     full_size: int
+    key: str  # SHA-256 of the files' names, sizes and mtimes, their labels, the transform and the subset
 
 
 def cached_split(listing: Listing, split: str, transform: Transform, cache: Path, indices: torch.Tensor | None,
@@ -361,7 +447,7 @@ def cached_split(listing: Listing, split: str, transform: Transform, cache: Path
     if indices is not None:
         idx = indices.tolist()
         paths, labels = [paths[i] for i in idx], [labels[i] for i in idx]
-    key = _digest([CACHE_VERSION, split, asdict(transform), labels, listing.entries(paths)])
+    key = digest([CACHE_VERSION, split, asdict(transform), labels, listing.entries(paths)])
     entry = cache / f"{split}-{key[:20]}"
     shape = (len(paths), transform.channels, *transform.out_hw)
     meta_path = entry / "meta.json"
@@ -371,16 +457,23 @@ def cached_split(listing: Listing, split: str, transform: Transform, cache: Path
         except OSError as e:
             raise OSError(f"cannot create the image cache folder {cache}: {e.strerror}; pass --cache-dir DIR "
                           "(a writable folder with room for the decoded images)") from None
-        with _build_lock(cache / f".{entry.name}.lock"):
+        with _build_lock(cache / f".{entry.name}.lock") as lock_fd:
             if not meta_path.exists():  # another process may have built it while this one waited
                 what = f"{len(paths)} {split} images ({transform.describe()})"
-                _build(entry, paths, transform, workers, progress, what)
-                atomic_write(meta_path, to_json({"version": CACHE_VERSION, "split": split, "shape": list(shape),
-                                                 "transform": asdict(transform), "root": str(listing.root),
-                                                 "classes": list(listing.classes), "n_files": full_size}, indent=1))
+                try:
+                    _build(entry, paths, transform, workers, progress, what, lock_fd)
+                    atomic_write(meta_path, to_json({"version": CACHE_VERSION, "split": split, "shape": list(shape),
+                                                     "transform": asdict(transform), "root": str(listing.root),
+                                                     "classes": list(listing.classes), "n_files": full_size},
+                                                    indent=1))
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise _no_room(cache, what, int(np.prod(shape))) from None
+                    raise
     meta = json.loads(meta_path.read_text())
     if list(meta["shape"]) != list(shape):
         raise ValueError(f"the image cache {entry} does not match its folder (shape {meta['shape']} vs {list(shape)});"
                          f" delete {entry} and run again")
     images = np.memmap(entry / "images.u8", dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never altered
-    return CachedSplit(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), entry, transform, full_size)
+    return CachedSplit(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), entry, transform, full_size,
+                       key)

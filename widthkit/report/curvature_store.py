@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from ..fileio import WriterLock, atomic_write, to_json
-from .store import ConfigMismatch, StoreError, decode_attr, diff_configs, open_for_reading
+from .store import ConfigMismatch, StoreError, config_mismatch, decode_attr, open_for_reading
 
 SCHEMA = 1
 KINDS = ("curvature", "sharpness")
@@ -196,11 +196,9 @@ def _check_resumable(path: Path, kind: str, config_json: str, groups) -> None:
             raise ConfigMismatch(f"{path} holds a {f.attrs['kind']!r} result, not {kind!r}; choose another --out "
                                  "or pass --overwrite")
         old, new = json.loads(f.attrs["config"]), json.loads(config_json)
-        differ = diff_configs(old, new)
-        if differ:
-            details = ", ".join(f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in differ[:8])
-            raise ConfigMismatch(f"{path} was made with a different configuration ({details}); re-run with the same "
-                                 "settings to resume it, pass --overwrite to start afresh, or write to another --out")
+        mismatch = config_mismatch(path, old, new)
+        if mismatch:
+            raise mismatch
         for gname, spec in groups.items():
             if gname not in f:
                 raise ConfigMismatch(f"{path} has no results group {gname!r}; pass --overwrite to start afresh")
@@ -213,14 +211,6 @@ def _check_resumable(path: Path, kind: str, config_json: str, groups) -> None:
             if sha and g.attrs.get("sha256") not in (None, sha):
                 raise ConfigMismatch(f"{path}: the checkpoint behind {gname!r} changed since this file was started "
                                      "(SHA-256 differs); pass --overwrite to start afresh")
-
-
-def _lookup(d: Mapping, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(d, Mapping) or part not in d:
-            return "<absent>"
-        d = d[part]
-    return d
 
 
 def read_curvature(path, load_vectors: bool = True) -> dict:

@@ -52,12 +52,19 @@ class ConfigMismatch(StoreError, ValueError):
     """An existing file was made with a different configuration."""
 
 
+# Config keys that newer versions record and older files lack: a file without one still resumes.
+ADDED_LATER = frozenset({"data.fingerprint"})
+
+
 def diff_configs(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
-    """Dotted names of the keys whose values differ between two (nested) configs."""
+    """Dotted names of the keys whose values differ between two (nested) configs (a key of
+    :data:`ADDED_LATER` that the old config lacks is no difference)."""
     keys = sorted(set(old) | set(new))
     out = []
     for k in keys:
         name = f"{prefix}{k}"
+        if name in ADDED_LATER and k not in old:
+            continue
         a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += diff_configs(a, b, name + ".")
@@ -308,13 +315,9 @@ def _check_resumable(path, kind, config_json, axes, groups, grid_shape, metrics)
             )
         old = json.loads(f.attrs["config"])
         new = json.loads(config_json)
-        differ = diff_configs(old, new)
-        if differ:
-            details = ", ".join(f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in differ[:8])
-            raise ConfigMismatch(
-                f"{path} was made with a different configuration ({details}); re-run with the same settings to "
-                "resume it, pass --overwrite to start afresh, or write to another --out"
-            )
+        mismatch = config_mismatch(path, old, new)
+        if mismatch:
+            raise mismatch
         for gname in groups:
             if gname not in f:
                 raise ConfigMismatch(f"{path} has no results group {gname!r}; pass --overwrite to start afresh")
@@ -340,6 +343,24 @@ def _check_resumable(path, kind, config_json, axes, groups, grid_shape, metrics)
                     f"{path}: the stored {name!r} differ from the ones this run computes (same config, different "
                     "weights or code?); pass --overwrite to start afresh"
                 )
+
+
+def config_mismatch(path, old: Mapping, new: Mapping) -> ConfigMismatch | None:
+    """The error for resuming ``path`` (made with config ``old``) with config ``new``, or None when they agree.
+    Changed data (its fingerprint) is said in words: the file's points were computed on other images."""
+    differ = diff_configs(old, new)
+    if not differ:
+        return None
+    changed = [k.rpartition(".")[2] for k in differ if k.startswith("data.fingerprint")]
+    if changed and len(changed) == len(differ):
+        return ConfigMismatch(
+            f"the data changed since {path} was started (the {' and '.join(changed)} split's files or "
+            f"contents differ from those its points were computed on); pass --overwrite to start afresh on the "
+            "data as it is now, or write to another --out")
+    details = ", ".join(f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in differ[:8])
+    return ConfigMismatch(
+        f"{path} was made with a different configuration ({details}); re-run with the same settings to "
+        "resume it, pass --overwrite to start afresh, or write to another --out")
 
 
 def _lookup(d: Mapping, dotted: str):

@@ -1,0 +1,255 @@
+"""Faults an image folder and its decoded cache meet in real use (issue 21): the folder changed under a resumed
+run, a build killed with its decoding workers, a full disk, damaged cache entries, decompression bombs,
+unreadable class folders, and a model that does not fit the folder found before anything is decoded."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import STOP_HERE, kill9, python_child, wait_for_marker
+
+import widthkit
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+from widthkit.report.store import ConfigMismatch, read
+
+
+def digits_folder(root, per_class=(5, 3)):
+    """scikit-learn's digits as an image folder of 8x8 grayscale PNGs: root/train/<digit>/*, root/test/<digit>/*;
+    the digits checkpoints fit it (1 channel, 8x8, 10 classes)."""
+    for split, n in zip(("train", "test"), per_class):
+        ds = load_dataset("digits", split=split)
+        for c in range(10):
+            rows = (ds.labels == c).nonzero().flatten()[:n]
+            for i, r in enumerate(rows.tolist()):
+                p = root / split / str(c) / f"{i}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(ds.images[r, 0].numpy(), "L").save(p)
+    return root
+
+
+# ------------------------------------------------------------------------------- the folder changed under a run
+
+
+def _stop_after_first_chunk(done, total):
+    if 0 < done < total:
+        raise KeyboardInterrupt  # an interrupted run: the first chunk is in the file, the rest is not
+
+
+def test_resuming_after_the_test_images_changed_is_refused(digits_ckpts, tmp_path):
+    root = digits_folder(tmp_path / "digits")
+    out = tmp_path / "r.h5"
+    common = dict(data=f"imagefolder:{root}", dirs=2, steps=3, bn_mode="keep", device="cpu", workers=1,
+                  cache_dir=tmp_path / "cache", out=out)
+    with pytest.raises(KeyboardInterrupt):
+        widthkit.rays(digits_ckpts["sgd"], progress=_stop_after_first_chunk, **common)
+    partial = read(out)["models"]["sgd"]["done"]
+    assert 0 < partial.sum() < partial.size
+    before = load_dataset(f"imagefolder:{root}", split="test", cache_dir=tmp_path / "cache", progress=False)
+    for p in sorted((root / "test").rglob("*.png"))[::2]:  # other pictures under the same names
+        with Image.open(p) as img:
+            Image.fromarray(255 - np.asarray(img)).save(p)
+    after = load_dataset(f"imagefolder:{root}", split="test", cache_dir=tmp_path / "cache", progress=False)
+    assert not torch.equal(before.images, after.images) and before.fingerprint != after.fingerprint
+    with pytest.raises(ConfigMismatch, match=r"the data changed since .*r\.h5.*the test split.*--overwrite.*--out"):
+        widthkit.rays(digits_ckpts["sgd"], **common)
+    assert (read(out)["models"]["sgd"]["done"] == partial).all()  # the file is as it was
+    # --overwrite starts afresh on the data as it is now, and equals a run of its own on it
+    fresh = widthkit.rays(digits_ckpts["sgd"], **{**common, "out": tmp_path / "fresh.h5"})
+    again = widthkit.rays(digits_ckpts["sgd"], overwrite=True, **common)
+    for name, values in fresh.models["sgd"]["metrics"].items():
+        assert np.array_equal(again.models["sgd"]["metrics"][name], values), name
+
+
+def test_a_file_written_before_fingerprints_still_resumes(digits_ckpts, tmp_path):
+    root = digits_folder(tmp_path / "digits")
+    out = tmp_path / "r.h5"
+    common = dict(data=f"imagefolder:{root}", dirs=2, steps=3, bn_mode="keep", device="cpu", workers=1,
+                  cache_dir=tmp_path / "cache", out=out)
+    with pytest.raises(KeyboardInterrupt):
+        widthkit.rays(digits_ckpts["sgd"], progress=_stop_after_first_chunk, **common)
+    with h5py.File(out, "r+") as f:  # as an older widthkit wrote it: no fingerprint in the data description
+        config = json.loads(f.attrs["config"])
+        assert set(config["data"]["fingerprint"]) == {"train", "test"}
+        del config["data"]["fingerprint"]
+        f.attrs["config"] = json.dumps(config)
+    resumed = widthkit.rays(digits_ckpts["sgd"], **common)
+    fresh = widthkit.rays(digits_ckpts["sgd"], **{**common, "out": tmp_path / "fresh.h5"})
+    assert resumed.models["sgd"]["done"].all()
+    for name, values in fresh.models["sgd"]["metrics"].items():
+        assert np.array_equal(resumed.models["sgd"]["metrics"][name], values), name
+
+
+def test_fingerprints_of_the_bundled_and_file_datasets(tmp_path):
+    a, b = load_dataset("digits", split="test"), load_dataset("digits", split="test")
+    assert a.fingerprint == b.fingerprint and a.fingerprint != load_dataset("digits").fingerprint
+    sub = load_dataset("digits", split="test", subset=20, subset_seed=1)
+    assert sub.fingerprint not in (a.fingerprint, load_dataset("digits", split="test", subset=20).fingerprint)
+    assert a.subset([0, 1]).fingerprint != a.subset([1, 0]).fingerprint
+
+
+# ------------------------------------------------------------------------------- a build killed with its workers
+
+KILLED_WITH_WORKERS = STOP_HERE + """
+# argv: ROOT CACHE MARKER BLOCKED: build the train split's cache with 2 workers, chunks of 4 images; chunk 0
+# decodes, every later chunk is an image that takes forever (its worker writes BLOCKED/<pid> and waits); the
+# builder stops at MARKER once chunk 0 is marked done
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+root, cache, marker, blocked = sys.argv[1:5]
+imagefolder.CHUNK = 4
+real_decode, real_progress = imagefolder._decode_chunk, imagefolder._progress
+
+
+def decode(target, shape, start, paths, transform):
+    if start > 0:
+        open(os.path.join(blocked, str(os.getpid())), "w").close()
+        while True:
+            time.sleep(3600)
+    return real_decode(target, shape, start, paths, transform)
+
+
+def progress(total, desc, enabled):
+    bar = real_progress(total, desc, False)
+    bar.update = lambda n: n > 0 and stop_here(marker)  # called once per chunk marked done
+    return bar
+
+
+imagefolder._decode_chunk, imagefolder._progress = decode, progress
+load_dataset("imagefolder:" + root, workers=2, cache_dir=cache, progress=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped has ended: it holds no file any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_build_takes_its_workers_along_and_a_rerun_finishes_it(tmp_path, spawn, monkeypatch, sig):
+    root = digits_folder(tmp_path / "digits", per_class=(2, 1))  # 20 train images: 5 chunks of 4
+    cache, blocked = tmp_path / "cache", tmp_path / "blocked"
+    blocked.mkdir()
+    proc, log = spawn(python_child(KILLED_WITH_WORKERS, root, cache, tmp_path / "marker", blocked))
+    wait_for_marker(tmp_path / "marker", proc, log)
+    while len(os.listdir(blocked)) < 2:  # both workers are decoding (no deadline: pytest-timeout bounds it)
+        assert proc.poll() is None
+    workers = [int(p) for p in os.listdir(blocked)]
+    try:
+        os.kill(proc.pid, sig)
+        proc.wait()
+        while any(_alive(w) for w in workers):  # they die with their builder; before the fix they waited forever
+            pass
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    lock = next(cache.glob(".train-*.lock"))
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds the build lock now
+    monkeypatch.setattr(imagefolder, "CHUNK", 4)
+    decoded = []
+    real = imagefolder._decode_chunk
+    monkeypatch.setattr(imagefolder, "_decode_chunk", lambda *a: decoded.append(a[2]) or real(*a))
+    resumed = load_dataset(f"imagefolder:{root}", workers=1, cache_dir=cache, progress=False)
+    assert sorted(decoded) == [4, 8, 12, 16]  # chunk 0 was kept
+    fresh = load_dataset(f"imagefolder:{root}", workers=1, cache_dir=tmp_path / "fresh", progress=False)
+    assert torch.equal(resumed.images, fresh.images) and torch.equal(resumed.labels, fresh.labels)
+
+
+# ------------------------------------------------------------------------------- a full disk during the build
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 2 MiB tmpfs (skipped where mounting is not allowed); ``remount(size)`` makes it larger."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+BUILD = """
+import sys
+from widthkit import cli
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+root, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+imagefolder.CHUNK = 8  # several chunks: with 2 workers they are decoded by a process pool
+sys.exit(cli.run(lambda: load_dataset("imagefolder:" + root, image_size=160, workers=workers, cache_dir=cache,
+                                      progress=False) and 0))
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_during_the_build_is_one_line_naming_the_cache(tmp_path, tiny_disk, workers):
+    root = digits_folder(tmp_path / "digits")  # 50 train images, 160x160 RGB: 3.7 MiB decoded
+    cache = tiny_disk / "cache"
+    run = subprocess.run([sys.executable, "-c", BUILD, root, cache, str(workers)], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-2000:]  # before: SIGBUS (rc -7) or a BrokenProcessPool traceback
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"no room for the image cache in {cache}" in lines[0] and "3.7 MiB" in lines[0]
+    assert "free space there, or pass --cache-dir" in lines[0]
+    assert not list(cache.rglob("meta.json")) and not list(cache.rglob("images.u8*"))  # nothing half-written kept
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_disk)], check=True)
+    again = subprocess.run([sys.executable, "-c", BUILD, root, cache, str(workers)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    built = load_dataset(f"imagefolder:{root}", image_size=160, cache_dir=cache, progress=False)
+    fresh = load_dataset(f"imagefolder:{root}", image_size=160, cache_dir=tmp_path / "fresh", workers=1,
+                         progress=False)
+    assert torch.equal(built.images, fresh.images)
+
+
+WORKER_KILLED = """
+import os, signal, sys
+from widthkit import cli
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+imagefolder.CHUNK = 8
+real = imagefolder._decode_chunk
+
+
+def decode(target, shape, start, paths, transform):
+    if start == 16:  # as the out-of-memory killer would
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(target, shape, start, paths, transform)
+
+
+imagefolder._decode_chunk = decode
+sys.exit(cli.run(lambda: load_dataset("imagefolder:" + sys.argv[1], workers=2, cache_dir=sys.argv[2],
+                                      progress=False) and 0))
+"""
+
+
+def test_a_decoding_worker_killed_by_the_system_is_one_line(tmp_path):
+    root = digits_folder(tmp_path / "digits")
+    run = subprocess.run([sys.executable, "-c", WORKER_KILLED, root, tmp_path / "cache"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        f"error: a process decoding 50 train images (as they are (8x8, L)) into {tmp_path / 'cache'} died (killed "
+        "by the system: out of memory?); run again to resume the build, with fewer --workers"]
+    assert not list((tmp_path / "cache").rglob("meta.json"))
