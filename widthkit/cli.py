@@ -325,7 +325,16 @@ class Terminated(KeyboardInterrupt):
     interruption: it unwinds like Ctrl-C, so locks are released and temporary files removed on the way out."""
 
 
+_HANDLER_PID = [0]  # the process that installed the handler
+
+
 def _terminate(signum, frame):
+    if os.getpid() != _HANDLER_PID[0]:
+        # a forked child (a data-decoding worker) inherited the handler: die of the signal as a child should,
+        # without a traceback of its own (its builder reports what happened)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
     raise Terminated()
 
@@ -344,6 +353,7 @@ def run(body: Callable[[], int], saved: str = "every finished chunk of points is
     from .runtime import tune_allocator
 
     main_thread = threading.current_thread() is threading.main_thread()
+    _HANDLER_PID[0] = os.getpid()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     tune_allocator()
     try:
