@@ -375,7 +375,8 @@ def choose_compile(points: int, eager_batch_s: float, batches_per_point: int, sh
                "assumed_speedup": prior_speedup}
     if not saving > cost:
         return {"compile": False, "compiled": None, "seconds": seconds,
-                "reason": f"off (auto: {points} points at {eager_point:.3g} s of eager forward passes each would save "
+                "reason": f"off (auto: {points} point{'s' if points != 1 else ''} at {eager_point:.3g} s of eager "
+                          f"forward passes each would save "
                           f"about {saving:.0f} s at an assumed {prior_speedup:g}x, less than compiling {shapes} "
                           f"batch shape(s), assumed {cost:.0f} s)"}
     compiled, compile_s, compiled_batch_s = compile_and_time()
