@@ -702,3 +702,31 @@ def test_progress_within_points_is_throttled():
         now[0] = t
         on_progress(p)
     assert calls == [(10.5, 100), (11.9, 100), (12.5, 100)]  # every 2 s at most; rounded down to tenths
+
+
+def test_an_analysis_reports_progress_within_long_points(monkeypatch):
+    """Through the grid: with points slower than the bar's interval (a clock that moves 1 s per reading), the
+    progress callback gets fractional counts between the written ones, never a whole point early."""
+    import types
+
+    import widthkit
+    from widthkit.analyses import grid
+    from widthkit.models import create_model
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(grid, "time", types.SimpleNamespace(monotonic=clock))  # the grid's clock only
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 10, (300,), generator=g)
+    seen = []
+    widthkit.rays(create_model("digits_cnn"), data=((x, y), (x[:100], y[:100])), dirs=1, steps=3, bn_mode="keep",
+                  device="cpu", threads=1, chunk_size=1, progress=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3) and all(t == 3 for _, t in seen)
+    fractional = [d for d, _ in seen if d != int(d)]
+    assert fractional and all(0 < d < 3 for d in fractional)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # the bar never goes back

@@ -189,10 +189,11 @@ def _run(af: store.AnalysisFile, jobs, progress: ProgressFn | None) -> None:
 
 
 def within_points(progress: ProgressFn, base: int, total: int, every_s: float = 2.0,
-                  clock: Callable[[], float] = time.monotonic) -> Callable[[float], None]:
+                  clock: Callable[[], float] | None = None) -> Callable[[float], None]:
     """An evaluator's ``on_progress(points done in the call, fractional)`` as ``progress(base + points, total)``,
     at most every ``every_s`` seconds (so points faster than that move the bar only when written), rounded down
-    to a tenth of a point (never a whole point that is not finished)."""
+    to a tenth of a point (never a whole point that is not finished). ``clock``: default ``time.monotonic``."""
+    clock = clock or time.monotonic
     last = [clock()]
 
     def on_progress(points: float) -> None:
