@@ -13,14 +13,15 @@ Data: random CIFAR-shaped uint8 images (values 0..255, normalised with CIFAR-10'
 In priority order (the targets first; each measurement has its own budget and the run a deadline):
 
 1. ResNet-20 forward ceilings: plain eval-mode forward passes at batch 1,024 ... 16,384, fp32 (TF32 off), tf32,
-   bf16 autocast + channels-last, and bf16 + channels-last through ``torch.compile`` (compile time recorded);
+   bf16 autocast + channels-last;
 2. full points (50,000 train + 10,000 test per point): the evaluator at ``precision="bf16"`` with every lever
    on ``auto`` (its batch size timed up to 16,384, K, compile for a 2,601-point run, CUDA graphs), against the
    per-point loop of loss-landscape tools (fp32, DataLoader batch 128, ``.item()`` per batch);
-3. the 51×51 ResNet-56 plane on the full train set (BN keep, as loss-landscape plots it; and widthkit's
+3. ``python -m pytest -m gpu`` (the GPU tests against CPU references), before anything compiles for minutes;
+4. the 51×51 ResNet-56 plane on the full train set (BN keep, as loss-landscape plots it; later widthkit's
    default: BN recomputed from 5,000 images, test split too), its first points timed, extrapolated to 2,601
-   with the one-off start (measurements, compile, graph capture) added;
-4. ``python -m pytest -m gpu`` (the GPU tests against CPU references);
+   with the one-off start (measurements, compile, graph capture) added; then ResNet-20's bf16 + channels-last
+   ceiling through ``torch.compile`` (compile time recorded);
 5. the trainer's images/s on PreResNet-110 (the recipe's batch 128, augmentation, fp32 / bf16) and what the
    recipe's whole branch protocol (prefix, SGD branch, SWA branch) then takes on this GPU;
 6. Hessian-vector products on ResNet-20: widthkit's operator against a plain double-backward loop over the
@@ -686,17 +687,17 @@ class Bench:
         self.run(f"hvp {plan.hvp_model}", self.results, "hvp", go)
 
     def all(self) -> None:
-        """Everything, most important first: the ResNet-20 and plane targets, the GPU tests, the trainer and
-        H·v rates, VGG16-BN, then the rest."""
+        """Everything, most important first: the ResNet-20 targets, the GPU tests, the plane, the compiled
+        ceiling, the trainer and H·v rates, VGG16-BN, then the rest."""
         plan = self.plan
         first = plan.models[0]
         self.ceilings(first)
-        if not plan.dry_run:  # compiling on a CPU takes minutes; tests/test_levers.py covers it there
-            self.compiled_ceiling(first)
         self.full(first, "bf16", "keep")
         self.loop(first, "keep")
+        self.pytest()  # before anything compiles for minutes: the GPU tests get their whole slot
         self.plane(KEEP_TRAIN, ("train",), precision="bf16", bn_mode="keep")
-        self.pytest()
+        if not plan.dry_run:  # compiling on a CPU takes minutes; tests/test_levers.py covers it there
+            self.compiled_ceiling(first)
         self.trainer()
         self.hvp()
         if "vgg16_bn" in plan.models:
