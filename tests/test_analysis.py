@@ -19,12 +19,14 @@ rays_cli = importlib.import_module("widthkit.rays")
 from widthkit.inputs.checkpoints import load_checkpoint
 from widthkit.inputs.data import load_dataset
 from widthkit import EvalConfig, Evaluator
+from widthkit.runtime import RuntimeConfig
 from widthkit.models import create_model
 from conftest import ANALYSIS_CHILD, kill9, python_child, wait_for_marker
 from widthkit.report.store import read
 
-# small evaluation sets keep every point cheap; the numbers are still real
-SMALL = ["--train-subset", "160", "--test-subset", "120", "--quiet"]
+# small evaluation sets keep every point cheap; the numbers are still real (and CPU arithmetic: on a GPU host too)
+CPU = RuntimeConfig(device="cpu")
+SMALL = ["--train-subset", "160", "--test-subset", "120", "--quiet", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def _direct(path, train_subset=160, test_subset=120, bn="recompute"):
 
     ck = load_checkpoint(path)
     train, test, _ = resolve_data("digits", [], EvalConfig(train_subset=train_subset, test_subset=test_subset), "cpu")
-    ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode=bn, weight_decay=5e-4))
+    ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode=bn, weight_decay=5e-4), runtime=CPU)
     return ev.evaluate_weights(ev.theta0), ev.theta0
 
 
@@ -76,7 +78,7 @@ def test_rays_cli_end_to_end(ckpts, tmp_path, capsys):
 def test_refined_width_is_a_crossing(ckpts, tmp_path):
     """The bisected width lies within tol of where the metric really crosses its level."""
     res = widthkit.rays({"SWA": ckpts["swa"]}, dirs=2, steps=5, max_dist=10.0, bn_mode="keep",
-                        train_subset=160, test_subset=120)
+                        train_subset=160, test_subset=120, device="cpu")
     w = res.widths("train_loss=+0.3", refine=True, tol=0.02)
     ev, theta, dirs = res.evaluators["SWA"]
     for i, width in enumerate(w["per_direction"]["SWA"]):
@@ -144,7 +146,7 @@ def test_plane_cli_three_points(ckpts, tmp_path):
     from widthkit.analyses.subjects import resolve_data
 
     train, test, _ = resolve_data("digits", [], EvalConfig(train_subset=160, test_subset=120), "cpu")
-    ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode="recompute"))
+    ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode="recompute"), runtime=CPU)
     through = ev.evaluate(ev.theta0, torch.as_tensor(basis), points)
     for k, r in enumerate(("start", "sgd", "swa")):
         direct, _ = _direct(ckpts[r])
@@ -197,7 +199,7 @@ def test_python_api_with_modules_and_tensors(tmp_path):
     tr, te = load_dataset("digits", split="train"), load_dataset("digits", split="test")
     data = ((tr.normalized()[:100], tr.labels[:100]), (te.normalized()[:50], te.labels[:50]))
     before = {k: v.clone() for k, v in a.state_dict().items()}
-    res = widthkit.rays({"A": a, "B": b}, data, dirs=2, steps=3, max_dist=1.0)
+    res = widthkit.rays({"A": a, "B": b}, data, dirs=2, steps=3, max_dist=1.0, device="cpu")
     assert all(torch.equal(v, a.state_dict()[k]) for k, v in before.items())
     assert res.metric("test_err", "a").shape == (2, 3) and res.complete()
     saved = res.save(tmp_path / "api.h5")

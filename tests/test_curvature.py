@@ -344,7 +344,7 @@ def test_configs_refuse_bad_values():
 
 SMALL = ["--loss-subset", "96", "--top-k", "2", "--lanczos-max-iter", "12", "--trace-hvps", "6", "--slq-probes", "2",
          "--slq-steps", "6",
-         "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet"]
+         "--bn-mode", "keep", "--hvp", "double-backward", "--threads", "1", "--quiet", "--device", "cpu"]
 
 
 def _same_file(a, b):
@@ -444,7 +444,7 @@ def test_sharpness_command_on_digits_checkpoints(digits_ckpts, tmp_path, capsys)
     args = ["--ckpt", digits_ckpts["sgd"], "--ckpt", digits_ckpts["swa"], "--loss-subset", "64", "--bn-mode", "keep",
             "--kinds", "avg_adaptive", "worst_l2", "keskar", "pac_bayes", "--rho-l2", "0.05", "0.1",
             "--samples", "2", "--ascent-steps", "2", "--pac-samples", "2", "--pac-tol", "0.1", "--quiet",
-            "--out", str(out)]
+            "--out", str(out), "--device", "cpu"]
     assert sharpness_cmd.main(args) == 0
     printed = capsys.readouterr().out
     assert "worst-case ℓ2, c = 1, ρ=0.1" in printed and "PAC-Bayes flatness" in printed
@@ -503,8 +503,10 @@ def test_a_killed_curvature_run_resumes_to_the_uninterrupted_result(digits_ckpts
 
 def test_surface_curvature_at_the_origin_and_along_a_ray(digits_ckpts, tmp_path):
     rays_file = tmp_path / "rays.h5"
-    widthkit.rays(digits_ckpts["swa"], dirs=2, steps=3, bn_mode="keep", train_subset=40, test_subset=40, out=rays_file)
-    common = dict(loss_subset=64, bn_mode="keep", hvp="double-backward", lanczos_tol=1e-6, lanczos_max_iter=80)
+    widthkit.rays(digits_ckpts["swa"], dirs=2, steps=3, bn_mode="keep", train_subset=40, test_subset=40, out=rays_file,
+                  device="cpu")
+    common = dict(loss_subset=64, bn_mode="keep", hvp="double-backward", lanczos_tol=1e-6, lanczos_max_iter=80,
+                  device="cpu")
     res = widthkit.surface_curvature(rays_file, points=[(0, 0), (1, 2)], **common)
     assert res["points"].tolist() == [[0, 0], [1, 2]] and res["coords"].shape == (2, 2)
     # at distance 0: the checkpoint itself, as curvature() sees it

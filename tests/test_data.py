@@ -652,6 +652,7 @@ def test_augment_rejects_non_batch():
         augment(torch.zeros(3, 3))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_augment_cuda_matches_cpu():
     x = torch.randn(32, 3, 8, 8)
@@ -660,4 +661,7 @@ def test_augment_cuda_matches_cpu():
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.cpu(), cpu)
     ds = _tiny()
-    np.testing.assert_allclose(ds.normalized(device="cuda").cpu().numpy(), ds.normalized().numpy(), rtol=1e-6)
+    # normalising divides in float32 on each device: within the fp32 policy (a 1.5e-7 difference failed rtol=1e-6)
+    from conftest import assert_forward_close
+
+    assert_forward_close(ds.normalized(device="cuda"), ds.normalized(), "fp32", "normalised pixels")

@@ -11,7 +11,7 @@ import pytest
 from conftest import ANALYSIS_CHILD, wait_for_marker
 from widthkit.report.store import read
 
-SMALL = ["--train-subset", "160", "--test-subset", "120", "--no-plot", "--quiet"]
+SMALL = ["--train-subset", "160", "--test-subset", "120", "--no-plot", "--quiet", "--device", "cpu"]  # gloo, also on GPU hosts
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WIDTHKIT_DIST_TIMEOUT_MIN": "2"}
 pytestmark = pytest.mark.subprocess  # every test here starts torchrun
 

@@ -20,14 +20,15 @@ from widthkit.engine.space import ThetaLayout
 from widthkit.inputs.checkpoints import load_checkpoint
 from widthkit.report import figures, render
 from widthkit.report.store import read
+from widthkit.runtime import RuntimeConfig
 
 plane_cli = importlib.import_module("widthkit.plane")
 rays_cli = importlib.import_module("widthkit.rays")
 train_cli = importlib.import_module("widthkit.train")
 
 # small evaluation sets and grids keep every point cheap; the numbers are still real
-FAST = dict(train_subset=160, test_subset=120, bn_mode="keep", resolution=3)
-SMALL = ["--train-subset", "160", "--test-subset", "120", "--bn-mode", "keep", "--quiet"]
+FAST = dict(train_subset=160, test_subset=120, bn_mode="keep", resolution=3, device="cpu")
+SMALL = ["--train-subset", "160", "--test-subset", "120", "--bn-mode", "keep", "--quiet", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,7 @@ def run(tmp_path_factory):
     """A real (tiny) SWA run of the bundled trainer: swa.pt and its 5 averaged iterates swa_iter_00k.pt."""
     out = tmp_path_factory.mktemp("swa-run")
     assert train_cli.main(["--out", str(out), "--mode", "swa", "--epochs", "2", "--swa-start", "1",
-                           "--swa-budget", "3", "--save-iterates", "--no-progress"]) == 0
+                           "--swa-budget", "3", "--save-iterates", "--no-progress", "--device", "cpu"]) == 0
     iterates = sorted(str(p) for p in out.glob("swa_iter_*.pt"))
     assert len(iterates) == 5
     return {"dir": out, "swa": str(out / "swa.pt"), "iterates": iterates}
@@ -244,7 +245,8 @@ def _direct_rays(path, dirs, distances):
     """Metrics along each direction from the checkpoint, by the evaluator given the vectors explicitly."""
     ck = load_checkpoint(path)
     train, test, _ = resolve_data("digits", [], EvalConfig(train_subset=160, test_subset=120), "cpu")
-    ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode="keep", weight_decay=5e-4))
+    ev = Evaluator(ck.model, train, test, EvalConfig(bn_mode="keep", weight_decay=5e-4),
+                   runtime=RuntimeConfig(device="cpu"))
     out = {}
     for i in range(len(dirs)):
         coords = np.zeros((len(distances), len(dirs)))
@@ -257,7 +259,8 @@ def _direct_rays(path, dirs, distances):
 def test_rays_along_principal_directions_equal_rays_given_those_vectors(run):
     it = run["iterates"]
     res = widthkit.rays({"SWA": run["swa"], "last": it[-1]}, dirs=3, steps=4, max_dist=3.0,
-                        dirs_from="pca:" + ",".join(it), train_subset=160, test_subset=120, bn_mode="keep")
+                        dirs_from="pca:" + ",".join(it), train_subset=160, test_subset=120, bn_mode="keep",
+                        device="cpu")
     d = read(res.path, load_large=True)
     X = np.stack([theta(p) for p in it])
     _, S, Vt = np.linalg.svd(X - X.mean(0), full_matrices=False)
@@ -290,7 +293,8 @@ def test_rays_along_each_models_hessian_eigenvectors(run, tmp_path):
     curv = tmp_path / "curv.h5"
     vecs = _curvature_file(curv, ["swa", "last"], D)
     res = widthkit.rays({"SWA": run["swa"], "last": it[-1]}, dirs=2, steps=3, max_dist=2.0,
-                        dirs_from=f"hessian:{curv}", train_subset=160, test_subset=120, bn_mode="keep")
+                        dirs_from=f"hessian:{curv}", train_subset=160, test_subset=120, bn_mode="keep",
+                        device="cpu")
     d = read(res.path, load_large=True)
     for key, group, path in (("directions", "swa", run["swa"]), ("directions_last", "last", it[-1])):
         unit = vecs[group][:2].astype(np.float64)

@@ -1,5 +1,5 @@
-"""benchmarks/gpu.sh --dry-run: the prepared GPU benchmark runs its whole code on CPU with tiny sizes and writes a
-results file that holds every section the GPU run must fill."""
+"""benchmarks/gpu.sh --dry-run: the prepared GPU benchmark runs its whole code on CPU with tiny sizes (but the
+compiles, which take minutes on a CPU) and writes a results file that holds every section the GPU run must fill."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # ~20 s on 2 busy cores: ResNet-20 and ResNet-56 through every section
+@pytest.mark.slow  # ~35 s on 2 busy cores: ResNet-20 and ResNet-56 through every section, `pytest -m gpu` collected
 @pytest.mark.subprocess
 @pytest.mark.timeout(180)
 def test_gpu_script_dry_run_writes_every_section(tmp_path):
@@ -52,18 +52,43 @@ def test_gpu_script_dry_run_writes_every_section(tmp_path):
         check = dev[f"loop vs fp32 K1 / {mode}"]
         assert check["ok"] and check["loss_rel"] < 1e-5 and check["err_images"] == 0, check
 
+    lv = r20["full"]["evaluator bf16 keep"]["levers"]  # every lever's choice with its reason, for 2,601 points
+    assert lv["eval_batch_size"] == 16 and lv["eval_batch_size_chosen_by"] == "asked"
+    assert lv["compile"] is False and "measured and chosen on CUDA only" in lv["compile_reason"]
+
     plane = res["plane"]
     assert plane["points_total"] == 51 * 51 and plane["model"] == "preresnet56"
-    for label, v in plane["variants"].items():
-        assert v["extrapolated_s"] == pytest.approx(v["s_per_point"] * 2601), label
+    for label, v in plane["variants"].items():  # the start (measurements, compiles, capture) counted once
+        assert v["extrapolated_s"] == pytest.approx(v["setup_s"] + v["first_call_s"] + v["s_per_point"] * 2600), label
         assert "grid points 0..0 of 2601" in v["slice"]
     assert len(plane["variants"]) == 3
 
-    assert len(res["targets"]) == 3 and all(isinstance(t["met"], bool) for t in res["targets"])
+    pt = res["pytest"]  # `pytest -m gpu` ran: on a CPU every GPU test is collected and skipped
+    assert pt["command"] == "python -m pytest -m gpu" and pt["counts"].get("skipped", 0) >= 20, pt
+    assert pt["passed"] is False  # nothing ran here
+    tr = res["trainer"]
+    assert tr["recipe"] == "preresnet110-cifar10" and tr["protocol"] == {"epochs": 250, "prefix": 125,
+                                                                         "sgd_branch": 25, "swa_branch": 100}
+    for precision in ("fp32", "bf16"):
+        r = tr["by_precision"][precision]
+        assert r["images_per_s"] > 0 and r["protocol_hours"] == pytest.approx(
+            250 * (50_000 / r["images_per_s"] + 10_000 / r["eval_images_per_s"]) / 3600)
+    hv = res["hvp"]["contestants"]
+    assert set(hv) >= {"widthkit", "double-backward loop"}
+    assert hv["double-backward loop"]["rel_diff_to_widthkit"] < 1e-6  # the same products, fp32 on one CPU
+    assert hv["double-backward loop"]["widthkit_speedup"] == pytest.approx(
+        hv["double-backward loop"]["s_per_hvp"] / hv["widthkit"]["s_per_hvp"])
+
+    names = [t["target"] for t in res["targets"]]
+    assert len(names) == 6 and all(isinstance(t["met"], bool) for t in res["targets"]), names
+    assert any("HVP on ResNet-20" in n for n in names) and any("pytest -m gpu" in n for n in names)
+    assert any("widthkit's default" in n for n in names) and any("best forward ceiling" in n for n in names)
     for t in res["targets"]:  # the Markdown and the JSON tell the same run
         assert t["target"] in md
-    for heading in ("## Targets", "## preresnet20", "Forward ceilings", "Full points", "Levers on the slice",
-                    "Deviation from the fp32 evaluator", "51x51 plane", "60 minutes on four GTX 1080 Ti"):
+    for heading in ("## Targets", "## preresnet20", "Forward ceilings", "Full points", "What the evaluator decided",
+                    "Levers on the slice", "Deviation from the fp32 evaluator", "51x51 plane",
+                    "60 minutes on four GTX 1080 Ti", "## python -m pytest -m gpu", "## Trainer: preresnet20",
+                    "## Hessian-vector products: preresnet20"):
         assert heading in md, heading
     assert f"{plane['variants'][next(iter(plane['variants']))]['extrapolated_s']:,.0f} s" in md
 

@@ -14,8 +14,9 @@ from torch import nn
 
 from widthkit import EvalConfig, Evaluator, cli
 from widthkit.engine.directions import random_directions
-from widthkit.engine.levers import (CaptureFailed, EmulatedGraphs, GraphedStep, choose_points_in_flight,
-                                    forward_probe, resolve_channels_last, stacked_sums)
+from widthkit.engine.levers import (COMPILE_PRIOR_S, CaptureFailed, ChannelsLastInput, EmulatedGraphs, GraphedStep, batch_probe,
+                                    choose_batch_size, choose_compile, choose_points_in_flight, compile_cache_dir,
+                                    compile_probe, forward_probe, resolve_channels_last, stacked_sums)
 from widthkit.engine.space import ThetaLayout
 from widthkit.runtime import RuntimeConfig, precision_policy, precision_record, provenance, tf32_state
 from widthkit.settings import split_kwargs
@@ -410,11 +411,322 @@ def test_levers_and_precision_recorded_in_the_file(tmp_path):
     out = tmp_path / "r.h5"
     x, y = torch.randn(30, 1, 8, 8), torch.randint(0, 10, (30,))
     widthkit.rays(net, data=((x, y), (x, y)), dirs=1, steps=2, bn_mode="keep", precision="tf32",
-                  cuda_graphs=True, out=out, threads=1)
+                  cuda_graphs=True, out=out, threads=1, device="cpu")
     prov = read(out)["attrs"]["provenance"]
     assert prov["precision"] == "tf32" and "no effect on CPU" in prov["precision_effect"]
     assert "tf32_matmul" not in prov
     lev = prov["levers"]
     assert lev["points_in_flight"] == 1 and lev["cuda_graphs"] is False
     assert "CUDA graphs need a CUDA device" in lev["cuda_graphs_reason"]
+    # every lever's choice and its reason are in the file
+    assert lev["compile"] is False and "measured and chosen on CUDA only" in lev["compile_reason"]
+    assert lev["eval_batch_size"] == 64 and lev["eval_batch_size_chosen_by"].startswith("default on cpu")
     assert read(out)["config"]["eval"]["precision"] == "tf32"
+
+
+# -- channels-last and points in flight together (VGG16-BN bf16 on CUDA: "NYI: querying is_contiguous inside of
+# vmap") -------------------------------------------------------------------------------------------------------
+
+class LayoutQuery(nn.Module):
+    """What some CUDA kernels do with their input (cuDNN batch norm and pooling choose their kernel this way): a
+    channels-last-strided tensor is asked ``is_contiguous(memory_format=channels_last)``, which vmap does not
+    implement for its batched tensors (the NYI error of issue 19); a contiguous one is not asked."""
+
+    def forward(self, x):
+        if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:
+            x.is_contiguous(memory_format=torch.channels_last)
+        return x
+
+
+class ConvBNQuery(ConvBN):
+    def __init__(self):
+        super().__init__()
+        self.query = LayoutQuery()
+
+    def forward(self, x):
+        self.calls += 1
+        x = self.query(F.relu(self.bn(self.conv(x))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("bn_mode", ["keep", "recompute"])
+def test_points_in_flight_with_channels_last_keep_inputs_contiguous(setup, bn_mode):
+    """Channels-last is on, K = 3: the stacked (vmap) calls get contiguous inputs (the query above would raise
+    NYI on their channels-last activations), the K = 1 path still gets NHWC ones; results equal the loop."""
+    net = ConvBNQuery()
+    net.load_state_dict(setup[0].state_dict())
+    q_setup = (net.eval(), *setup[1:])
+    # the fault itself, reproduced: the channels-last hook left on inside the stacked call
+    from widthkit import EvalSet
+
+    hooked = copy.deepcopy(net)
+    hooked.register_forward_pre_hook(ChannelsLastInput())
+    with pytest.raises(RuntimeError, match="NYI: querying is_contiguous inside of vmap"):
+        stacked_sums(hooked, ThetaLayout.from_model(net), torch.stack([setup[3], setup[3]]),
+                     [(0, EvalSet(*setup[2]))], 16, torch.zeros(2, 5, dtype=torch.float64))
+    ev = evaluator(q_setup, bn_mode=bn_mode, channels_last=True, points_in_flight=3, precision="bf16")
+    seen = []
+    ev.model.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    res = ev.evaluate(*setup[3:])
+    assert seen and all(seen)  # contiguous_format inside every stacked call
+    d = ev.levers.describe()
+    assert d["channels_last"] is True and "contiguous inside the stacked (vmap) calls" in d["channels_last_reason"]
+    one = evaluator(q_setup, bn_mode=bn_mode, channels_last=True, points_in_flight=1, precision="bf16")
+    seen.clear()
+    one.model.conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    ref = one.evaluate(*setup[3:])
+    assert seen and all(seen)  # one point at a time: NHWC as before
+    for m in ("train_loss", "test_loss"):  # bf16: the two paths round differently (tolerance: tests/conftest.py)
+        np.testing.assert_allclose(res[m], ref[m], rtol=2e-2)
+
+
+@pytest.mark.slow  # ~10 s on 2 cores: VGG16-BN's 15 M weights, three times
+def test_vgg16_bn_bf16_with_points_in_flight_and_channels_last():
+    """The issue's crash case on CPU: VGG16-BN, bf16, channels-last on, 2 points in flight, BN keep and
+    recompute, against one point at a time."""
+    from widthkit import EvalSet
+    from widthkit.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("vgg16_bn", num_classes=10).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (12,), generator=g)
+    tr, te = EvalSet(x, y, (0.5,) * 3, (0.25,) * 3, "cpu"), EvalSet(x[:6], y[:6], (0.5,) * 3, (0.25,) * 3, "cpu")
+    basis = torch.randn(2, ThetaLayout.from_model(m).size, generator=g) * 1e-3
+    coords = [[0.0, 0.0], [1.0, -1.0]]
+    for bn_mode in ("keep", "recompute"):
+        res = {}
+        for k in (2, 1):
+            ev = Evaluator(m, tr, te, EvalConfig(bn_mode=bn_mode), RuntimeConfig(
+                device="cpu", precision="bf16", points_in_flight=k, channels_last=True, eval_batch_size=6))
+            res[k] = ev.evaluate(ev.theta0, basis, coords)
+        for name in ("train_loss", "test_loss"):
+            np.testing.assert_allclose(res[2][name], res[1][name], rtol=2e-2)
+
+
+# -- the forward batch size ------------------------------------------------------------------------------------
+
+def test_batch_size_is_chosen_by_a_timing_up_to_the_memory_limit():
+    """choose_batch_size on a fake clock: doubles from 4096, keeps the most images/s, stops at 16384, at the first
+    size that does not fit, and at the largest split; nothing fitting keeps the start (halved later on OOM)."""
+    asked = []
+
+    def clock(times):
+        def seconds_for(b):
+            asked.append(b)
+            return times[b]
+        return seconds_for
+
+    got = choose_batch_size(clock({4096: 1.0, 8192: 1.6, 16384: 3.6}))  # 4096, 5120, 4551 images/s
+    assert got["batch_size"] == 8192 and asked == [4096, 8192, 16384] and got["chosen_by"] == "timing"
+    assert got["images_per_second"] == {4096: 4096.0, 8192: 8192 / 1.6, 16384: 16384 / 3.6}
+    asked.clear()
+    got = choose_batch_size(clock({4096: 1.0, 8192: 1.0, 16384: float("inf"), 32768: 0.1}))
+    assert got["batch_size"] == 8192 and asked == [4096, 8192, 16384]  # 16384 did not fit: 32768 not tried
+    asked.clear()
+    assert choose_batch_size(clock({4096: 1.0, 8192: 1.5, 10000: 1.2}), largest=10000)["batch_size"] == 10000
+    assert asked == [4096, 8192, 10000]  # no batch larger than the largest split
+    asked.clear()
+    assert choose_batch_size(clock({1000: 0.5}), largest=1000)["batch_size"] == 1000 and asked == [1000]
+    got = choose_batch_size(clock({4096: float("inf")}))
+    assert got["batch_size"] == 4096 and "did not fit" in got["chosen_by"]
+    # a tie keeps the smaller batch (less memory for the same speed)
+    assert choose_batch_size(clock({4096: 1.0, 8192: 2.0, 16384: 4.0}))["batch_size"] == 4096
+
+
+def test_batch_probe_times_real_forward_passes(setup):
+    net, train = setup[0], setup[1]
+    sizes = []
+
+    def inputs(b):
+        sizes.append(b)
+        return train[0][:b]
+
+    seconds_for = batch_probe(copy.deepcopy(net).eval(), inputs, torch.device("cpu"), repeats=1)
+    assert 0 < seconds_for(8) < 10 and 0 < seconds_for(16) < 10 and sizes == [8, 16]
+    got = choose_batch_size(seconds_for, start=4, limit=16, largest=40)
+    assert got["batch_size"] in (4, 8, 16) and set(got["images_per_second"]) == {4, 8, 16}
+
+
+def test_the_cpu_keeps_its_batch_size_and_says_why(setup):
+    ev = evaluator(setup, bn_mode="keep", eval_batch_size=None)
+    rep = ev.levers_report()
+    assert ev.batch_size == 64 and rep["eval_batch_size"] == 64 and "default on cpu" in rep["eval_batch_size_chosen_by"]
+    rep = evaluator(setup, bn_mode="keep", eval_batch_size=16).levers_report()
+    assert (rep["eval_batch_size"], rep["eval_batch_size_chosen_by"]) == (16, "asked")
+
+
+# -- compile ---------------------------------------------------------------------------------------------------
+
+def test_compile_auto_is_off_on_cpu_with_its_reason(setup):
+    ev = evaluator(setup, bn_mode="keep")
+    assert ev.runtime.compile == "auto"
+    d = ev.levers_report()
+    assert d["compile"] is False and d["compile_reason"].startswith("off (auto: compile is measured and chosen on CUDA")
+    assert ev.levers.forward is ev.model
+    assert evaluator(setup, compile=False).levers.describe()["compile_reason"] == "off (asked)"
+    with pytest.raises(ValueError, match="compile must be 'auto', True or False"):
+        RuntimeConfig(compile="yes")
+    import importlib
+
+    p = importlib.import_module("widthkit.rays").build_parser()
+    for argv, want in ((["--compile"], True), (["--compile", "off"], False), (["--compile", "auto"], "auto"), ([], "auto")):
+        assert cli.runtime_config(p.parse_args(["--ckpt", "x.pt", *argv])).compile == want, argv
+
+
+def test_compile_is_chosen_when_the_run_pays_for_it():
+    """choose_compile on a fake clock: not tried when the run's points cannot repay an assumed compile, kept when
+    measured faster by more than 10 %, dropped when not; what was assumed and measured is returned."""
+    tried = []
+
+    def compile_and_time(compile_s, batch_s):
+        def run():
+            tried.append(1)
+            return "compiled", compile_s, batch_s
+        return run
+
+    # 10 points x 12 batches x 0.01 s = 1.2 s eager: nothing a 60 s compile could repay
+    got = choose_compile(10, 0.01, 12, 1, compile_and_time(30.0, 0.005))
+    assert got["compile"] is False and not tried and got["compiled"] is None
+    assert "assumed 60 s" in got["reason"] and got["seconds"]["estimated_saving_s"] == pytest.approx(0.4)
+    # 2601 points x 12 batches x 0.05 s = 1560 s eager, a third of it saved at 1.5x: 520 s > 3 shapes x 60 s
+    got = choose_compile(2601, 0.05, 12, 3, compile_and_time(40.0, 0.02))
+    assert got["compile"] is True and got["compiled"] == "compiled" and len(tried) == 1
+    assert got["reason"].startswith("on (auto: measured 2.50x faster per forward batch after a 40 s compile")
+    assert got["seconds"]["compile_s"] == 40.0 and got["seconds"]["assumed_compile_s"] == 3 * COMPILE_PRIOR_S
+    # measured only 5 % faster: not kept
+    got = choose_compile(2601, 0.05, 12, 3, compile_and_time(40.0, 0.0476))
+    assert got["compile"] is False and "not 10 % faster" in got["reason"]
+    # more shapes to compile raise the bar: 9 shapes x 60 s = 540 s > 520 s
+    assert choose_compile(2601, 0.05, 12, 9, compile_and_time(40.0, 0.02))["compile"] is False
+
+
+def test_compile_cache_folder_is_persistent_unless_the_user_chose_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert compile_cache_dir() == str(tmp_path / "cache" / "widthkit" / "inductor")
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "widthkit" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == str(tmp_path / "mine")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compile_probe_compiles_and_times_on_cpu(setup, monkeypatch, tmp_path):
+    """The measurement compile="auto" runs on CUDA, here on CPU: torch.compile of a tiny model (inductor's C++
+    backend), its compile time and its batch time, its outputs equal to eager."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    net = copy.deepcopy(setup[0]).eval()
+    x = setup[1][0][:16]
+    try:
+        compiled, compile_s, batch_s = compile_probe(net, x, repeats=1)()
+    except Exception as e:  # no C++ compiler, an unsupported platform: say so instead of failing
+        pytest.skip(f"torch.compile does not work here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    assert compile_s > 0 and batch_s > 0
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+    got = choose_compile(10 ** 6, 1.0, 1, 1, lambda: (compiled, compile_s, batch_s))
+    assert got["seconds"]["compiled_batch_s"] == batch_s
+
+
+# -- start-up cost and progress within a point ----------------------------------------------------------------
+
+def test_the_thread_probe_touches_a_few_batches_not_the_data(monkeypatch):
+    """Before the first point, the CPU thread-count probe ran the origin through all the data four times (16
+    minutes on MNIST-size data); now a few forward batches of the test split: on a test split of 20,000 images,
+    what the model sees before the first point is bounded by the probe's batches, whatever the data's size."""
+    import widthkit
+    from widthkit.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("digits_cnn").eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20_000, 1, 8, 8, generator=g), torch.randint(0, 10, (20_000,), generator=g)
+    images, at_first_point = [], []
+    net.register_forward_pre_hook(lambda m, a: images.append(a[0].shape[0]))  # deep copies keep it
+
+    real_point = Evaluator._point
+
+    def point(self, out):
+        if not at_first_point:
+            at_first_point.append(sum(images))
+        return real_point(self, out)
+
+    monkeypatch.setattr(Evaluator, "_point", point)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # the probe runs only where there is a choice to make
+    try:
+        res = widthkit.rays(net, data=((x[:1000], y[:1000]), (x, y)), dirs=1, steps=2, bn_mode="keep", device="cpu")
+        prov = res.data["attrs"]["provenance"]
+    finally:
+        torch.set_num_threads(old)
+    probe = at_first_point[0]
+    # 2 thread counts x 2 repeats x 2 batches of 64 images (+ the 2 images prepare() checks the model with),
+    # against 4 x 21,000 before
+    assert 2 < probe <= 2 * 2 * 2 * 64 + 2, probe
+    assert sum(images) - probe == 2 * 21_000  # then the 2 points, each over both splits
+    assert prov["thread_choice"]["chosen_by"] == "timing" and set(prov["thread_choice"]["seconds"]) == {"1", "2"} \
+        or set(prov["thread_choice"]["seconds"]) == {1, 2}
+
+
+def test_progress_within_a_point(setup):
+    """on_progress: after every eager forward batch, the call's points done so far, the current one fractionally
+    and never whole; none on graph replays."""
+    ev = evaluator(setup, bn_mode="recompute")  # 24 BN images + 40 train + 20 test at batch 16: 2 + 3 + 2 batches
+    seen = []
+    ev.on_progress = seen.append
+    ev.evaluate(setup[3], setup[4], setup[5][:2])
+    per_point = 2 + 3 + 2
+    assert len(seen) == 2 * per_point
+    assert seen == sorted(seen) and seen[0] == pytest.approx(1 / per_point) and max(seen) < 2
+    assert seen[per_point - 1] == pytest.approx(0.99) and seen[per_point] == pytest.approx(1 + 1 / per_point)
+    graphed = evaluator(setup, EmulatedGraphs(), bn_mode="keep")
+    graphed.on_progress = seen.append
+    seen.clear()
+    graphed.evaluate(*setup[3:])
+    assert seen == []
+
+
+def test_progress_within_points_is_throttled():
+    from widthkit.analyses.grid import within_points
+
+    now = [0.0]
+    calls = []
+    on_progress = within_points(lambda d, t: calls.append((d, t)), base=10, total=100, every_s=2.0,
+                                clock=lambda: now[0])
+    for t, p in ((0.5, 0.2), (2.5, 0.57), (3.0, 0.9), (4.6, 1.99), (9.0, 2.5)):
+        now[0] = t
+        on_progress(p)
+    assert calls == [(10.5, 100), (11.9, 100), (12.5, 100)]  # every 2 s at most; rounded down to tenths
+
+
+def test_an_analysis_reports_progress_within_long_points(monkeypatch):
+    """Through the grid: with points slower than the bar's interval (a clock that moves 1 s per reading), the
+    progress callback gets fractional counts between the written ones, never a whole point early."""
+    import types
+
+    import widthkit
+    from widthkit.analyses import grid
+    from widthkit.models import create_model
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(grid, "time", types.SimpleNamespace(monotonic=clock))  # the grid's clock only
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 1, 8, 8, generator=g), torch.randint(0, 10, (300,), generator=g)
+    seen = []
+    widthkit.rays(create_model("digits_cnn"), data=((x, y), (x[:100], y[:100])), dirs=1, steps=3, bn_mode="keep",
+                  device="cpu", threads=1, chunk_size=1, progress=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3) and all(t == 3 for _, t in seen)
+    fractional = [d for d, _ in seen if d != int(d)]
+    assert fractional and all(0 < d < 3 for d in fractional)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # the bar never goes back

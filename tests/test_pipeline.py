@@ -13,7 +13,7 @@ from widthkit.report.store import read
 TINY_CURVATURE = ["--curvature-loss-subset", "64", "--curvature-trace-hvps", "6", "--curvature-slq-probes", "1",
                   "--curvature-slq-steps", "8", "--curvature-lanczos-max-iter", "12"]
 TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--plane-resolution", "3",
-        "--train-subset", "200", "--no-progress", "--format", "png,pdf", *TINY_CURVATURE]
+        "--train-subset", "200", "--no-progress", "--format", "png,pdf", "--device", "cpu", *TINY_CURVATURE]
 
 
 @pytest.mark.slow

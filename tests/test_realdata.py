@@ -24,9 +24,12 @@ from widthkit.inputs import imagefolder
 from widthkit.inputs.checkpoints import load_checkpoint
 from widthkit.inputs.data import load_dataset
 from widthkit.report.store import read
+from widthkit.runtime import RuntimeConfig
+
+CPU = RuntimeConfig(device="cpu")  # these tests check CPU arithmetic, on a GPU host too
 
 rays_cli = importlib.import_module("widthkit.rays")
-SMALL = ["--train-subset", "160", "--test-subset", "120", "--bn-subset", "64"]
+SMALL = ["--train-subset", "160", "--test-subset", "120", "--bn-subset", "64", "--device", "cpu"]
 
 
 # --------------------------------------------------------------------------------------------- photo folders
@@ -204,8 +207,8 @@ def test_uint8_storage_and_streaming_equal_resident(digits_ckpts):
     torch.testing.assert_close(batches_r, tr.normalized(), rtol=0, atol=0)
     for bn in ("recompute", "keep"):
         cfg = EvalConfig(bn_mode=bn, bn_subset=300, weight_decay=5e-4)
-        ev_r = Evaluator(ck.model, tr, te, cfg)
-        ev_s = Evaluator(ck.model, tr, te, cfg.replace(max_memory="1KB"))
+        ev_r = Evaluator(ck.model, tr, te, cfg, runtime=CPU)
+        ev_s = Evaluator(ck.model, tr, te, cfg.replace(max_memory="1KB"), runtime=CPU)
         d = torch.randn(2, ev_r.layout.size)
         coords = np.array([[0.0, 0.0], [0.5, -0.3], [1.0, 1.0]])
         a = ev_r.evaluate(ev_r.theta0, d, coords)
@@ -215,7 +218,7 @@ def test_uint8_storage_and_streaming_equal_resident(digits_ckpts):
 
 
 def test_streamed_rays_equal_resident_rays(digits_ckpts, tmp_path):
-    common = dict(dirs=2, steps=3, max_dist=5.0, train_subset=160, test_subset=120, bn_subset=64)
+    common = dict(dirs=2, steps=3, max_dist=5.0, train_subset=160, test_subset=120, bn_subset=64, device="cpu")
     a = widthkit.rays([digits_ckpts["sgd"]], **common)
     b = widthkit.rays([digits_ckpts["sgd"]], max_memory="2KB", **common)
     for m, v in a.models["sgd"]["metrics"].items():
@@ -241,7 +244,7 @@ def test_regression_with_mse_through_rays(tmp_path):
     w = torch.randn(5, 2)
     ytr, yte = xtr @ w + 0.1 * torch.randn(96, 2), xte @ w
     res = widthkit.rays(model, ((xtr, ytr), (xte, yte)), dirs=2, steps=4, max_dist=2.0, loss="mse",
-                        bn_mode="keep", out=tmp_path / "reg.h5")
+                        bn_mode="keep", out=tmp_path / "reg.h5", device="cpu")
     metrics = res.models["model0"]["metrics"]
     assert sorted(metrics) == ["test_loss", "train_loss"]
     axes = read(tmp_path / "reg.h5", load_large=True)["axes"]
@@ -280,8 +283,8 @@ def test_forward_adapter_for_a_dict_model_and_top5_and_class_errors():
     model = DictModel().eval()
     x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
     ev = Evaluator(model, (x, y), (x, y), EvalConfig(bn_mode="keep", metrics="loss,err,top5_err,class_err:2",
-                                                     forward=lambda m, xb: m({"pixels": xb})["logits"],
-                                                     eval_batch_size=16))
+                                                     forward=lambda m, xb: m({"pixels": xb})["logits"]),
+                   runtime=CPU.replace(eval_batch_size=16))
     got = ev.evaluate_weights(ev.theta0)
     with torch.no_grad():
         logits = model({"pixels": x})["logits"]
@@ -292,14 +295,16 @@ def test_forward_adapter_for_a_dict_model_and_top5_and_class_errors():
     in2 = [i for i in range(50) if int(y[i]) == 2]
     assert got["test_class_err_2"] == pytest.approx(100 * sum(wrong[i] for i in in2) / len(in2))
     with pytest.raises(ValueError, match="points_in_flight > 1 .* forward="):
-        Evaluator(model, (x, y), (x, y), EvalConfig(bn_mode="keep", points_in_flight=2, forward=lambda m, b: m(b)))
+        Evaluator(model, (x, y), (x, y), EvalConfig(bn_mode="keep", forward=lambda m, b: m(b)),
+                  runtime=CPU.replace(points_in_flight=2))
 
 
 def test_top5_error_against_a_hand_count():
     torch.manual_seed(2)
     model = nn.Linear(6, 10).eval()
     x, y = torch.randn(64, 6), torch.randint(0, 10, (64,))
-    ev = Evaluator(model, (x, y), (x, y), EvalConfig(bn_mode="keep", metrics="top5_err", eval_batch_size=10))
+    ev = Evaluator(model, (x, y), (x, y), EvalConfig(bn_mode="keep", metrics="top5_err"),
+                   runtime=CPU.replace(eval_batch_size=10))
     with torch.no_grad():
         logits = model(x)
     misses = 0
@@ -326,7 +331,7 @@ def test_token_level_loss_ignores_padding():
     labels = ids.roll(-1, dims=1)
     labels[:, -1] = -100
     labels[:3, 4:] = -100  # padding
-    ev = Evaluator(model, (ids, labels), (ids, labels), EvalConfig(bn_mode="keep", eval_batch_size=5))
+    ev = Evaluator(model, (ids, labels), (ids, labels), EvalConfig(bn_mode="keep"), runtime=CPU.replace(eval_batch_size=5))
     got = ev.evaluate_weights(ev.theta0)
     with torch.no_grad():
         logits = model(ids)
@@ -342,7 +347,7 @@ def test_custom_metric_callable_and_clear_errors():
     def margin(out, target):
         return out.gather(1, target[:, None]).squeeze(1) - out.max(dim=1).values
 
-    ev = Evaluator(model, (x, y), (x, y), EvalConfig(bn_mode="keep", metrics={"margin": margin}))
+    ev = Evaluator(model, (x, y), (x, y), EvalConfig(bn_mode="keep", metrics={"margin": margin}), runtime=CPU)
     with torch.no_grad():
         expect = margin(model(x), y).mean().item()
     assert ev.evaluate_weights(ev.theta0)["train_margin"] == pytest.approx(expect, rel=1e-6)
@@ -353,7 +358,7 @@ def test_custom_metric_callable_and_clear_errors():
     with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
         EvalConfig(loss="no_such_module:fn")
     with pytest.raises(ValueError, match="labels must be integer class indices.*loss='mse'"):
-        Evaluator(model, (x, y.float()), (x, y.float()), EvalConfig(bn_mode="keep"))
+        Evaluator(model, (x, y.float()), (x, y.float()), EvalConfig(bn_mode="keep"), runtime=CPU)
 
 
 def test_metrics_flag_and_threshold_on_top5(digits_ckpts, tmp_path, capsys):
@@ -408,7 +413,7 @@ def test_rays_on_a_photo_folder_with_a_torchvision_model(tmp_path, capsys):
     torch.save(model.state_dict(), ckpt)  # a plain state dict, as torchvision users save them
     argv = ["--ckpt", str(ckpt), "--arch", "torchvision:resnet18", "--data", f"imagefolder:{root}",
             "--image-size", "32", "--dirs", "2", "--steps", "3", "--bn-mode", "keep", "--out", str(tmp_path / "r.h5"),
-            "--no-plot"]
+            "--no-plot", "--device", "cpu"]
     assert rays_cli.main(argv) == 0
     assert "decoding" in capsys.readouterr().err  # the progress bar while the cache is built
     assert rays_cli.main(argv + ["--overwrite"]) == 0
@@ -454,7 +459,8 @@ def test_figures_of_other_metrics_are_drawn_with_their_labels(digits_ckpts, tmp_
     def margin(out, y):
         return out.gather(1, y[:, None]).squeeze(1) - out.max(dim=1).values
 
-    common = dict(train_subset=100, test_subset=80, bn_subset=64, metrics={"top5_err": "top5_err", "margin": margin})
+    common = dict(train_subset=100, test_subset=80, bn_subset=64, metrics={"top5_err": "top5_err", "margin": margin},
+                  device="cpu")
     line = widthkit.line([digits_ckpts["sgd"], digits_ckpts["swa"]], steps=4, **common)
     assert sorted(line.models["line"]["metrics"]) == ["test_margin", "test_top5_err", "train_margin",
                                                        "train_top5_err"]

@@ -198,7 +198,8 @@ def test_provenance_in_every_file_and_checkpoint(digits_ckpts, tmp_path):
     import torch
 
     out = tmp_path / "r.h5"
-    widthkit.rays(digits_ckpts["swa"], dirs=1, steps=2, bn_mode="keep", train_subset=50, test_subset=50, out=out)
+    widthkit.rays(digits_ckpts["swa"], dirs=1, steps=2, bn_mode="keep", train_subset=50, test_subset=50, out=out,
+                  device="cpu")
     prov = read(out)["attrs"]["provenance"]
     assert prov["threads"] == torch.get_num_threads() and prov["device"] == "cpu"
     assert prov["precision"] == "fp32" and prov["torch_version"] == torch.__version__
@@ -409,7 +410,7 @@ def test_an_analysis_records_its_threads_restores_the_callers_and_a_resume_keeps
     monkeypatch.setattr(grid, "choose_threads", lambda *a, **kw: calls.append(a[1:]) or real(*a, **kw))
     before = torch.get_num_threads()
     out = tmp_path / "r.h5"
-    small = dict(dirs=1, steps=2, bn_mode="keep", train_subset=40, test_subset=40, out=out)
+    small = dict(dirs=1, steps=2, bn_mode="keep", train_subset=40, test_subset=40, out=out, device="cpu")
     widthkit.rays(digits_ckpts["swa"], threads=1, **small)
     prov = read(out)["attrs"]["provenance"]
     assert prov["threads"] == 1 and prov["thread_choice"]["chosen_by"] == "flag"

@@ -354,7 +354,7 @@ def test_digits_rays_far_out_report_non_finite_points(digits_ckpts, tmp_path):
     """A real checkpoint 1e30 away along random rays: the logits overflow (test_loss NaN), the report counts
     those points as crossed instead of failing or calling the rays wider than the grid."""
     res = widthkit.rays(digits_ckpts["sgd"], dirs=2, steps=3, max_dist=1e30, bn_mode="keep", train_subset=40,
-                        test_subset=40, out=tmp_path / "far.h5")
+                        test_subset=40, out=tmp_path / "far.h5", device="cpu")
     m = res.models["sgd"]
     d = res.data["axes"]["distances"]
     err, loss = m["metrics"]["test_err"], m["metrics"]["test_loss"]
@@ -381,7 +381,7 @@ def test_rays_command_far_out_prints_widths(digits_ckpts, tmp_path, capsys):
     """`python -m widthkit.rays --max-dist 1e30`: widths and the non-finite count, no "summaries is empty"."""
     code = rays_cli.main(["--ckpt", digits_ckpts["sgd"], "--max-dist", "1e30", "--dirs", "2", "--steps", "3",
                           "--bn-mode", "keep", "--train-subset", "40", "--test-subset", "40", "--quiet",
-                          "--out", str(tmp_path / "far.h5"), "--no-plot"])
+                          "--out", str(tmp_path / "far.h5"), "--no-plot", "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "width at test_err=+5" in captured.out and "width at train_loss_l2=+0.5" in captured.out

@@ -9,12 +9,15 @@ finished result (widths, figures), temporary files removed.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..runtime import distributed
@@ -26,7 +29,9 @@ from ..settings import split_kwargs
 from .result import Analysis
 from .subjects import Subject, as_subjects, check_model_fits_data, recorded_weight_decay, resolve_data
 
-ProgressFn = Callable[[int, int], None]  # (points done, points in total)
+# (points done, points in total); between two writes, points that take long also report the points evaluated
+# so far, the current one fractionally (a float: see within_points)
+ProgressFn = Callable[[float, int], None]
 AfterFn = Callable[[Analysis], object]  # runs on the finished result, still under the writer lock
 
 
@@ -119,7 +124,10 @@ def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, pro
     thread_choice = None
     if setup.device.type == "cpu":
         recorded = None if overwrite or out is None else (store.recorded_attr(out, "provenance") or {}).get("threads")
-        thread_choice = choose_threads(lambda: ev0.evaluate_weights(ev0.theta0), setup.runtime.threads, recorded)
+        # timed on a few forward batches, not whole points: start-up must not grow with the data
+        thread_choice = choose_threads(ev0.probe_forward, setup.runtime.threads, recorded)
+    for job in grid.jobs:  # compile="auto" weighs its cost against this process's share of the points
+        job[1].expect_points(int(np.prod(grid.shape)) // distributed.world_size())
     config = {"kind": grid.kind, **grid.geometry, "eval": setup.cfg.recorded(setup.runtime), "data": setup.data_desc,
               "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects],
               "theta_size": ev0.layout.size}
@@ -172,4 +180,26 @@ def _run(af: store.AnalysisFile, jobs, progress: ProgressFn | None) -> None:
             if progress:
                 progress(done, total)
 
-        distributed.evaluate_shared(ev, origin, basis, coords_of, pending, on_results)
+        if progress and distributed.world_size() == 1:  # long points: progress within them too
+            ev.on_progress = within_points(progress, done, total)
+        try:
+            distributed.evaluate_shared(ev, origin, basis, coords_of, pending, on_results)
+        finally:
+            ev.on_progress = None
+
+
+def within_points(progress: ProgressFn, base: int, total: int, every_s: float = 2.0,
+                  clock: Callable[[], float] | None = None) -> Callable[[float], None]:
+    """An evaluator's ``on_progress(points done in the call, fractional)`` as ``progress(base + points, total)``,
+    at most every ``every_s`` seconds (so points faster than that move the bar only when written), rounded down
+    to a tenth of a point (never a whole point that is not finished). ``clock``: default ``time.monotonic``."""
+    clock = clock or time.monotonic
+    last = [clock()]
+
+    def on_progress(points: float) -> None:
+        now = clock()
+        if now - last[0] >= every_s:
+            last[0] = now
+            progress(math.floor(10 * (base + points)) / 10, total)
+
+    return on_progress

@@ -30,6 +30,7 @@ train loss + ½·wd·‖θ‖², the regularised objective the SWA paper plots; 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -40,9 +41,11 @@ from ..runtime import (RuntimeConfig, autocast, canonical, default_batch_size, m
                        random_subset, same_device)
 from .batchnorm import bn_modules, recompute_bn_statistics
 from .config import EvalConfig
-from .levers import Levers, stacked_sums
+from .levers import Levers, batch_probe, choose_batch_size, stacked_sums
 from .objectives import L2_METRIC, SPLITS
 from .space import ThetaLayout, bind_flat_parameters
+
+log = logging.getLogger("widthkit")
 
 
 class EvalSet:
@@ -344,10 +347,17 @@ class Evaluator:
         if config.bn_mode == "batch":
             for m in self.bn:
                 m.momentum = 0.0  # batch statistics are used, running statistics left untouched
+        self.batch_choice: dict | None = None  # how batch_size was chosen (prepare)
         streamed = [s for s in self.splits if not getattr(self, s).resident]
         self.levers = Levers(self.model, self.flat, self.layout, runtime, self.device, self._with_retry,
-                             lambda: (self.test if self.test is not None else self.train).inputs(self.batch_size),
-                             graphs=graph_backend, streamed=streamed, bn_mode=config.bn_mode)
+                             lambda: self._probe_split().inputs(self.batch_size),
+                             graphs=graph_backend, streamed=streamed, bn_mode=config.bn_mode,
+                             point_batches=self._split_batches)
+        self.on_progress: Callable[[float], None] | None = None
+        """Called during :meth:`evaluate` after every forward batch of a point evaluated eagerly (not on CUDA graph
+        replays, nor with points in flight), with the points of that call done so far, the current one
+        fractionally (< 1): progress within points that take long."""
+        self._ticks: list | None = None  # [points done in the call, batches done in this point, batches per point]
 
     @property
     def metrics(self) -> list[str]:
@@ -372,10 +382,93 @@ class Evaluator:
         """θ of the model as given (a copy)."""
         return self._theta0.clone()
 
+    def _probe_split(self) -> EvalSet:
+        """The split the measurements run on: the test split where there is one, else the training split."""
+        return self.test if self.test is not None and "test" in self.splits else self.train
+
+    def _bn_batches(self) -> int:
+        return -(-self._bn_count() // self.batch_size)
+
+    def _bn_count(self) -> int:
+        return (len(self.train) if self.bn_index is None else int(self.bn_index.numel())) \
+            if self.config.bn_mode == "recompute" and self.bn else 0
+
+    def _split_batches(self) -> tuple[int, int]:
+        """(forward batches of the splits per point, distinct batch shapes among them) at the current batch size."""
+        b, n, shapes = self.batch_size, 0, set()
+        for split in self.splits:
+            size = len(getattr(self, split))
+            n += -(-size // b)
+            shapes.add(min(b, size))
+            if size > b and size % b:
+                shapes.add(size % b)
+        return n, len(shapes)
+
+    def expect_points(self, n: int) -> None:
+        """Tell the evaluator how many points this process will evaluate (for the ``compile="auto"`` decision,
+        which weighs compile time against the run's length); :meth:`evaluate` also counts its own points."""
+        self.levers.expected_points = max(self.levers.expected_points or 0, int(n))
+
+    def prepare(self, points: int | None = None) -> None:
+        """Resolve, once, the levers that need the data or a measurement: the forward batch size, points in
+        flight, compile (for a run of ``points`` points). :meth:`evaluate` calls it; call it (under the precision
+        policy) to measure before the first point."""
+        if self.batch_choice is None:
+            self.batch_choice = self._choose_batch_size()
+            self.batch_size = self.batch_choice["batch_size"]
+        self.levers.prepare(points)
+
+    @torch.no_grad()
+    def _choose_batch_size(self) -> dict:
+        """``runtime.eval_batch_size`` when given; else 64 on CPU, and on CUDA the fastest of 4096, 8192, 16384
+        images per forward pass (:func:`~widthkit.engine.levers.choose_batch_size`), timed on the probe split's
+        first images, stopping where memory runs out."""
+        if self.runtime.eval_batch_size is not None:
+            return {"batch_size": self.batch_size, "chosen_by": "asked"}
+        if self.device.type != "cuda":
+            return {"batch_size": self.batch_size, "chosen_by": f"default on {self.device.type} (batches of 64 were "
+                    "at or near the fastest on 2 cores, benchmarks/RESULTS.md)"}
+        if self.config.bn_mode == "batch":
+            return {"batch_size": self.batch_size, "chosen_by": "default: bn_mode batch normalises every batch with "
+                    "its own statistics, so the batch size is part of the result and not timed"}
+        data = self._probe_split()
+        largest = max([len(getattr(self, s)) for s in self.splits] + [self._bn_count()])
+        probe = batch_probe(self.model, data.inputs, self.device, self.runtime.precision)
+        choice = choose_batch_size(probe, largest=largest)
+        log.info("eval_batch_size: %d (measured, images/s %s)", choice["batch_size"],
+                 {b: f"{r:.4g}" for b, r in choice["images_per_second"].items()})
+        return choice
+
+    @torch.no_grad()
+    def probe_forward(self, batches: int = 2) -> None:
+        """Forward passes of the first ``batches`` batches of the test split (else the training split), as every
+        point runs them, under the precision policy: a few batches are what the CPU thread count is timed on
+        (:func:`widthkit.runtime.choose_threads`), so the start-up cost does not grow with the data."""
+        data = self._probe_split()
+        with precision_policy(self.runtime.precision, self.device):
+            for i, (xb, _) in enumerate(data.batches(self.batch_size)):
+                if i >= batches:
+                    break
+                with self._autocast():
+                    self.objective.output(self.model, xb)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # -- one point -----------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        """One forward batch of the current point done: report the call's progress (see :attr:`on_progress`)."""
+        t = self._ticks
+        if t is not None:
+            t[1] += 1
+            self.on_progress(t[0] + min(t[1] / t[2], 0.99))
+
     def _recompute_bn(self) -> None:
-        inputs = (xb for xb, _ in self.train.batches(self.batch_size, self.bn_index))
-        recompute_bn_statistics(self.model, inputs, self._bn_forward, self.bn)
+        def inputs():
+            for xb, _ in self.train.batches(self.batch_size, self.bn_index):
+                yield xb
+                self._tick()
+
+        recompute_bn_statistics(self.model, inputs(), self._bn_forward, self.bn)
 
     def _bn_forward(self, xb: torch.Tensor) -> None:
         with self._autocast():
@@ -390,6 +483,7 @@ class Evaluator:
             with self._autocast():
                 output = self.objective.output(self.levers.forward, xb)
             self.objective.accumulate(output, yb, out)
+            self._tick()
 
     def _point(self, out: torch.Tensor) -> None:
         """Evaluate the point currently in ``self.flat``; write raw sums into ``out`` (n_sums - 1,) float64."""
@@ -436,13 +530,17 @@ class Evaluator:
     # -- many points ---------------------------------------------------------------------------------
     @torch.no_grad()
     def levers_report(self) -> dict:
-        """The speed levers as resolved for this evaluator (points in flight measured, CUDA graphs captured by
-        evaluating θ₀ once where they are on): what provenance records."""
+        """The speed levers as resolved for this evaluator (batch size, points in flight and compile measured
+        where "auto", CUDA graphs captured by evaluating θ₀ once where they are on): what provenance records."""
         with precision_policy(self.runtime.precision, self.device):
-            self.levers.prepare()
+            self.prepare()
         if self.levers.graphs_on and not self.levers.steps:
             self.evaluate_weights(self._theta0)
-        return self.levers.describe()
+        choice = self.batch_choice or {}
+        return {**self.levers.describe(), "eval_batch_size": self.batch_size,
+                "eval_batch_size_chosen_by": choice.get("chosen_by"),
+                **({"eval_batch_size_images_per_second": {str(b): r for b, r in choice["images_per_second"].items()}}
+                   if "images_per_second" in choice else {})}
 
     @torch.no_grad()
     def evaluate(
@@ -489,7 +587,7 @@ class Evaluator:
         coords_dev = coords.to(device=self.device, dtype=torch.float32)
         metrics = self.metrics
         results = {m: np.full(len(coords), np.nan) for m in metrics}
-        self.levers.prepare()  # once: channels-last and K resolved (measured where "auto")
+        self.prepare(len(coords))  # once: batch size, K and compile resolved (measured where "auto")
         k = self.levers.points_in_flight
         cs = -(-self.config.chunk_size // k) * k  # whole groups of K points per chunk
         for start in range(0, len(coords), cs):
@@ -503,7 +601,12 @@ class Evaluator:
                 for j, p in enumerate(range(start, stop)):
                     # θ = origin + basisᵀ c : one fused op writing straight into the model's parameters
                     torch.addmv(origin, basis.t(), coords_dev[p], out=self.flat)
-                    self.levers.run_point(self._point, sums[j, :-1])
+                    if self.on_progress is not None and not self.levers.graphs_on:
+                        self._ticks = [p, 0, max(1, self._split_batches()[0] + self._bn_batches())]
+                    try:
+                        self.levers.run_point(self._point, sums[j, :-1])
+                    finally:
+                        self._ticks = None
                     if L2_METRIC in metrics:
                         sums[j, -1] = self.flat.double().square().sum()
             host = sums.cpu().numpy()  # the one synchronisation per chunk

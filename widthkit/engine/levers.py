@@ -6,9 +6,12 @@ file's provenance (:meth:`Levers.describe`). The precision policy, which does ch
 :func:`widthkit.runtime.precision_policy`, not here.
 
 - ``channels_last`` (auto: on for CUDA conv nets; on CPU only with bf16, where it was measured faster): inputs
-  are handed to the model in NHWC memory order by a forward pre-hook, so cuDNN runs its channels-last convolutions. The weights stay NCHW views of the
-  evaluator's flat θ buffer (re-laying them out would break the one-``addmv`` move between points); each
-  convolution converts its (small) weight on the fly.
+  are handed to the model in NHWC memory order by a forward pre-hook (:class:`ChannelsLastInput`), so cuDNN
+  runs its channels-last convolutions. The weights stay NCHW views of the evaluator's flat θ buffer
+  (re-laying them out would break the one-``addmv`` move between points); each convolution converts its
+  (small) weight on the fly. Inside stacked (vmap) calls the inputs stay in ``contiguous_format``: some CUDA
+  kernels query ``is_contiguous(channels_last)`` of a channels-last activation, which vmap does not
+  implement (VGG16-BN in bf16 crashed with "NYI: querying is_contiguous inside of vmap").
 - ``cuda_graphs`` (auto: on CUDA): one point's forward passes (the BN subset pass, the train and test splits,
   the last partial batches included: the data are resident, so every replay runs the same shapes) are captured
   once into a CUDA graph after warm-up runs on the capture stream, and replayed per point; the point's weights
@@ -16,11 +19,15 @@ file's provenance (:meth:`Levers.describe`). The precision policy, which does ch
   several points per pass, the stacked call is captured with a static (K, D) weight buffer; a last group of
   fewer than K points is padded by repeating its last point. Where capture fails the evaluator falls back to
   eager evaluation with a one-line logged reason (CPU: off, with the reason).
-- ``compile`` (off): ``torch.compile`` of the evaluation forward pass (the BN recompute pass stays eager: its
-  per-batch momenta would recompile it).
-- ``points_in_flight`` (auto: 1 on CPU; on CUDA the fastest of 1, 4, 16 in a short measurement): K points per
-  forward pass through ``torch.func.vmap`` over stacked weights (:func:`stacked_sums`); with
-  ``bn_mode="recompute"`` every point's BatchNorm statistics are recomputed inside the same stacked call.
+- ``compile`` (auto: off on CPU; on CUDA on when the run's points make it pay, :func:`choose_compile`):
+  ``torch.compile`` of the evaluation forward pass (the BN recompute pass stays eager: its per-batch momenta
+  would recompile it), with inductor's cache in a persistent folder (:func:`compile_cache_dir`).
+- ``points_in_flight`` (auto: 1 on CPU; on CUDA the fastest of 1, 4, 16 in a short measurement, K > 1 only
+  when it is more than 10 % faster): K points per forward pass through ``torch.func.vmap`` over stacked
+  weights (:func:`stacked_sums`); with ``bn_mode="recompute"`` every point's BatchNorm statistics are
+  recomputed inside the same stacked call.
+- the forward batch size (``eval_batch_size``; unset: 64 on CPU, on CUDA timed from 4,096 doubling up to
+  16,384 or the memory limit, the highest images/s kept, :func:`choose_batch_size`).
 
 CPU twins, for the tests: every body that a CUDA graph captures is the eager code itself, and
 :class:`EmulatedGraphs` replays it on CPU the way a graph would (ATen ops recorded once on the same tensors,
@@ -29,8 +36,12 @@ Python state frozen at capture, nothing run by the capture, host synchronisation
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -42,8 +53,18 @@ from .batchnorm import bn_modules
 log = logging.getLogger("widthkit")
 
 K_CANDIDATES: tuple[int, ...] = (1, 4, 16)  # points_in_flight="auto" on CUDA measures these
-K_MARGIN = 0.9  # K > 1 is chosen only when at most this fraction of one-point-at-a-time's time per point
+# K > 1 is chosen only when at most this fraction of one-point-at-a-time's time per point (more than 10 %
+# faster): on an H200, ResNet-56 bf16 took 0.081 s/point at K=1, 0.25 at K=4, 0.265 at K=16 (issue 19)
+K_MARGIN = 0.9
 WARMUP_RUNS = 2  # eager runs on the capture stream before a CUDA graph is captured
+BATCH_START, BATCH_LIMIT = 4096, 16384  # the CUDA forward batch sizes timed when eval_batch_size is unset
+# compile="auto" on CUDA: before anything is compiled, a compile is assumed to take COMPILE_PRIOR_S per distinct
+# batch shape and to make the forward pass COMPILE_PRIOR_SPEEDUP times faster (an H200 measured 2.26x for
+# ResNet-56 bf16 channels-last at batch 16,384, issue 19); it is tried only when the run's points would then
+# save more time than the compile takes, and kept only when measured at least 10 % faster (COMPILE_MARGIN)
+COMPILE_PRIOR_S = 60.0
+COMPILE_PRIOR_SPEEDUP = 1.5
+COMPILE_MARGIN = 0.9
 
 
 def has_conv(model: nn.Module) -> bool:
@@ -74,11 +95,25 @@ def resolve_channels_last(setting, model: nn.Module, device: torch.device, preci
     return False, f"off (auto: CPU with {precision}, where it was not reliably faster)"
 
 
-def channels_last_input(module: nn.Module, args: tuple):
-    """Forward pre-hook: a 4-D input tensor in channels-last (NHWC) memory order, values unchanged."""
-    if args and torch.is_tensor(args[0]) and args[0].dim() == 4:
-        return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-    return None
+class ChannelsLastInput:
+    """Forward pre-hook: a 4-D input tensor in channels-last (NHWC) memory order, values unchanged; inside
+    :meth:`paused` (the stacked vmap calls) inputs are left as they are (contiguous)."""
+
+    def __init__(self):
+        self.active = True
+
+    def __call__(self, module: nn.Module, args: tuple):
+        if self.active and args and torch.is_tensor(args[0]) and args[0].dim() == 4:
+            return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        return None
+
+    @contextlib.contextmanager
+    def paused(self):
+        was, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = was
 
 
 # -- several points per forward pass ---------------------------------------------------------------------------
@@ -168,6 +203,32 @@ def choose_points_in_flight(seconds_per_point: Callable[[int], float], candidate
     return {"points_in_flight": best, "chosen_by": "timing", "seconds_per_point": seconds}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(run: Callable[[], object], device: torch.device, precision="fp32", repeats: int = 3) -> float:
+    """Seconds of ``run()`` under ``precision``'s autocast: one untimed call (kernel selection, allocations,
+    compilation), then the best of ``repeats``, synchronised; inf on out-of-memory."""
+    device = torch.device(device)
+    best = float("inf")
+    try:
+        for rep in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            with autocast(device, precision):
+                run()
+            _sync(device)
+            if rep:
+                best = min(best, time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return float("inf")
+    return best
+
+
 def forward_probe(model: nn.Module, layout, theta: torch.Tensor, x: torch.Tensor, precision="fp32",
                   repeats: int = 3) -> Callable[[int], float]:
     """``seconds_per_point(k)`` for :func:`choose_points_in_flight`: eval-mode forward passes over the batch
@@ -176,12 +237,7 @@ def forward_probe(model: nn.Module, layout, theta: torch.Tensor, x: torch.Tensor
     replay), cheap enough to run before every analysis."""
     from torch.func import functional_call, vmap
 
-    device = x.device
     buffers = dict(model.named_buffers())
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     @torch.no_grad()
     def seconds_per_point(k: int) -> float:
@@ -195,23 +251,144 @@ def forward_probe(model: nn.Module, layout, theta: torch.Tensor, x: torch.Tensor
 
             def run():
                 return stacked(params, x)
-        best = float("inf")
-        try:
-            for rep in range(repeats + 1):
-                sync()
-                t0 = time.perf_counter()
-                with autocast(device, precision):
-                    run()
-                sync()
-                if rep:
-                    best = min(best, time.perf_counter() - t0)
-        except torch.OutOfMemoryError:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            return float("inf")
-        return best / k
+        return best_seconds(run, x.device, precision, repeats) / k
 
     return seconds_per_point
+
+
+# -- the forward batch size ------------------------------------------------------------------------------------
+
+def choose_batch_size(seconds_for: Callable[[int], float], start: int = BATCH_START, limit: int = BATCH_LIMIT,
+                      largest: int | None = None) -> dict:
+    """The forward batch size with the most images per second, by measurement.
+
+    ``seconds_for(b)`` times one forward pass of ``b`` images (inf where it does not fit in memory). Tried:
+    ``start``, 2·``start``, ... up to ``limit``, stopping at the first size that does not fit and at
+    ``largest`` (the largest split: a bigger batch holds the same images). The fastest in images/s is kept
+    (the smaller on a tie). Returns ``{"batch_size", "chosen_by": "timing", "images_per_second": {b: rate}}``;
+    when not even ``start`` fits, ``start`` with ``chosen_by`` saying so (the evaluator's out-of-memory retry
+    then halves it).
+    """
+    rates: dict[int, float] = {}
+    b = int(start)
+    while True:
+        size = b if largest is None else max(1, min(b, int(largest)))
+        s = float(seconds_for(size))
+        rates[size] = size / s if math.isfinite(s) and s > 0 else 0.0
+        if rates[size] == 0.0 or size >= limit or (largest is not None and size >= largest):
+            break
+        b *= 2
+    fitted = {k: v for k, v in rates.items() if v > 0}
+    if not fitted:
+        return {"batch_size": int(start), "chosen_by": f"timing: even {start} did not fit (halved on "
+                                                      "out-of-memory while evaluating)", "images_per_second": rates}
+    best = max(fitted, key=lambda k: (fitted[k], -k))
+    return {"batch_size": best, "chosen_by": "timing", "images_per_second": rates}
+
+
+def batch_probe(forward: Callable[[torch.Tensor], object], inputs: Callable[[int], torch.Tensor],
+                device: torch.device, precision="fp32", repeats: int = 2) -> Callable[[int], float]:
+    """``seconds_for(b)`` for :func:`choose_batch_size`: ``forward`` over the first ``b`` prepared inputs
+    (``inputs(b)``), timed by :func:`best_seconds`; inf on out-of-memory (also while preparing the inputs)."""
+
+    @torch.no_grad()
+    def seconds_for(b: int) -> float:
+        try:
+            x = inputs(b)
+        except torch.OutOfMemoryError:
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            return float("inf")
+        try:
+            return best_seconds(lambda: forward(x), device, precision, repeats)
+        finally:
+            del x
+
+    return seconds_for
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------------
+
+def compile_cache_dir() -> str:
+    """Where inductor keeps compiled kernels between runs: ``$TORCHINDUCTOR_CACHE_DIR`` when the user set it,
+    else ``widthkit/inductor`` in the user's cache folder (``$XDG_CACHE_HOME``, ``~/.cache``), which is then set
+    for this process (a second run of the same model and shapes loads its kernels instead of compiling)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    path = str(Path(base) / "widthkit" / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
+def compile_forward(model: nn.Module) -> Callable:
+    """``torch.compile`` of ``model`` (default mode, static shapes: the evaluator's CUDA graphs, where on, are
+    its own), with the persistent cache folder set first."""
+    compile_cache_dir()
+    return torch.compile(model, dynamic=False)
+
+
+def compile_probe(model: nn.Module, x: torch.Tensor, precision="fp32", repeats: int = 3
+                  ) -> Callable[[], tuple[Callable, float, float]]:
+    """``compile_and_time()`` for :func:`choose_compile`: compiles ``model`` (:func:`compile_forward`), runs it
+    once on ``x`` (the compile, timed) and times it as :func:`best_seconds` does; returns
+    ``(compiled forward, compile seconds, seconds per batch)``."""
+
+    @torch.no_grad()
+    def compile_and_time():
+        compiled = compile_forward(model)
+        _sync(x.device)
+        t0 = time.perf_counter()
+        with autocast(x.device, precision):
+            compiled(x)
+        _sync(x.device)
+        compile_s = time.perf_counter() - t0
+        return compiled, compile_s, best_seconds(lambda: compiled(x), x.device, precision, repeats)
+
+    return compile_and_time
+
+
+def choose_compile(points: int, eager_batch_s: float, batches_per_point: int, shapes: int,
+                   compile_and_time: Callable[[], tuple[Callable, float, float]],
+                   prior_s: float = COMPILE_PRIOR_S, prior_speedup: float = COMPILE_PRIOR_SPEEDUP,
+                   margin: float = COMPILE_MARGIN) -> dict:
+    """Whether a run of ``points`` points should evaluate through a compiled forward pass.
+
+    Args:
+        points: points this process will evaluate.
+        eager_batch_s: measured seconds of one eager forward batch.
+        batches_per_point: forward batches per point that the compiled pass would run (the splits; the BN pass
+            stays eager).
+        shapes: distinct batch shapes of those batches (each is compiled once: static shapes).
+        compile_and_time: ``() -> (compiled, compile seconds, seconds per batch)`` (:func:`compile_probe`);
+            called only when compiling is expected to pay: the estimated saving, ``points · batches_per_point ·
+            eager_batch_s · (1 - 1/prior_speedup)``, exceeds ``shapes · prior_s``.
+
+    Returns ``{"compile": bool, "reason", "compiled": the compiled forward or None, "seconds": what was
+    estimated and measured}``; kept on only when a compiled batch takes at most ``margin`` of an eager one.
+    """
+    eager_point = eager_batch_s * batches_per_point
+    saving = points * eager_point * (1.0 - 1.0 / prior_speedup)
+    cost = shapes * prior_s
+    seconds = {"points": int(points), "eager_batch_s": eager_batch_s, "batches_per_point": int(batches_per_point),
+               "shapes": int(shapes), "estimated_saving_s": saving, "assumed_compile_s": cost,
+               "assumed_speedup": prior_speedup}
+    if not saving > cost:
+        return {"compile": False, "compiled": None, "seconds": seconds,
+                "reason": f"off (auto: {points} point{'s' if points != 1 else ''} at {eager_point:.3g} s of eager "
+                          f"forward passes each would save "
+                          f"about {saving:.0f} s at an assumed {prior_speedup:g}x, less than compiling {shapes} "
+                          f"batch shape(s), assumed {cost:.0f} s)"}
+    compiled, compile_s, compiled_batch_s = compile_and_time()
+    seconds.update(compile_s=compile_s, compiled_batch_s=compiled_batch_s)
+    speedup = eager_batch_s / compiled_batch_s if compiled_batch_s > 0 else float("inf")
+    if compiled_batch_s <= margin * eager_batch_s:
+        return {"compile": True, "compiled": compiled, "seconds": seconds,
+                "reason": f"on (auto: measured {speedup:.2f}x faster per forward batch after a {compile_s:.0f} s "
+                          f"compile, over {points} points)"}
+    return {"compile": False, "compiled": None, "seconds": seconds,
+            "reason": f"off (auto: compiled forward measured {speedup:.2f}x of eager, not 10 % faster; the "
+                      f"{compile_s:.0f} s compile is not used)"}
 
 
 # -- CUDA graphs ------------------------------------------------------------------------------------------------
@@ -354,30 +531,44 @@ class Levers:
         bn_mode: the evaluation's BatchNorm mode (``batch`` evaluates one point at a time).
         eager: ``eager(compute, out)`` runs ``compute(out)`` from zeroed sums with the evaluator's
             out-of-memory retry (the path when no graph is used).
-        probe_batch: a batch of inputs for the points-in-flight measurement.
+        probe_batch: a batch of inputs (the evaluator's batch size) for the points-in-flight and compile
+            measurements.
         graphs: a capture backend (default: :class:`CudaGraphs` on CUDA); tests pass :class:`EmulatedGraphs`.
         streamed: the splits that are streamed from host memory (copied in by a host thread: nothing a graph
             can capture), which turns graphs off with that reason.
+        point_batches: ``() -> (forward batches per point through the compiled pass, distinct batch shapes)``
+            for the compile decision.
     """
 
     def __init__(self, model: nn.Module, flat: torch.Tensor, layout, runtime: RuntimeConfig, device: torch.device,
                  eager: Callable, probe_batch: Callable[[], torch.Tensor], graphs=None, streamed: Sequence[str] = (),
-                 bn_mode: str = "keep"):
+                 bn_mode: str = "keep", point_batches: Callable[[], tuple[int, int]] | None = None):
         self.model, self.flat, self.layout, self.config = model, flat, layout, runtime
         self.bn_mode = bn_mode
         self.streamed = tuple(streamed)
         self.device = torch.device(device)
         self.eager = eager
         self.probe_batch = probe_batch
+        self.point_batches = point_batches or (lambda: (1, 1))
         self.channels_last, self.channels_last_reason = resolve_channels_last(
             runtime.channels_last, model, self.device, runtime.precision)
+        self.cl_hook: ChannelsLastInput | None = None
         if self.channels_last:
-            model.register_forward_pre_hook(channels_last_input)
+            self.cl_hook = ChannelsLastInput()
+            model.register_forward_pre_hook(self.cl_hook)
         self.forward: Callable = model
-        self.compile_reason = "off"
-        if runtime.compile:
-            self.forward = torch.compile(model, dynamic=False)
-            self.compile_reason = "on (torch.compile of the evaluation forward pass; compiled on first use)"
+        self.expected_points: int | None = None
+        self.compile_on, self.compile_seconds, self._compile_pending = False, None, False
+        if runtime.compile is True:
+            self.forward, self.compile_on = compile_forward(model), True
+            self.compile_reason = "on (asked; compiled on first use)"
+        elif runtime.compile is False:
+            self.compile_reason = "off (asked)"
+        else:
+            self.compile_reason = self._compile_rule()
+            self._compile_pending = self.compile_reason is None
+            if self._compile_pending:
+                self.compile_reason = "auto: decided by a measurement before the first point"
         self.backend, self.graphs_reason = self._resolve_graphs(graphs)
         if runtime.cuda_graphs is True and self.backend is None:  # asked for and not possible: say so, once
             log.warning("cuda_graphs: %s", self.graphs_reason)
@@ -386,6 +577,16 @@ class Levers:
         self._k: dict | None = None
         if runtime.points_in_flight != "auto":
             self._k = {"points_in_flight": int(runtime.points_in_flight), "chosen_by": "asked"}
+
+    def _compile_rule(self) -> str | None:
+        """compile="auto": the reason it is off without measuring, or None when a measurement decides."""
+        if self.device.type != "cuda":
+            return (f"off (auto: compile is measured and chosen on CUDA only; on {self.device.type} pass "
+                    "compile=True to use it)")
+        k = self.config.points_in_flight
+        if k != "auto" and int(k) > 1:
+            return f"off (auto: points_in_flight {k} asked; the compiled forward pass evaluates one point at a time)"
+        return None
 
     def _resolve_graphs(self, graphs):
         setting = self.config.cuda_graphs
@@ -400,17 +601,51 @@ class Levers:
         if self.device.type != "cuda":
             return None, f"off ({'asked, but ' if setting is True else 'auto: '}CUDA graphs need a CUDA device; "\
                          f"evaluating eagerly on {self.device.type})"
-        if self.config.compile and setting == "auto":
-            return None, "off (auto: the compiled forward pass is not captured; pass cuda_graphs=True to try both)"
+        if self.config.compile is True and setting == "auto":
+            return None, _GRAPHS_OFF_COMPILED
         return CudaGraphs(self.device), "on (asked)" if setting is True else "on (auto: CUDA)"
 
     @property
     def graphs_on(self) -> bool:
         return self.backend is not None
 
-    def prepare(self) -> None:
-        """Resolve what needs the data or a measurement, once (today: K)."""
+    def _stacking(self):
+        """The context of stacked (vmap) calls: inputs left contiguous (see :class:`ChannelsLastInput`)."""
+        return self.cl_hook.paused() if self.cl_hook is not None else contextlib.nullcontext()
+
+    def prepare(self, points: int | None = None) -> None:
+        """Resolve what needs the data or a measurement, once: K, then compile (``"auto"``), for a run of
+        ``points`` points (or :attr:`expected_points`, whichever is larger)."""
+        if points:
+            self.expected_points = max(self.expected_points or 0, int(points))
         self.points_in_flight  # noqa: B018 - resolves it
+        if self._compile_pending:
+            self._compile_pending = False
+            self._choose_compile()
+
+    # -- compile ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _choose_compile(self) -> None:
+        if self.points_in_flight > 1:
+            self.compile_reason = (f"off (auto: {self.points_in_flight} points in flight were measured faster; "
+                                   "the compiled forward pass evaluates one point at a time)")
+            return
+        x = self.probe_batch()
+        eager_s = best_seconds(lambda: self.model(x), self.device, self.config.precision)
+        batches, shapes = self.point_batches()
+        try:
+            choice = choose_compile(self.expected_points or 1, eager_s, batches, shapes,
+                                    compile_probe(self.model, x, self.config.precision))
+        except Exception as e:  # noqa: BLE001 - an inductor failure must cost the speed-up, not the run
+            self.compile_reason = f"off (auto: compiling failed, evaluating eagerly: {type(e).__name__}: {_first_line(e)})"
+            log.warning("compile: %s", self.compile_reason)
+            return
+        self.compile_on, self.compile_reason, self.compile_seconds = choice["compile"], choice["reason"], choice["seconds"]
+        if self.compile_on:
+            self.forward = choice["compiled"]
+            if self.config.cuda_graphs == "auto" and self.backend is not None and not self.steps:
+                self.backend, self.graphs_reason = None, _GRAPHS_OFF_COMPILED
+        log.info("compile: %s", self.compile_reason)
 
     # -- points in flight ------------------------------------------------------------------------------------
     @property
@@ -429,11 +664,16 @@ class Levers:
             return {"points_in_flight": 1, "chosen_by": "auto: CPU (vmap's grouped convolutions are slower there)"}
         if self.bn_mode == "batch":
             return {"points_in_flight": 1, "chosen_by": "auto: bn_mode batch evaluates one point at a time"}
-        if self.config.compile:
+        if self.config.compile is True:
             return {"points_in_flight": 1, "chosen_by": "auto: compile evaluates one point at a time"}
         with torch.no_grad():
             probe = forward_probe(self.model, self.layout, self.flat.clone(), self.probe_batch(), self.config.precision)
-            return choose_points_in_flight(probe)
+
+            def seconds_per_point(k: int) -> float:
+                with self._stacking() if k > 1 else contextlib.nullcontext():
+                    return probe(k)
+
+            return choose_points_in_flight(seconds_per_point)
 
     # -- running points --------------------------------------------------------------------------------------
     def _step(self, key, body: Callable[[torch.Tensor], None], like: torch.Tensor):
@@ -463,7 +703,12 @@ class Levers:
     def run_stacked(self, stacked: Callable[[torch.Tensor, torch.Tensor], None], thetas: torch.Tensor,
                     out: torch.Tensor) -> None:
         """Sums of the points ``thetas`` (n, D), n <= K, into ``out`` (n, 5) through ``stacked(thetas, out)``;
-        graphed with a static (K, D) buffer, a short group padded by repeating its last point."""
+        graphed with a static (K, D) buffer, a short group padded by repeating its last point. Inputs stay in
+        contiguous format inside the stacked calls (:class:`ChannelsLastInput`)."""
+        with self._stacking():
+            self._run_stacked(stacked, thetas, out)
+
+    def _run_stacked(self, stacked, thetas: torch.Tensor, out: torch.Tensor) -> None:
         k = self.points_in_flight
         n = thetas.shape[0]
         if self.backend is not None:
@@ -483,12 +728,20 @@ class Levers:
     def describe(self) -> dict:
         """What was chosen and why (recorded in provenance)."""
         k = self._k or {}
+        cl_reason = self.channels_last_reason
+        if self.channels_last and k.get("points_in_flight", 1) > 1:
+            cl_reason += "; inputs stay contiguous inside the stacked (vmap) calls of points in flight"
         return {
-            "channels_last": self.channels_last, "channels_last_reason": self.channels_last_reason,
+            "channels_last": self.channels_last, "channels_last_reason": cl_reason,
             "cuda_graphs": self.backend is not None,  # None once a capture failed
             "cuda_graphs_reason": self.graphs_reason,
-            "compile": bool(self.config.compile), "compile_reason": self.compile_reason,
+            "compile": self.compile_on, "compile_reason": self.compile_reason,
+            **({"compile_seconds": self.compile_seconds} if self.compile_seconds else {}),
+            **({"compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")} if self.compile_on else {}),
             "points_in_flight": k.get("points_in_flight"), "points_in_flight_chosen_by": k.get("chosen_by"),
             **({"points_in_flight_seconds": {str(a): b for a, b in k["seconds_per_point"].items()}}
                if "seconds_per_point" in k else {}),
         }
+
+
+_GRAPHS_OFF_COMPILED = "off (auto: the compiled forward pass is not captured; pass cuda_graphs=True to try both)"

@@ -66,10 +66,12 @@ class RuntimeConfig:
                                        "torch's default vs one, the faster kept; a resumed run keeps its count)")
     eval_batch_size: int | None = option(
         None, "images per forward pass of evaluations, BN recomputation and Hessian-vector products (default: 64 "
-              "on CPU, 4096 on CUDA)")
+              "on CPU; on CUDA the evaluator times 4096, 8192, 16384 (up to the memory limit) and keeps the most "
+              "images/s, other forward passes use 4096)")
     points_in_flight: int | Auto = option(
         "auto", "evaluate K points per forward pass (torch.func.vmap over stacked weights; bn_mode keep or "
-        "recompute); auto: 1 on CPU, on CUDA the fastest of 1, 4, 16 in a short measurement",
+        "recompute); auto: 1 on CPU, on CUDA the fastest of 1, 4, 16 in a short measurement (K > 1 only "
+        "when more than a tenth faster than K = 1)",
         type=parse_auto_int, metavar="K|auto")
     channels_last: Auto | bool = option(
         "auto", "channels-last (NHWC) inputs for convolutions; auto: on for CUDA conv nets, on CPU with bf16 only "
@@ -78,8 +80,11 @@ class RuntimeConfig:
         "auto", "capture one point's forward passes in a CUDA graph and replay it per point; auto: on CUDA, "
         "falling back (with the reason logged) where capture fails; off on CPU", type=parse_auto_bool,
         metavar="auto|on|off")
-    compile: bool = option(False, "torch.compile the model's forward pass (compiles on first use; needs "
-                                  "points_in_flight 1 or auto)")
+    compile: Auto | bool = option(
+        "auto", "torch.compile the evaluation forward pass (inductor's cache kept in the user's cache folder unless "
+        "TORCHINDUCTOR_CACHE_DIR is set); auto: off on CPU; on CUDA compiled when the run's points would save more "
+        "time than the compile takes (from a measured eager batch) and kept only if measured a tenth faster; on: "
+        "needs points_in_flight 1 or auto", type=parse_auto_bool, metavar="auto|on|off", nargs="?", const=True)
 
     def __post_init__(self):
         if not isinstance(self.device, (str, torch.device)) or not str(self.device):
@@ -97,11 +102,9 @@ class RuntimeConfig:
         check_int("eval_batch_size", self.eval_batch_size)
         if self.points_in_flight != "auto":
             check_int("points_in_flight", self.points_in_flight, optional=False)
-        for name in ("channels_last", "cuda_graphs"):
+        for name in ("channels_last", "cuda_graphs", "compile"):
             _check_auto_bool(name, getattr(self, name))
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}")
-        if self.compile and self.points_in_flight not in ("auto", 1):
+        if self.compile is True and self.points_in_flight not in ("auto", 1):
             raise ValueError("compile=True needs points_in_flight 1 or 'auto' (the compiled forward pass "
                              f"evaluates one point at a time), got {self.points_in_flight}")
 

@@ -40,7 +40,10 @@ def choose_threads(measure: Callable[[], object], requested: int | None = None, 
     rays 22.6 s with 2 threads beside a busy process, 8.8 s with one). So, unless ``requested`` fixes the
     count: a file being resumed keeps the ``recorded`` count (its results stay bit-identical to an
     uninterrupted run), otherwise ``measure()`` is timed at the default count and at one thread, alternately,
-    ``repeats`` times each, and the faster count (the best of its timings) is kept.
+    ``repeats`` times each, and the faster count (the best of its timings) is kept. ``measure`` must be short and
+    must not grow with the data (a few forward batches, :meth:`widthkit.engine.evaluator.Evaluator.probe_forward`;
+    a few SGD steps): it runs ``2 · repeats`` times before the first point (whole points over MNIST-size data
+    took 16 minutes on a busy 2-core machine).
 
     Returns ``{"threads": n, "chosen_by": "flag" | "resumed file" | "timing" | "single thread",
     "seconds": {count: best seconds}}`` (recorded in every file's provenance).
