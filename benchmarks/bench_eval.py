@@ -19,7 +19,7 @@ is the forward work that mode needs per point: N images, plus the BN subset in `
 
 Correctness is checked in the same run: at every timed point the evaluator's loss and error must equal the
 loop's (same BN subset, same BN batch size: ``update_bn``'s cumulative average depends on the partition into
-batches). On CUDA the script also measures the bf16 ``EvalConfig(precision="bf16")`` deviation from fp32 and, where
+batches). On CUDA the script also measures the bf16 ``RuntimeConfig(precision="bf16")`` deviation from fp32 and, where
 both modes are run, the recompute-vs-keep time ratio and metric differences.
 
 Data are random CIFAR-shaped images (standard normal, already "normalised") and random labels; the models
@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from widthkit.runtime import tune_allocator
 from widthkit.engine.directions import random_directions
 from widthkit import EvalConfig, EvalSet, Evaluator
+from widthkit.runtime import RuntimeConfig
 from widthkit.models import create_model, model_input_shape
 from widthkit.engine.space import ThetaLayout
 
@@ -94,7 +95,7 @@ class BenchConfig:
     ceiling_batch_sizes: tuple[int, ...] | None = None  # CPU 64,128,256; CUDA 512..8192
     radius: float = 0.2  # point coordinates drawn uniformly from [-radius, radius]² (filter-normalised units)
     seed: int = 0
-    amp_check: bool | None = None  # time and compare EvalConfig(precision="bf16") (default on for CUDA)
+    amp_check: bool | None = None  # time and compare RuntimeConfig(precision="bf16") (default on for CUDA)
     bf16_ceiling: bool | None = None  # also time a bf16 autocast + channels-last ceiling (default: CUDA only)
     cudnn_benchmark: bool = False
     threads: int | None = None  # torch.set_num_threads (CPU)
@@ -313,9 +314,10 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict
     contestants: list[Contestant] = []
     evaluators: dict[str, Evaluator] = {}
     for mode in modes:
-        ecfg = EvalConfig(bn_mode=mode, bn_subset=cfg.bn_subset, eval_batch_size=cfg.eval_batch_size,
-                          seed=cfg.seed, chunk_size=cfg.points)
-        ev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=ecfg, splits=("test",))
+        ecfg = EvalConfig(bn_mode=mode, bn_subset=cfg.bn_subset, seed=cfg.seed, chunk_size=cfg.points)
+        rt = RuntimeConfig(device=cfg.device, eval_batch_size=cfg.eval_batch_size)
+        ev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=ecfg, runtime=rt,
+                       splits=("test",))
         evaluators[mode] = ev
         contestants.append(Contestant(f"evaluator/{mode}", make_evaluator_run(ev, theta0, basis, coords),
                                       cfg.points))
@@ -327,15 +329,14 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict
         contestants.append(Contestant(f"loop/{mode}", make_loop_run(loop_model, layout, theta0, basis, coords,
                                                                    loader, bn_loader, device), cfg.points))
         for b in cfg.extra_eval_batch_sizes:  # same BN pass, other evaluation batch: what batch size costs
-            xcfg = ecfg.replace(eval_batch_size=b)
-            xev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=xcfg,
-                            splits=("test",))
+            xev = Evaluator(model, train=data if mode == "recompute" else None, test=data, config=ecfg,
+                            runtime=rt.replace(eval_batch_size=b), splits=("test",))
             contestants.append(Contestant(f"evaluator/{mode}/b{b}", make_evaluator_run(xev, theta0, basis, coords),
                                           cfg.points))
             if not cfg.quick:
                 _warm_up(xev.model, x_dev, [b])
         for k in cfg.points_in_flight if mode == "keep" else ():  # several points per pass: measure, then choose
-            kev = Evaluator(model, test=data, config=ecfg.replace(points_in_flight=k), splits=("test",))
+            kev = Evaluator(model, test=data, config=ecfg, runtime=rt.replace(points_in_flight=k), splits=("test",))
             contestants.append(Contestant(f"evaluator/keep/k{k}", make_evaluator_run(kev, theta0, basis, coords),
                                           cfg.points))
         if not cfg.quick:
@@ -343,7 +344,7 @@ def bench_model(name: str, cfg: BenchConfig, log: Callable[[str], None]) -> dict
             _warm_up(loop_model, x_dev, [cfg.loop_batch_size])
         if cfg.amp_check:
             aev = Evaluator(model, train=data if mode == "recompute" else None, test=data,
-                            config=ecfg.replace(precision="bf16"), splits=("test",))
+                            config=ecfg, runtime=rt.replace(precision="bf16"), splits=("test",))
             contestants.append(Contestant(f"evaluator-amp/{mode}", make_evaluator_run(aev, theta0, basis, coords),
                                           cfg.points))
     ceiling_model = copy.deepcopy(model).eval()
@@ -553,7 +554,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--radius", type=float, default=0.2, help="coordinates uniform in [-r, r] (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp-check", action=argparse.BooleanOptionalAction, default=None,
-                   help="time and compare EvalConfig(precision='bf16') (default on for CUDA; bf16 autocast on CPU otherwise)")
+                   help="time and compare RuntimeConfig(precision='bf16') (default on for CUDA; bf16 autocast on CPU otherwise)")
     p.add_argument("--bf16-ceiling", action=argparse.BooleanOptionalAction, default=None,
                    help="also time a bf16 autocast + channels-last ceiling (default on for CUDA only)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
