@@ -93,6 +93,20 @@ def finish_figures(figures: FigureOptions, log: Log):
     return after
 
 
+def finish_ensemble(figures: FigureOptions, log: Log):
+    """The ``after`` step of the ensemble command: the table printed, the figure drawn."""
+    def after(res):
+        from .family_figures import ensemble_figure, write_figure
+
+        log("")
+        log(res.table())
+        res.figures = [] if figures.folder is None else write_figure(
+            ensemble_figure(res.data), figures.folder / res.path.stem, figures.formats)
+        for f in res.figures:
+            log(f"figure: {f}")
+    return after
+
+
 def _accuracy(rays_res, group: str, checkpoint) -> list[str]:
     """Test accuracy (%), test loss and train loss of a checkpoint, as cells: distance 0 of its rays (the
     checkpoint evaluated by widthkit) when the rays ran, else the final metrics its trainer recorded."""
