@@ -17,6 +17,7 @@ them.
 
 from ._version import __version__
 from .analyses import Analysis, LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, load, plane, rays
+from .analyses.curve import CurveConfig, CurveResult, curve, load_curve
 from .analyses.ensemble import EnsembleConfig, EnsembleResult, ensemble, load_ensemble
 from .analyses.hessian import curvature, sharpness, surface_curvature
 from .engine.config import EvalConfig
@@ -32,5 +33,6 @@ __all__ = [
     "RaysConfig", "WidthConfig", "create_model", "line", "list_models", "load", "load_checkpoint", "load_dataset",
     "plane", "rays", "save_checkpoint", "__version__",
     "CurvatureConfig", "LossConfig", "SharpnessConfig", "curvature", "sharpness", "surface_curvature",
-    "EnsembleConfig", "EnsembleResult", "ensemble", "load_ensemble",
+    "EnsembleConfig", "EnsembleResult", "ensemble", "load_ensemble", "CurveConfig", "CurveResult", "curve",
+    "load_curve",
 ]

@@ -139,3 +139,88 @@ def ensemble_figure(data: Mapping) -> Figure:
     bn = ((data.get("config") or {}).get("eval") or {}).get("bn_mode")
     fig.suptitle(f"Ensemble of {len(k)} members (averaged softmax)" + (f", BN {bn}" if bn else ""), fontsize="medium")
     return fig
+
+
+# --------------------------------------------------------------------------------------------- curves
+
+
+def plot_paths(t, values: Mapping[str, object], ax: Axes | None = None, metric: str = "train_loss",
+               labels: Mapping[str, str] | None = None, title: str | None = None) -> Axes:
+    """One metric along t on several paths between the same two endpoints (the straight line and a trained
+    curve, Garipov et al. 2018, Figure 2), each path's barrier (max − mean of the endpoints) in its legend entry.
+
+    Args:
+        t: (T,) in [0, 1]; values: ``{path: (T,)}`` (``"line"`` dashed grey, ``"curve"`` red, others tab10).
+        ax: Axes (None: a new figure); metric: what the values are (the y label, errors in %, losses in nats);
+        labels: legend names per path; title: optional.
+
+    Returns:
+        The Axes; each path's curve has gid ``"path:<name>"``.
+    """
+    from ..engine.curves import barrier
+
+    t = np.asarray(t, dtype=np.float64)
+    ax = _new_axes(ax)
+    for i, (name, v) in enumerate(values.items()):
+        v = np.asarray(v, dtype=np.float64)
+        if v.shape != t.shape:
+            raise ValueError(f"values[{name!r}] has shape {v.shape}, expected {t.shape} like t")
+        color, style = PATH_STYLES.get(name, (f"C{i + 2}", "-"))
+        b = barrier(v)
+        unit = " points" if is_error(metric) else ""
+        (line,) = ax.plot(t, v, color=color, ls=style, lw=1.8,
+                          label=f"{(labels or {}).get(name, name)}: barrier {b:.3g}{unit}")
+        line.set_gid(f"path:{name}")
+    ax.set_xlabel("t (0: first endpoint, 1: second)")
+    ax.set_ylabel(metric_label(metric))
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize="small", loc="best")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return ax
+
+
+def curve_figure(data: Mapping) -> Figure:
+    """The figure of a curve's evaluation file (a line file with the groups ``line`` and ``curve``): train loss
+    and test error along t on both paths."""
+    t = data["axes"]["t"]
+    info = data["attrs"]["curve"]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * PANEL_SIZE[0], PANEL_SIZE[1]), layout="constrained")
+    names = {"line": "straight line", "curve": info["label"]}
+    for ax, metric in zip(axes, ("train_loss", "test_err")):
+        plot_paths(t, {p: data["models"][p]["metrics"][metric] for p in ("line", "curve")}, ax=ax, metric=metric,
+                   labels=names)
+    a, b = info["endpoints"]
+    bn = ((data.get("config") or {}).get("eval") or {}).get("bn_mode")
+    fig.suptitle(f"{info['label']} between {a} and {b} vs the straight line" + (f", BN {bn}" if bn else ""),
+                 fontsize="medium")
+    return fig
+
+
+def plot_curve_plane(data: Mapping, metric: str = "train_loss", ax: Axes | None = None) -> Axes:
+    """The plane through a curve's endpoints and its bend (the dict of its ``-plane.h5`` file): ``metric`` as
+    log-spaced filled contours (:func:`~widthkit.report.figures.plot_plane`), the endpoints and the bend
+    marked, the curve's points drawn as a path (t = 0 → 1) and the straight line between the endpoints
+    dashed; returns the Axes (the straight line has gid ``"straight-line"``)."""
+    axes, attrs = data["axes"], data["attrs"]
+    metrics = data["models"]["plane"]["metrics"]
+    if metric not in metrics:
+        raise ValueError(f"the plane holds {sorted(metrics)}, not {metric!r}")
+    info = attrs.get("curve") or {}
+    labels = [str(s) for s in attrs.get("point_labels") or []]
+    P = np.asarray(axes["points"], dtype=np.float64).reshape(-1, 2)
+    bn = ((data.get("config") or {}).get("eval") or {}).get("bn_mode")
+    title = str(attrs.get("title") or "") + (f"\nBN {bn}" if bn else "")
+    xa, ya = data.get("axis_attrs", {}).get("x", {}), data.get("axis_attrs", {}).get("y", {})
+    ax = plot_plane(axes["x"], axes["y"], metrics[metric], P, labels, ax=ax, metric=metric, title=title,
+                    xlabel=f"{xa.get('long_name', 'u')} ({xa.get('units', '')})",
+                    ylabel=f"{ya.get('long_name', 'v')} ({ya.get('units', '')})",
+                    trajectory=np.asarray(axes["curve"], dtype=np.float64), trajectory_label=info.get("label", "curve"))
+    (seg,) = ax.plot(P[:2, 0], P[:2, 1], color="white", ls="--", lw=1.3, label="straight line")
+    seg.set_gid("straight-line")
+    return ax
+
+
+def curve_plane_figure(data: Mapping, metric: str = "train_loss") -> Figure:
+    """:func:`plot_curve_plane` on a figure of its own."""
+    return plot_curve_plane(data, metric).figure

@@ -107,6 +107,25 @@ def finish_ensemble(figures: FigureOptions, log: Log):
     return after
 
 
+def finish_curve(figures: FigureOptions, log: Log):
+    """The ``after`` step of the curve command: the barrier table printed, the figures drawn (metrics along t
+    on both paths; the plane through the endpoints and the bend with the curve)."""
+    def after(res):
+        from .family_figures import curve_figure, curve_plane_figure, write_figure
+
+        log("")
+        log(res.table())
+        res.figures = []
+        if figures.folder is not None:
+            res.figures += write_figure(curve_figure(res.data), figures.folder / res.path.stem, figures.formats)
+            if res.plane is not None:
+                res.figures += write_figure(curve_plane_figure(res.plane.data), figures.folder / res.plane.path.stem,
+                                            figures.formats)
+        for f in res.figures:
+            log(f"figure: {f}")
+    return after
+
+
 def _accuracy(rays_res, group: str, checkpoint) -> list[str]:
     """Test accuracy (%), test loss and train loss of a checkpoint, as cells: distance 0 of its rays (the
     checkpoint evaluated by widthkit) when the rays ran, else the final metrics its trainer recorded."""

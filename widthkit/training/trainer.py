@@ -167,13 +167,18 @@ def ordered_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
                 generator: torch.Generator, on_batch: Callable[[], None] | None = None,
                 lr_for_step: Callable[[int], float] | None = None,
-                after_step: Callable[[int], None] | None = None) -> tuple[float, float]:
+                after_step: Callable[[int], None] | None = None,
+                penalty: Callable[[], torch.Tensor] | None = None) -> tuple[float, float]:
     """One pass of SGD over the training set in shuffled minibatches (augmented when ``cfg.augment``).
 
     Args:
+        cfg: the run's settings: ``batch_size``, ``augment``, ``pad``, ``flip``, ``amp`` (a :class:`TrainConfig`,
+            or a curve's :class:`~widthkit.training.curve.CurveTraining`).
         lr_for_step: ``lr_for_step(k)`` is the learning rate of the epoch's step ``k`` (from 0), set before
             the step (the cyclic schedule); None keeps the optimizer's rate.
         after_step: called with ``k`` after step ``k`` (SWA averages there).
+        penalty: a term added to each step's loss after the forward pass (a curve's ½·wd·‖φ(t)‖²); the returned
+            loss is the cross-entropy alone.
 
     Returns:
         (mean cross-entropy in nats, error in %) over the images seen, measured on the fly in train mode.
@@ -192,7 +197,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if penalty is None else loss + penalty()).backward()
         if lr_for_step is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_for_step(k)
@@ -603,9 +608,9 @@ class _Run:
             "format": STATE_FORMAT, "version": STATE_VERSION, "mode": self.mode, "config": self.cfg.resolved(),
             "init_sha256": self.init_sha256, "threads": self.threads,
             "phase": self.phase, "epoch": self.epoch,
-            "model": _cpu(self.model.state_dict()),
-            "optimizer": _cpu(self.optimizer.state_dict()),
-            "averaged": None if self.averaged is None else _cpu(self.averaged.state_dict()),
+            "model": cpu_copy(self.model.state_dict()),
+            "optimizer": cpu_copy(self.optimizer.state_dict()),
+            "averaged": None if self.averaged is None else cpu_copy(self.averaged.state_dict()),
             "n_averaged": 0 if self.averaged is None else int(self.averaged.n_averaged),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -707,14 +712,14 @@ def _finished_paths(out: Path, state: dict, cfg: TrainConfig, mode: str) -> dict
     return paths
 
 
-def _cpu(obj: Any) -> Any:
+def cpu_copy(obj: Any) -> Any:
     """A copy of a (nested) state dict with every tensor detached on the CPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
+        return {k: cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
+        return type(obj)(cpu_copy(v) for v in obj)
     return obj
 
 
