@@ -8,7 +8,6 @@ import importlib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
 import widthkit

@@ -176,6 +176,14 @@ def test_curve_file_is_a_line_file_with_the_curve_beside_it(ends, tmp_path, caps
     assert any(line.get_gid() == "straight-line" for line in ax.lines)
     import matplotlib.pyplot as plt
     plt.close(ax.figure)
+    # readers of line and plane files read both files as they are: the straight line, the plane
+    from widthkit.report.render import plot_file
+
+    assert widthkit.load(out).kind == "line"
+    written = plot_file(out, tmp_path / "old", formats=("png",)) + plot_file(files_of(out)["plane"], tmp_path / "old",
+                                                                              formats=("png",))
+    assert len(written) >= 2 and all((tmp_path / "old" / p).exists() for p in written)
+    assert not plt.get_fignums()
 
 
 def test_curve_bad_inputs_are_one_line_errors_before_any_work(ends, tmp_path, capsys):
