@@ -184,6 +184,10 @@ def test_curve_file_is_a_line_file_with_the_curve_beside_it(ends, tmp_path, caps
                                                                               formats=("png",))
     assert len(written) >= 2 and all((tmp_path / "old" / p).exists() for p in written)
     assert not plt.get_fignums()
+    # the same command again: the trained curve and both evaluations are reused, no file rewritten
+    stamps = {f: f.stat().st_mtime_ns for f in files_of(out).values()}
+    assert command.main(["--ckpt", f"A={ends['a']}", "--ckpt", f"B={ends['b']}", "--out", str(out), *QUICK]) == 0
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
 
 
 def test_curve_bad_inputs_are_one_line_errors_before_any_work(ends, tmp_path, capsys):

@@ -122,3 +122,28 @@ def test_recipes_carry_the_fge_settings_of_garipov_et_al():
         cfg = load_recipe(name)
         assert (cfg.fge_c, cfg.fge_lr_max, cfg.fge_lr) == (4, 5e-2, 5e-4), name
     assert not math.isnan(load_recipe("digits").fge_lr)
+
+
+def test_an_interrupted_fge_run_continues_to_the_same_snapshots_and_average(fge_run, tmp_path, monkeypatch):
+    from widthkit.training import trainer
+
+    cfg, _, ref = fge_run
+    real, calls = trainer.train_epoch, []
+
+    def crash_in_sixth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # after the first snapshot (epoch 4) and the 1.25-budget evaluation (epoch 5)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", crash_in_sixth)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, "fge", progress=False)
+    monkeypatch.setattr(trainer, "train_epoch", real)
+    paths = train(cfg, tmp_path, "fge", progress=False)
+    for a, b in zip(ref["iterates"] + [ref["swa"]], paths["iterates"] + [paths["swa"]], strict=True):
+        wa = torch.load(a, weights_only=True)["state_dict"]
+        wb = torch.load(b, weights_only=True)["state_dict"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), b
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in read_log(ref["log"])]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in read_log(paths["log"])] == strip

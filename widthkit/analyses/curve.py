@@ -238,9 +238,9 @@ def curve(models, data=None, *, config: EvalConfig | None = None, out=None, over
             if spec.plane:
                 _evaluate_plane(setup, spec, start, bends, end, labels, info, files["plane"], overwrite, progress)
             result = CurveResult(files["evaluation"], tmpdir=tmpdir)
-            b = result.barriers()
-            store.update_attrs(files["evaluation"], {"barriers": b})
-            result.data = store.read(files["evaluation"])
+            if "barriers" not in result.data["attrs"]:  # once, when the evaluation is first complete
+                store.update_attrs(files["evaluation"], {"barriers": result.barriers()})
+                result.data = store.read(files["evaluation"])
             result.log = log
             if after is not None:
                 after(result)
