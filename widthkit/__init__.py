@@ -11,11 +11,14 @@ figures (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Bett
 Layers (sub-packages): ``inputs`` (data, checkpoints), ``engine`` (θ layout, directions, objectives, the
 evaluator, torchrun), ``analyses`` (rays, line, plane and their skeleton), ``report`` (HDF5 store, widths,
 figures, summaries), ``training`` (the SGD/SWA trainer and recipes); ``runtime`` and ``settings`` are shared.
-The commands ``python -m widthkit.{rays,line,plane,plot,train,pipeline}`` are thin wrappers over them.
+The commands ``python -m widthkit.{rays,line,plane,plot,train,pipeline,ensemble,curve}`` are thin wrappers over
+them.
 """
 
 from ._version import __version__
 from .analyses import Analysis, LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, load, plane, rays
+from .analyses.curve import CurveConfig, CurveResult, curve, load_curve
+from .analyses.ensemble import EnsembleConfig, EnsembleResult, ensemble, load_ensemble
 from .analyses.hessian import curvature, sharpness, surface_curvature
 from .engine.config import EvalConfig
 from .engine.curvature import CurvatureConfig, LossConfig
@@ -30,4 +33,6 @@ __all__ = [
     "RaysConfig", "WidthConfig", "create_model", "line", "list_models", "load", "load_checkpoint", "load_dataset",
     "plane", "rays", "save_checkpoint", "__version__",
     "CurvatureConfig", "LossConfig", "SharpnessConfig", "curvature", "sharpness", "surface_curvature",
+    "EnsembleConfig", "EnsembleResult", "ensemble", "load_ensemble", "CurveConfig", "CurveResult", "curve",
+    "load_curve",
 ]

@@ -17,15 +17,20 @@ Stages (each skipped when already finished, resumed when interrupted):
    their projections -> ``analyses/<run>/iterates.h5``;
 6. the plane of the SWA-phase iterates' top two principal directions, their trajectory drawn over it, SWA and
    SGD marked (Li et al. 2018) -> ``analyses/<run>/trajectory.h5``;
-7. the Hessian of the training loss at SGD and SWA: top eigenvalues, λ_min, trace, spectral density
+7. SWA vs FGE: the ensemble of the SWA phase's snapshots (the iterates SWA averages; their averaged softmax, as
+   Fast Geometric Ensembling predicts) beside SWA at each budget and SGD: test accuracy, NLL and forward passes
+   per prediction -> ``analyses/<run>/ensemble.h5``;
+8. the Hessian of the training loss at SGD and SWA: top eigenvalues, λ_min, trace, spectral density
    (``--curvature-*``; the pipeline's defaults are a quick look: 512 examples, 30 products for the trace, 4
    density probes; ``python -m widthkit.curvature`` for the full measurement) -> ``analyses/<run>/curvature.h5``;
-8. a one-page Markdown report -> ``analyses/<run>/report.md``; figures of every stage in ``figures/<run>/``.
+9. a one-page Markdown report -> ``analyses/<run>/report.md``; figures of every stage in ``figures/<run>/``.
 
 With ``--seeds 0,1,2`` every seed runs these stages in its own sub-folder (``<run>/seed0``, ...; the run name
 defaults to ``<recipe>-seeds``), and ``analyses/<run>/report.md`` (+ ``aggregate.json``) summarises them: the
 paper's Table 1 layout (SGD and SWA at each budget, mean ± std over seeds; with a paper recipe the published
-numbers beneath), widths per seed and pooled, and paired tests across seeds and across directions.
+numbers beneath), widths per seed and pooled, SWA vs FGE at each budget, and paired tests across seeds and across
+directions; with two or more seeds, a curve is trained between the first two seeds' SGD solutions (Garipov et al.
+2018, ``--curve-*``) and its loss barrier reported beside the straight line's -> ``analyses/<run>/curve.h5``.
 
 The analysis flags are those of ``rays`` (same names, same defaults), ``--line-*`` those of ``line`` and
 ``--plane-*`` those of ``plane``. Data, seed and weight decay are the training config's; the runtime flags
@@ -44,17 +49,20 @@ from pathlib import Path
 
 from . import cli
 from .analyses import LineConfig, PlaneConfig, RaysConfig, WidthConfig, line, plane, rays
+from .analyses.curve import CurveConfig, curve
+from .analyses.ensemble import ensemble
 from .analyses.hessian import curvature
 from .engine.config import EvalConfig
 from .engine.curvature import CurvatureConfig, LossConfig
 from .fileio import check_writable
+from .inputs.checkpoints import load_checkpoint
 from .runtime import RuntimeConfig
-from .report.summary import FigureOptions, aggregate_seeds, finish_figures, finish_rays, seed_table, \
-    write_report, write_seed_report
+from .report.summary import FigureOptions, aggregate_seeds, family_numbers, finish_curve, finish_ensemble, \
+    finish_figures, finish_rays, seed_table, write_report, write_seed_report
 from .report.spectrum import write_spectrum_figure
 from .training.trainer import TrainConfig, layered_config, list_recipes, read_log, recipe_info, train_branches
 
-STAGES = ("train", "rays", "line", "plane", "iterates", "trajectory", "curvature")
+STAGES = ("train", "rays", "line", "plane", "iterates", "trajectory", "ensemble", "curvature", "curve")
 # evaluation settings the training config already holds (the same names in both): the pipeline evaluates the
 # data it trained on, with its seed and weight decay
 FROM_TRAINING = tuple(sorted(set(EvalConfig.__dataclass_fields__) & set(TrainConfig.__dataclass_fields__)))
@@ -97,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("curvature", f"the Hessian stage (pipeline defaults: {shown}; else the field's)")
     cli.add_config_flags(group, CurvatureConfig, prefix="curvature_", layered=True)
     cli.add_config_flags(group, LossConfig, prefix="curvature_", layered=True)
+    cli.add_config_flags(p.add_argument_group(
+        "curve", "with --seeds: the curve between the first two seeds' SGD solutions (Garipov et al. 2018)"),
+        CurveConfig, prefix="curve_")
     cli.add_config_flags(p.add_argument_group("evaluation"), EvalConfig, skip=FROM_TRAINING)
     cli.add_runtime_flags(p)
     return p
@@ -169,6 +180,7 @@ class _Settings:
     formats: tuple
     curvature: dict
     runtime: RuntimeConfig  # the trainer's and every analysis's
+    curve: CurveConfig
 
 
 def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Settings, name: str,
@@ -178,9 +190,9 @@ def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Set
     args = s.args
     config = eval_config(args, cfg)
     figures = FigureOptions(fig_dir, s.formats)
-    timings, results = {}, {}
+    timings, results = {}, {"skipped": sorted(s.skip)}
     t0 = time.perf_counter()
-    print(f"[1/{8 if cfg.save_iterates else 6}] {title}training {cfg.model} on {cfg.dataset}: prefix {cfg.swa_start_epoch} epochs, SGD to "
+    print(f"[1/{9 if cfg.save_iterates else 7}] {title}training {cfg.model} on {cfg.dataset}: prefix {cfg.swa_start_epoch} epochs, SGD to "
           f"{cfg.epochs}, SWA to {cfg.swa_end_epoch} -> {ck_dir}", flush=True)
     timer = cli.Timer()
     paths = train_branches(cfg, ck_dir, runtime=s.runtime, overwrite=args.overwrite, progress=not args.quiet)
@@ -205,7 +217,7 @@ def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Set
         ]
     elif not {"iterates", "trajectory"} <= s.skip:
         print(f"(the iterate planes need 3 SWA-phase iterates; this run kept {len(iterates)}: skipped)", flush=True)
-    n_stages = 2 + len(stages) + 1
+    n_stages = 2 + len(stages) + 2
     for i, (stage, analysis, models, geometry, after) in enumerate(stages, start=2):
         if stage in s.skip:
             continue
@@ -218,6 +230,21 @@ def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Set
         finally:
             close()
         timings[stage] = timer.seconds
+    if "ensemble" not in s.skip:
+        print(f"[{n_stages - 2}/{n_stages}] {title}SWA vs FGE: the ensemble of the SWA phase's snapshots", flush=True)
+        if len(iterates) >= 2:
+            progress, close = cli.progress_bar(not args.quiet, "ensemble")
+            timer = cli.Timer()
+            try:
+                results["ensemble"] = ensemble(iterates, config=config, runtime=s.runtime, compare=_single_models(paths),
+                                               out=an_dir / "ensemble.h5", overwrite=args.overwrite, progress=progress,
+                                               after=finish_ensemble(figures, print))
+            finally:
+                close()
+            results["fge_budgets"] = _snapshots_by_budget(paths)
+            timings["ensemble"] = timer.seconds
+        else:
+            print(f"(an ensemble needs 2 SWA-phase snapshots; this run kept {len(iterates)}: skipped)", flush=True)
     if "curvature" not in s.skip:
         print(f"[{n_stages - 1}/{n_stages}] {title}curvature", flush=True)
         progress, close = cli.progress_bar(not args.quiet, "curvature")
@@ -244,6 +271,17 @@ def run_one(cfg: TrainConfig, ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Set
     return {"paths": paths, "results": results, "timings": timings, "report": report}
 
 
+def _single_models(paths: dict) -> dict:
+    """The single models the ensemble is compared with: SGD (one budget) and SWA at each evaluated budget."""
+    return {"SGD": paths["sgd"], **{f"SWA {b:g}B": p for b, p in sorted(paths["budgets"].items())}}
+
+
+def _snapshots_by_budget(paths: dict) -> dict:
+    """{budget: how many snapshots the SWA average at that budget holds}: the FGE ensemble of the same points."""
+    return {b: int(load_checkpoint(p).meta.get("extra", {}).get("n_averaged") or 0)
+            for b, p in sorted(paths["budgets"].items())}
+
+
 def seed_numbers(seed: int, one: dict) -> dict:
     """One seed's input to :func:`~widthkit.report.summary.aggregate_seeds`: test accuracies (%) as the trainer
     logged them (``sgd_final``; every evaluation of the average, by budget) and the rays' width reports."""
@@ -256,7 +294,25 @@ def seed_numbers(seed: int, one: dict) -> dict:
             acc["swa"][float(r["budget"])] = 100.0 - r["test_err"]
     rays_res = one["results"].get("rays")
     reports = list(getattr(rays_res, "reports", None) or []) if rays_res is not None else []
-    return {"seed": seed, **acc, "widths": reports}
+    ens = one["results"].get("ensemble")
+    family = family_numbers(ens, one["results"]["fge_budgets"]) if ens is not None else None
+    return {"seed": seed, **acc, "widths": reports, "family": family}
+
+
+def run_curve(cfg: TrainConfig, seeds: list[int], ck_dir: Path, an_dir: Path, fig_dir: Path, s: _Settings):
+    """The curve between two seeds' SGD solutions, beside the straight line (Garipov et al. 2018) ->
+    ``analyses/<run>/curve.h5`` (+ ``curve-plane.h5``, ``curve.curve.pt``), figures in ``figures/<run>/``."""
+    args = s.args
+    ends = {f"SGD seed {seed}": ck_dir / f"seed{seed}" / "sgd.pt" for seed in seeds}
+    print(f"[curve] a {s.curve.kind} curve ({s.curve.bends} bend{'s' if s.curve.bends > 1 else ''}) between "
+          f"{' and '.join(ends)}, and the straight line", flush=True)
+    progress, close = cli.progress_bar(not args.quiet, "curve")
+    try:
+        return curve({k: str(v) for k, v in ends.items()}, config=eval_config(args, cfg), runtime=s.runtime,
+                     out=an_dir / "curve.h5", overwrite=args.overwrite, progress=progress, train_progress=not args.quiet,
+                     after=finish_curve(FigureOptions(fig_dir, s.formats), print), **dataclasses.asdict(s.curve))
+    finally:
+        close()
 
 
 def main(argv=None) -> int:
@@ -285,7 +341,8 @@ def main(argv=None) -> int:
                       "plane": PlaneConfig(**cli.config_values(args, PlaneConfig, prefix="plane_",
                                                                skip=PLANE_THROUGH_CHECKPOINTS))},
             widths=WidthConfig(**cli.config_values(args, WidthConfig)), formats=cli.formats_of(args),
-            curvature=curvature_settings(args), runtime=cli.runtime_config(args))
+            curvature=curvature_settings(args), runtime=cli.runtime_config(args),
+            curve=CurveConfig(**cli.config_values(args, CurveConfig, prefix="curve_")))
         eval_config(args, cfg)  # every evaluation flag checked before training
         FigureOptions(None, settings.formats)  # and the figure formats
         root = check_writable(args.root)
@@ -312,13 +369,20 @@ def main(argv=None) -> int:
                 figures = {f"{title} (seed {seed})": list(getattr(res.get(key), "figures", None) or [])
                            for key, title in (("iterates", "Plane through three SWA-phase iterates, SWA and SGD "
                                                            "marked (the paper's Figure 1)"),
-                                              ("trajectory", "The SWA-phase iterates' principal plane and trajectory"))}
+                                              ("trajectory", "The SWA-phase iterates' principal plane and trajectory"),
+                                              ("ensemble", "SWA vs FGE: error and NLL as snapshots join the ensemble"))}
                 figures[f"Hessian spectral density (seed {seed})"] = list(res.get("curvature_figures") or [])
         agg = aggregate_seeds(numbers, LABELS)
         paper = recipe_info(args.recipe).paper
         an_dir = root / "analyses" / run
+        curve_res = None
+        if len(seeds) >= 2 and "curve" not in skip:
+            timer = cli.Timer()
+            curve_res = run_curve(cfg, seeds[:2], root / "checkpoints" / run, an_dir, root / "figures" / run,
+                                  settings)
+            timings["curve"] = timer.seconds
         report = write_seed_report(an_dir / "report.md", run, cfg, agg, paper, reports, timings,
-                                   time.perf_counter() - t0, LABELS, figures)
+                                   time.perf_counter() - t0, LABELS, figures, curve=curve_res)
         print(f"\nTest accuracy (%), mean ± std over seeds {', '.join(map(str, seeds))}:")
         print("\n".join(seed_table(agg, f"{cfg.model} ({cfg.epochs})", paper)))
         print(f"\ncheckpoints: {root / 'checkpoints' / run}\nanalyses:    {an_dir}\nfigures:     "

@@ -10,6 +10,7 @@ Examples::
     python -m widthkit.train --recipe preresnet164-cifar100 --out checkpoints/prn164 --data-root ~/data --precision bf16
     python -m widthkit.train --recipe imagenet-resnet50 --data imagefolder:/data/imagenet \
         --init resnet50-weights.pth --out checkpoints/imagenet-swa          # SWA from pretrained weights
+    python -m widthkit.train --recipe digits --mode fge --out checkpoints/digits-fge   # FGE + SWA of its snapshots
     python -m widthkit.train --list-recipes
 """
 
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: checkpoints/<recipe>)")
     parser.add_argument("--mode", choices=MODES, default=None,
                         help="branches (default): SGD and SWA from one shared prefix; sgd or swa: a single run "
-                             "(swa is the default, and the only choice, with --init)")
+                             "(swa is the default with --init); fge: FGE snapshots (fge_XXX.pt, the ensemble) and "
+                             "SWA of the same snapshots (swa.pt) in one run (cycle: --fge-c, rates: --fge-lr-max "
+                             "--fge-lr)")
     parser.add_argument("--overwrite", action="store_true", help="delete this trainer's files in --out first")
     cli.add_quiet_flag(parser)
     parser.add_argument("--list-recipes", action="store_true", help="print the bundled recipes and exit")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{role:>8}: {paths[role]}")
         for budget, path in sorted(paths["budgets"].items()):
             print(f"{'SWA ' + format(budget, 'g') + 'B':>8}: {path}")
-        for key, what in (("iterates", "iterates"), ("sgd_iterates", "SGD its")):
+        for key, what in (("iterates", "snapshots" if mode == "fge" else "iterates"), ("sgd_iterates", "SGD its")):
             if paths[key]:
                 print(f"{what:>8}: {len(paths[key])} files, {paths[key][0]} ... {paths[key][-1]}")
         print(f"     log: {paths['log']}")

@@ -114,6 +114,26 @@ class Grid:
     attrs: dict = field(default_factory=dict)
 
 
+def file_record(setup: Setup, kind: str, geometry: dict, *, out=None, overwrite: bool = False) -> tuple[dict, dict]:
+    """The ``config`` and the root attributes (θ layout, provenance) of an analysis file of ``setup``.
+
+    On the CPU the thread count is chosen here, as for every analysis (timed, or the count a resumed file
+    records) and left set: the caller restores its own afterwards.
+    """
+    ev0 = setup.evaluator(0)
+    thread_choice = None
+    if setup.device.type == "cpu":
+        recorded = None if overwrite or out is None else (store.recorded_attr(out, "provenance") or {}).get("threads")
+        # timed on a few forward batches, not whole points: start-up must not grow with the data
+        thread_choice = choose_threads(ev0.probe_forward, setup.runtime.threads, recorded)
+    config = {"kind": kind, **geometry, "eval": setup.cfg.recorded(setup.runtime), "data": setup.data_desc,
+              "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects],
+              "theta_size": ev0.layout.size}
+    prov = {**provenance(setup.device, setup.runtime.precision),
+            **({"thread_choice": thread_choice} if thread_choice else {}), "levers": ev0.levers_report()}
+    return config, {"theta_layout": ev0.layout.describe(), "provenance": prov}
+
+
 def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, progress: ProgressFn | None = None,
              after: AfterFn | None = None) -> Analysis | None:
     """Evaluate every pending point of ``grid`` into ``out`` (a temporary file when None) and return the
@@ -121,19 +141,10 @@ def evaluate(setup: Setup, grid: Grid, *, out=None, overwrite: bool = False, pro
     lock is released, so nothing else can write the file between the grid and, say, its widths."""
     ev0 = setup.evaluator(0)
     threads_before = torch.get_num_threads()  # the caller's setting, restored at the end
-    thread_choice = None
-    if setup.device.type == "cpu":
-        recorded = None if overwrite or out is None else (store.recorded_attr(out, "provenance") or {}).get("threads")
-        # timed on a few forward batches, not whole points: start-up must not grow with the data
-        thread_choice = choose_threads(ev0.probe_forward, setup.runtime.threads, recorded)
     for job in grid.jobs:  # compile="auto" weighs its cost against this process's share of the points
         job[1].expect_points(int(np.prod(grid.shape)) // distributed.world_size())
-    config = {"kind": grid.kind, **grid.geometry, "eval": setup.cfg.recorded(setup.runtime), "data": setup.data_desc,
-              "models": [{"label": s.label, "checkpoint": s.path, "sha256": s.sha256} for s in setup.subjects],
-              "theta_size": ev0.layout.size}
-    prov = {**provenance(setup.device, setup.runtime.precision),
-            **({"thread_choice": thread_choice} if thread_choice else {}), "levers": ev0.levers_report()}
-    attrs = {"theta_layout": ev0.layout.describe(), "provenance": prov, **grid.attrs}
+    config, attrs = file_record(setup, grid.kind, grid.geometry, out=out, overwrite=overwrite)
+    attrs.update(grid.attrs)
     tmpdir = tempfile.mkdtemp(prefix="widthkit-") if out is None else None
     path = Path(out) if out is not None else Path(tmpdir) / f"{grid.kind}.h5"
     try:

@@ -95,11 +95,13 @@ def as_subjects(models, arch: str | None = None, which: str | None = None) -> li
         if len(set(groups)) != len(groups):
             raise ValueError(f"models need distinct labels, got {labels}; name them: --ckpt LABEL=PATH on the "
                              "command line, a dict {label: model} in Python")
-    _check_same_architecture(subjects)
+    check_same_architecture(subjects)
     return subjects
 
 
-def _check_same_architecture(subjects: Sequence[Subject]) -> None:
+def check_same_architecture(subjects: Sequence[Subject]) -> None:
+    """``ValueError`` naming the differing parameters unless every subject has the first one's parameter names
+    and shapes (one θ layout for all)."""
     ref = subjects[0]
     ref_shapes = {n: tuple(p.shape) for n, p in ref.model.named_parameters()}
     for s in subjects[1:]:
@@ -342,7 +344,7 @@ def load_weights(sources: Sequence[Source], reference: Subject, layout, *, what:
                 raise
             if src.from_folder and subject.role != "iterate":
                 continue  # a folder of a training run also holds its start, SGD and SWA checkpoints
-            _check_same_architecture([reference, subject])
+            check_same_architecture([reference, subject])
             theta = layout.flatten(subject.model).detach().float().cpu()
             subject.model = None  # only θ is needed: do not keep every model of a long list
             if key is not None:

@@ -29,9 +29,10 @@ train loss + ½·wd·‖θ‖², the regularised objective the SWA paper plots; 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -485,21 +486,27 @@ class Evaluator:
             self.objective.accumulate(output, yb, out)
             self._tick()
 
-    def _point(self, out: torch.Tensor) -> None:
-        """Evaluate the point currently in ``self.flat``; write raw sums into ``out`` (n_sums - 1,) float64."""
+    @contextlib.contextmanager
+    def _bn_at_point(self):
+        """BatchNorm set up for the point in ``self.flat`` (statistics recomputed, or batch mode), eval after."""
         if self.config.bn_mode == "recompute" and self.bn:
             self._recompute_bn()
         if self.config.bn_mode == "batch":
             for m in self.bn:
                 m.train()
         try:
+            yield
+        finally:
+            for m in self.bn:
+                m.eval()
+
+    def _point(self, out: torch.Tensor) -> None:
+        """Evaluate the point currently in ``self.flat``; write raw sums into ``out`` (n_sums - 1,) float64."""
+        with self._bn_at_point():
             width = 2 * len(self.objective.metrics)
             for i, split in enumerate(SPLITS):
                 if split in self.splits:
                     self._split_sums(getattr(self, split), out[width * i:width * (i + 1)])
-        finally:
-            for m in self.bn:
-                m.eval()
 
     def _with_retry(self, compute: Callable[[torch.Tensor], None], out: torch.Tensor) -> None:
         """``compute(out)`` from zeroed sums; on an out-of-memory error halve the batch size and try again
@@ -630,6 +637,41 @@ class Evaluator:
         if L2_METRIC in metrics:
             out[L2_METRIC] = out["train_loss"] + 0.5 * self.weight_decay * host[:, -1]
         return {m: out[m] for m in metrics}
+
+    @torch.no_grad()
+    def outputs(self, theta: torch.Tensor, split: str = "test",
+                buffers: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's outputs at θ for every example of ``split``, in order: (N, ...) float32 on the device.
+
+        BatchNorm as in :meth:`evaluate` (kept, recomputed at θ, or per batch); ``buffers`` (e.g. another
+        checkpoint's BatchNorm statistics, by buffer name) replace the evaluator's own for this call, which are
+        put back afterwards. What an ensemble averages (:mod:`widthkit.engine.ensemble`): per-example predictions
+        rather than the metric sums of :meth:`evaluate`.
+        """
+        data = getattr(self, split, None) if split in SPLITS else None
+        if data is None:
+            raise ValueError(f"no {split!r} split to predict on; this evaluator holds "
+                             f"{[s for s in SPLITS if getattr(self, s) is not None]}")
+        self.layout.check(theta)
+        own = dict(self.model.named_buffers())
+        unknown = sorted(set(buffers or {}) - set(own))
+        if unknown:
+            raise ValueError(f"buffers {unknown[:3]} are not buffers of the evaluated model")
+        kept = {k: own[k].clone() for k in buffers} if buffers else {}
+        try:
+            for k, v in (buffers or {}).items():
+                own[k].copy_(v)
+            with precision_policy(self.runtime.precision, self.device):
+                self.flat.copy_(theta.to(device=self.device, dtype=torch.float32))
+                with self._bn_at_point():
+                    outs = []
+                    for xb, _ in data.batches(self.batch_size):
+                        with self._autocast():
+                            outs.append(self.objective.output(self.model, xb).float())
+            return torch.cat(outs)
+        finally:
+            for k, v in kept.items():
+                own[k].copy_(v)
 
     def evaluate_weights(self, theta: torch.Tensor) -> dict[str, float]:
         """Metrics at one weight vector θ (D,)."""

@@ -38,7 +38,7 @@ import numpy as np
 from ..fileio import WriterLock, temp_path, to_json
 
 SCHEMA = 1
-KINDS = ("rays", "line", "plane")
+KINDS = ("rays", "line", "plane", "ensemble")
 # Root datasets that can be huge (one row per direction over all of θ; also "directions_<group>" when each
 # model has its own scaled directions): read() loads them only on request.
 LARGE_DATASETS = ("directions", "basis")
@@ -201,7 +201,7 @@ def open_analysis(
 
     Args:
         path: the ``.h5`` file.
-        kind: ``"rays"``, ``"line"`` or ``"plane"``.
+        kind: ``"rays"``, ``"line"``, ``"plane"`` or ``"ensemble"``.
         config: the resolved configuration (JSON-able). Resuming requires it to be identical.
         axes: root datasets ``{name: (array, dim_names[, attrs])}`` (coordinates, directions, basis, ...);
             ``attrs`` such as ``{"long_name": "distance along the ray", "units": "weight-space L2"}`` say what

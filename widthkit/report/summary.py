@@ -93,6 +93,78 @@ def finish_figures(figures: FigureOptions, log: Log):
     return after
 
 
+def finish_ensemble(figures: FigureOptions, log: Log):
+    """The ``after`` step of the ensemble command: the table printed, the figure drawn."""
+    def after(res):
+        from .family_figures import ensemble_figure, write_figure
+
+        log("")
+        log(res.table())
+        res.figures = [] if figures.folder is None else write_figure(
+            ensemble_figure(res.data), figures.folder / res.path.stem, figures.formats)
+        for f in res.figures:
+            log(f"figure: {f}")
+    return after
+
+
+def finish_curve(figures: FigureOptions, log: Log):
+    """The ``after`` step of the curve command: the barrier table printed, the figures drawn (metrics along t
+    on both paths; the plane through the endpoints and the bend with the curve)."""
+    def after(res):
+        from .family_figures import curve_figure, curve_plane_figure, write_figure
+
+        log("")
+        log(res.table())
+        res.figures = []
+        if figures.folder is not None:
+            res.figures += write_figure(curve_figure(res.data), figures.folder / res.path.stem, figures.formats)
+            if res.plane is not None:
+                res.figures += write_figure(curve_plane_figure(res.plane.data), figures.folder / res.plane.path.stem,
+                                            figures.formats)
+        for f in res.figures:
+            log(f"figure: {f}")
+    return after
+
+
+def family_numbers(ens, snapshots_by_budget: dict) -> dict:
+    """SWA vs FGE at the same budget from an ensemble result whose single models are ``SGD`` and ``SWA <B>B``:
+    ``{"sgd": {"acc", "nll", "passes"}, "budgets": {B: {"swa": {...}, "fge": {...}}}}`` (accuracy in %, NLL in
+    nats, forward passes per prediction); FGE at budget B is the ensemble of the snapshots the SWA average at B
+    holds (``snapshots_by_budget``)."""
+    n = ens.numbers()
+
+    def cell(values: dict, passes: int) -> dict:
+        return {"acc": 100.0 - values["test_err"], "nll": values["test_loss"], "passes": passes}
+
+    out = {"sgd": cell(n["compare"]["SGD"], 1) if "SGD" in n["compare"] else None, "budgets": {}}
+    m = len(n["members"])
+    for b, k in sorted(snapshots_by_budget.items()):
+        swa = n["compare"].get(f"SWA {b:g}B")
+        if swa is None or not 1 <= k <= m:
+            continue
+        fge = {key: float(n["by_size"][key][k - 1]) for key in ("test_loss", "test_err")}
+        out["budgets"][float(b)] = {"swa": cell(swa, 1), "fge": cell(fge, int(k))}
+    return out
+
+
+def _family_lines(fam: dict, ens) -> list[str]:
+    """One seed's SWA-vs-FGE table (Markdown)."""
+    lines = ["| model | budget | test accuracy (%) | test NLL (nats) | forward passes per prediction |",
+             "|---|---|---|---|---|"]
+    if fam["sgd"]:
+        lines.append(f"| SGD | 1 | {fam['sgd']['acc']:.2f} | {fam['sgd']['nll']:.4f} | 1 |")
+    for b, row in fam["budgets"].items():
+        for name, key in (("SWA", "swa"), ("FGE (ensemble of the same snapshots)", "fge")):
+            c = row[key]
+            lines.append(f"| {name} | {b:g} | {c['acc']:.2f} | {c['nll']:.4f} | {c['passes']} |")
+    d = ens.numbers()["disagreement"]
+    off = d[~np.eye(len(d), dtype=bool)]
+    if off.size:
+        lines += ["", f"The snapshots disagree on {off.mean():.2f}% of the test examples on average (pairs "
+                      f"{off.min():.2f}% to {off.max():.2f}%)."]
+    return lines
+
+
 def _accuracy(rays_res, group: str, checkpoint) -> list[str]:
     """Test accuracy (%), test loss and train loss of a checkpoint, as cells: distance 0 of its rays (the
     checkpoint evaluated by widthkit) when the rays ran, else the final metrics its trainer recorded."""
@@ -148,6 +220,18 @@ def write_report(path: Path, run: str, cfg, paths: dict, results: dict, timings:
             table = projections().get("table")
             if table:
                 lines += ["```", table, "```", ""]
+    ens = results.get("ensemble")
+    if ens is not None:
+        lines += ["## SWA vs FGE at the same budget", "",
+                  "The ensemble of the snapshots SWA averages (their averaged softmax, as Fast Geometric Ensembling "
+                  "predicts; Garipov et al. 2018) against SWA (one model at the average of the same weights) and SGD. "
+                  f"BN statistics {((ens.config.get('eval') or {}).get('bn_mode'))} for every model.", ""]
+        lines += _family_lines(family_numbers(ens, results.get("fge_budgets") or {}), ens) + [""]
+        lines += [f"![ensemble]({rel(f)})" for f in getattr(ens, "figures", None) or [] if str(f).endswith(".png")]
+        lines += [""]
+    elif "ensemble" in results.get("skipped", ()):
+        lines += ["## SWA vs FGE", "", "Skipped (`--skip ensemble`); drop it from `--skip` to compare the ensemble "
+                  "of the SWA phase's snapshots with SWA.", ""]
     if results.get("curvature") is not None:
         from .spectrum import curvature_markdown
 
@@ -156,7 +240,7 @@ def write_report(path: Path, run: str, cfg, paths: dict, results: dict, timings:
         lines += [""]
     lines += ["## Files", ""] + [f"- {k}: `{rel(v)}`" for k, v in paths.items() if k in ("start", "sgd", "swa", "log")]
     lines += [f"- {name}: `{rel(getattr(res, 'path', res))}`" for name, res in results.items()
-              if name != "curvature_figures"]
+              if name not in ("curvature_figures", "fge_budgets", "skipped")]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s.", ""]
     return atomic_write(path, "\n".join(lines))
 
@@ -315,6 +399,27 @@ def aggregate_seeds(seeds: Sequence[dict], names: tuple[str, str] = ("SGD", "SWA
     for threshold, reports in by_threshold.items():
         if len(reports) == len(seeds):
             out["widths"].append(pool_widths(reports, names))
+    out["family"] = aggregate_family([s.get("family") for s in seeds])
+    return out
+
+
+def aggregate_family(per_seed: Sequence[dict | None]) -> dict | None:
+    """SWA vs FGE over seeds (each :func:`family_numbers`, None where the stage did not run): per budget the
+    mean ± std of test accuracy and NLL of SWA and FGE, FGE's forward passes, and paired tests across seeds of
+    FGE − SWA (accuracy and NLL); SGD's accuracy and NLL. None when no seed has the numbers."""
+    fams = [f for f in per_seed if f]
+    if not fams:
+        return None
+    budgets = sorted({b for f in fams for b in f["budgets"]})
+    out: dict = {"n_seeds": len(fams), "sgd": {k: mean_std([f["sgd"][k] for f in fams if f["sgd"]])
+                                               for k in ("acc", "nll")}, "budgets": {}}
+    for b in budgets:
+        both = [f["budgets"][b] for f in fams if b in f["budgets"]]
+        row = {name: {k: mean_std([r[name][k] for r in both]) for k in ("acc", "nll", "passes")}
+               for name in ("swa", "fge")}
+        row["tests"] = {k: paired_test([r["swa"][k] for r in both], [r["fge"][k] for r in both], ("SWA", "FGE"))
+                        for k in ("acc", "nll")}
+        out["budgets"][b] = row
     return out
 
 
@@ -407,9 +512,49 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:+.4g}"
 
 
+def _family_seed_lines(fam: dict) -> list[str]:
+    """The multi-seed SWA-vs-FGE table with the paired tests (Markdown)."""
+    lines = [f"## SWA vs FGE at the same budget, mean ± std over {fam['n_seeds']} seeds", "",
+             "FGE = the ensemble of the snapshots SWA averages (their averaged softmax), at each budget the snapshots "
+             "that budget's average holds; SWA = one model at the average of the same weights. Forward passes per "
+             "prediction: SWA 1, FGE one per snapshot.", "",
+             "| budget | SGD acc | SWA acc | FGE acc | SGD NLL | SWA NLL | FGE NLL | FGE passes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for b, row in fam["budgets"].items():
+        lines.append(f"| {b:g} | {_pm(fam['sgd']['acc'])} | {_pm(row['swa']['acc'])} | {_pm(row['fge']['acc'])} | "
+                     f"{_pm(fam['sgd']['nll'], 4)} | {_pm(row['swa']['nll'], 4)} | {_pm(row['fge']['nll'], 4)} | "
+                     f"{_pm(row['fge']['passes'], 1)} |")
+    lines += [""]
+    for b, row in fam["budgets"].items():
+        acc, nll = row["tests"]["acc"], row["tests"]["nll"]
+        lines.append(f"- at {b:g} budget{'' if b == 1 else 's'}: FGE − SWA test accuracy {_signed(acc['mean_diff'])} "
+                     f"points ({_t_text(acc)}, Wilcoxon p = {_p(acc['wilcoxon_pvalue'])}); FGE − SWA NLL "
+                     f"{_num(nll['mean_diff'])} nats ({_t_text(nll)}, Wilcoxon p = {_p(nll['wilcoxon_pvalue'])})")
+    return lines + [""]
+
+
+def _curve_lines(res, rel) -> list[str]:
+    """The curve between two seeds' SGD solutions: barriers of both paths, figures (Markdown)."""
+    info, b = res.info, res.barriers()
+    lines = [f"## A curve between {info['endpoints'][0]} and {info['endpoints'][1]}", "",
+             f"A {info['label']} trained for {info['training']['epochs']} epochs (lr {info['training']['lr']:.4g}, "
+             f"endpoints fixed, t ~ U(0, 1) per batch; Garipov et al. 2018), evaluated with the straight line at "
+             f"{len(res.data['axes']['t'])} values of t, BN statistics recomputed at every point. Barrier = the "
+             "largest value along the path minus the mean of its two endpoints.", "",
+             "| path | train loss barrier (nats) | train loss + L2 barrier | test error barrier (points) | "
+             "largest test error (%) |", "|---|---|---|---|---|"]
+    for p, name in (("line", "straight line"), ("curve", info["label"])):
+        m = res.models[p]["metrics"]
+        l2 = b[p].get("train_loss_l2")
+        lines.append(f"| {name} | {b[p]['train_loss']:.4f} | {'n/a' if l2 is None else format(l2, '.4f')} | "
+                     f"{b[p]['test_err']:.2f} | {np.nanmax(m['test_err']):.2f} |")
+    pngs = [f for f in getattr(res, "figures", None) or [] if str(f).endswith(".png")]
+    return lines + [""] + [f"![curve]({rel(f)})" for f in pngs] + [""]
+
+
 def write_seed_report(path: Path, run: str, cfg, agg: dict, paper: dict | None, seed_reports: dict,
                       timings: dict, total: float, names: tuple[str, str] = ("SGD", "SWA"),
-                      figures: dict | None = None) -> Path:
+                      figures: dict | None = None, curve=None) -> Path:
     """The pipeline's multi-seed Markdown page: the paper's table (measured, and published with a paper recipe),
     accuracies per seed with the paired test across seeds, widths per seed, pooled and across seeds, links to
     every seed's own report, timings. ``aggregate.json`` beside it holds every number."""
@@ -434,6 +579,12 @@ def write_seed_report(path: Path, run: str, cfg, agg: dict, paper: dict | None, 
     lines += ["", f"Paired across seeds, {names[1]} − {names[0]} test accuracy (points): " + "; ".join(
         f"at {b:g} budget{'' if b == 1 else 's'} {_signed(t['mean_diff'])} ({_t_text(t)})"
         for b, t in agg["accuracy_tests"].items()) + ".", ""]
+    if agg.get("family"):
+        lines += _family_seed_lines(agg["family"])
+    if curve is not None:
+        lines += _curve_lines(curve, rel)
+    elif len(seeds) < 2:
+        lines += ["(The curve between two SGD solutions needs two seeds: --seeds 0,1.)", ""]
     if agg["widths"]:
         lines += ["## Widths along random rays", "",
                   "Each seed's rays use their own random directions; pooled, every seed's directions count once.", ""]
@@ -445,5 +596,7 @@ def write_seed_report(path: Path, run: str, cfg, agg: dict, paper: dict | None, 
             lines += [f"## {title}", ""] + [f"![{Path(f).stem}]({rel(f)})" for f in pngs] + [""]
     lines += ["## Each seed", ""] + [f"- seed {s}: [{rel(p)}]({rel(p)})" for s, p in seed_reports.items()]
     lines += ["", "Timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s.", ""]
-    write_json(path.with_name("aggregate.json"), {"run": run, "config": cfg.resolved(), "paper": paper, **agg})
+    extra = {"curve": {"file": str(curve.path), "barriers": curve.barriers(), "info": curve.info}} if curve else {}
+    write_json(path.with_name("aggregate.json"), {"run": run, "config": cfg.resolved(), "paper": paper, **agg,
+                                                  **extra})
     return atomic_write(path, "\n".join(lines))

@@ -18,7 +18,7 @@ from ..models import model_input_shape
 from ..runtime import RUNTIME_FIELDS
 from ..settings import base_type, check_choice, choices_of, field_types, from_dict, option
 
-__all__ = ["TrainConfig", "SWA_SCHEDULES", "CYCLE_UNITS", "PAPER_BUDGETS", "budget_epoch"]
+__all__ = ["TrainConfig", "SWA_SCHEDULES", "CYCLE_UNITS", "PAPER_BUDGETS", "budget_epoch", "budget_marks"]
 
 SWA_SCHEDULES = ("constant", "cyclic")
 CYCLE_UNITS = ("epochs", "steps")
@@ -67,6 +67,12 @@ class TrainConfig:
     augment: bool = option(False, "random crop (zero-padded by `pad`, black pixels) and flip of training images")
     pad: int = option(4, "padding of the random crop, pixels per side")
     flip: bool = option(True, "random horizontal flips when augment is on")
+    fge_c: int = option(2, "FGE (--mode fge) cycle length c, in fge_c_unit: the rate falls linearly from fge_lr_max "
+                           "to fge_lr over the first half of each cycle, where a snapshot is taken, and rises back "
+                           "over the second (Garipov et al. 2018); an even number of steps")
+    fge_c_unit: Literal["epochs", "steps"] = option("epochs", "unit of fge_c")
+    fge_lr_max: float = option(0.05, "FGE: alpha1, the rate at each cycle's start and end")
+    fge_lr: float = option(5e-4, "FGE: alpha2, the rate at each cycle's middle, where the snapshot is taken")
     save_iterates: bool = option(False, "also save the SGD iterates: each one SWA averages (swa_iter_XXX.pt) and "
                                         "every epoch's of the SGD branch (sgd_iter_EEE.pt), with their epoch")
 
@@ -170,6 +176,11 @@ def _check_values(cfg: TrainConfig) -> None:
     _require(cfg.pad >= 0, f"pad must be >= 0 pixels, got {cfg.pad}")
     _require(cfg.swa_c >= 1, f"swa_c (the cycle length, in {cfg.swa_c_unit}) must be >= 1, got {cfg.swa_c}")
     _check_cyclic(cfg)
+    _require(cfg.fge_c >= 1, f"fge_c (the FGE cycle length, in {cfg.fge_c_unit}) must be >= 1, got {cfg.fge_c}")
+    _require(math.isfinite(cfg.fge_lr) and cfg.fge_lr > 0, f"fge_lr (alpha2) must be a positive number, got {cfg.fge_lr}")
+    _require(math.isfinite(cfg.fge_lr_max) and cfg.fge_lr_max >= cfg.fge_lr,
+             f"fge_lr_max (alpha1, the rate at each FGE cycle's start) must be a number >= fge_lr (alpha2, its "
+             f"middle) = {cfg.fge_lr}, got {cfg.fge_lr_max}")
     if cfg.init is not None:
         _require(cfg.init.strip() != "", "init must name a checkpoint file, got an empty string")
         _require(cfg.swa_start is None,
@@ -219,7 +230,7 @@ def _check_mark_range(cfg: TrainConfig, budget: float) -> int:
     return epoch
 
 
-def budget_marks(cfg: TrainConfig, steps_per_epoch: int) -> list[tuple[float, int]]:
+def budget_marks(cfg: TrainConfig, steps_per_epoch: int, first_average: int | None = None) -> list[tuple[float, int]]:
     """(budget, epoch) of each evaluation of the running average, in order of epoch.
 
     ``swa_evals`` given: every mark must lie within the SWA phase, after its first average, and no two marks
@@ -230,9 +241,12 @@ def budget_marks(cfg: TrainConfig, steps_per_epoch: int) -> list[tuple[float, in
     Args:
         cfg: the run's config.
         steps_per_epoch: SGD steps per epoch (decides when the first average exists for ``swa_c_unit='steps'``).
+        first_average: the SWA phase's step after which the first model is averaged (default: one cycle of
+            ``swa_c``; FGE: half of one of its cycles).
     """
     start = cfg.swa_start_epoch
-    cycle = cfg.swa_c * (steps_per_epoch if cfg.swa_c_unit == "epochs" else 1)
+    cycle = cfg.swa_c * (steps_per_epoch if cfg.swa_c_unit == "epochs" else 1) if first_average is None \
+        else first_average
 
     def averaged(epoch: int) -> bool:  # at least one average by the end of this epoch
         return (epoch - start) * steps_per_epoch >= cycle
@@ -249,8 +263,8 @@ def budget_marks(cfg: TrainConfig, steps_per_epoch: int) -> list[tuple[float, in
         return [(b, e) for e, b in sorted(by_epoch.items())]
     for b in cfg.swa_evals:
         e = _check_mark_range(cfg, b)
-        _require(averaged(e), f"swa_evals mark {b:g} (epoch {e}) comes before the first average (after swa_c="
-                              f"{cfg.swa_c} {cfg.swa_c_unit} of SWA); drop it or lower swa_c")
+        _require(averaged(e), f"swa_evals mark {b:g} (epoch {e}) comes before the first average (after {cycle} "
+                              f"steps of SWA); drop it or lower swa_c (fge_c)")
         clash = [x for x, ex in out if ex == e]
         if clash:
             raise ValueError(f"swa_evals marks {clash[0]:g} and {b:g} both fall on epoch {e} (epochs={cfg.epochs}); "

@@ -1,7 +1,9 @@
 """Learning-rate schedules and averaging times of the SWA paper, as small functions of the step or epoch.
 
 Izmailov et al. 2018, https://arxiv.org/abs/1803.05407: section 3.1 (the SGD baseline schedule and the switch
-to a constant rate), eq. 2 (the cyclic schedule) and Algorithm 1 (averaging at the end of each cycle).
+to a constant rate), eq. 2 (the cyclic schedule) and Algorithm 1 (averaging at the end of each cycle). Garipov
+et al. 2018, https://arxiv.org/abs/1802.10026, section 5: FGE's triangular cyclic rate and its snapshots at the
+middle of each cycle (:func:`fge_lr`, :func:`fge_snapshot_at`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 from .config import TrainConfig
 
 __all__ = ["SCHEDULES", "SGD_FINAL_RATIO", "schedule_factor", "lr_at", "cyclic_lr", "steps_per_epoch",
-           "cycle_steps", "swa_step_lr", "averages_at"]
+           "cycle_steps", "swa_step_lr", "averages_at", "fge_lr", "fge_cycle_steps", "fge_step_lr",
+           "fge_snapshot_at"]
 
 SCHEDULES = ("sgd", "swa", "swa_branch")  # the `branch` argument of lr_at
 SGD_FINAL_RATIO = 0.01  # the SGD schedule ends at 1% of the initial learning rate
@@ -108,3 +111,39 @@ def averages_at(i: int, cfg: TrainConfig, n_steps_per_epoch: int) -> bool:
     """Whether SWA adds the weights after the ``i``-th SGD step (from 1) of the SWA phase to its average: at the
     end of every cycle (Algorithm 1), i.e. every ``swa_c`` epochs (or steps) from ``swa_start`` on."""
     return i % cycle_steps(cfg, n_steps_per_epoch) == 0
+
+
+def fge_lr(i: int, c: int, lr_max: float, lr_min: float) -> float:
+    """FGE's cyclic learning rate (Garipov et al. 2018, section 5) at SGD iteration ``i`` (1, 2, ...) over cycles
+    of ``c`` iterations: with ``t(i) = (((i - 1) mod c) + 1) / c``, ``alpha = (1 - 2t)·alpha1 + 2t·alpha2`` for
+    t <= 1/2 and ``(2 - 2t)·alpha2 + (2t - 1)·alpha1`` after: down from alpha1 to alpha2 = ``lr_min`` at the
+    cycle's middle (where FGE takes its snapshot), back up to alpha1 = ``lr_max`` at its end.
+
+    >>> [round(fge_lr(i, 4, 0.05, 0.01), 4) for i in range(1, 6)]
+    [0.03, 0.01, 0.03, 0.05, 0.03]
+    """
+    if isinstance(i, bool) or not isinstance(i, int) or i < 1:
+        raise ValueError(f"the iteration i counts from 1, got {i!r}")
+    if isinstance(c, bool) or not isinstance(c, int) or c < 2 or c % 2:
+        raise ValueError(f"the FGE cycle length c must be an even int >= 2 (its snapshot sits at the middle), got {c!r}")
+    t = ((i - 1) % c + 1) / c
+    if t <= 0.5:
+        return (1 - 2 * t) * lr_max + 2 * t * lr_min
+    return (2 - 2 * t) * lr_min + (2 * t - 1) * lr_max
+
+
+def fge_cycle_steps(cfg: TrainConfig, n_steps_per_epoch: int) -> int:
+    """The FGE cycle length in SGD steps: ``fge_c`` epochs or steps (``fge_c_unit``)."""
+    return cfg.fge_c * (n_steps_per_epoch if cfg.fge_c_unit == "epochs" else 1)
+
+
+def fge_step_lr(i: int, cfg: TrainConfig, n_steps_per_epoch: int) -> float:
+    """Learning rate of the ``i``-th SGD step (from 1) of the FGE phase (:func:`fge_lr` with the config's pair)."""
+    return fge_lr(i, fge_cycle_steps(cfg, n_steps_per_epoch), cfg.fge_lr_max, cfg.fge_lr)
+
+
+def fge_snapshot_at(i: int, cfg: TrainConfig, n_steps_per_epoch: int) -> bool:
+    """Whether FGE takes a snapshot after the ``i``-th SGD step (from 1) of its phase: at the middle of every cycle,
+    where the rate reaches alpha2."""
+    c = fge_cycle_steps(cfg, n_steps_per_epoch)
+    return i % c == c // 2

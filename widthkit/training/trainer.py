@@ -23,12 +23,16 @@ What a run writes into its output folder:
 - ``swa_budget<B>.pt`` (role ``swa``, ``extra["budget"] = B``): the average at each other ``swa_evals`` budget;
 - ``swa_iter_XXX.pt`` / ``sgd_iter_EEE.pt`` (role ``iterate``, with ``save_iterates``): each iterate SWA
   averaged (XXX = its number in the average), and the SGD branch's iterate after every epoch EEE; each with
-  ``extra["epoch"]`` (fractional when it is averaged mid-epoch, ``swa_c_unit = 'steps'``);
+  ``extra["epoch"]`` (fractional when it is averaged mid-epoch, ``swa_c_unit = 'steps'``); the averaged ones
+  are snapshots: ``extra["snapshot"]`` records their number, the cycle (length, unit, steps) and the rate pair;
+- ``fge_XXX.pt`` (``mode='fge'``, always): FGE's snapshots, the ensemble's members, recorded likewise; ``swa.pt``
+  is then the average of exactly these;
 - ``log.csv``: one row per epoch and per evaluation of an average, columns ``phase, weights, epoch, budget, lr,
   train_loss, train_err, test_loss, test_err, time_s``. ``weights`` says what a row measured: ``iterate`` (the
-  SGD iterate, its train numbers measured on the fly during the epoch) or ``average`` (the SWA average, BN
-  recomputed, evaluated in eval mode); ``budget`` = epoch / epochs (the mark itself for the budget
-  evaluations); ``<phase>_final`` rows hold each finished model; losses in nats, errors in %;
+  SGD iterate, its train numbers measured on the fly during the epoch), ``average`` (the SWA average, BN
+  recomputed, evaluated in eval mode) or ``ensemble`` (``mode='fge'``: the averaged softmax of the snapshots so
+  far); ``budget`` = epoch / epochs (the mark itself for the budget evaluations); ``<phase>_final`` rows hold each
+  finished model (``ensemble_final``: FGE's whole ensemble); losses in nats, errors in %;
 - ``train_state.pt``: everything needed to continue after the last finished epoch (written atomically after
   every epoch; plain tensors and containers, readable with ``torch.load(weights_only=True)``);
 - ``branch_state.pt`` (branch protocol only, until both branches are done): the training state at
@@ -61,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from ..engine.ensemble import EnsembleAccumulator, nll_and_error
 from ..engine.objectives import split_sums
 from ..fileio import WriterLock, atomic_write, check_writable
 from ..inputs.checkpoints import TRAINER_NAMES, atomic_save, load_checkpoint, safe_load, save_checkpoint
@@ -70,7 +75,8 @@ from ..settings import split_kwargs
 from ..runtime import RuntimeConfig, autocast, choose_threads, default_batch_size, precision_policy, provenance
 from .config import TrainConfig, budget_marks
 from .recipes import layered_config, list_recipes, load_recipe, read_config_file, recipe_info
-from .schedule import SCHEDULES, averages_at, lr_at, steps_per_epoch, swa_step_lr
+from .schedule import SCHEDULES, averages_at, cycle_steps, fge_cycle_steps, fge_snapshot_at, fge_step_lr, lr_at, \
+    steps_per_epoch, swa_step_lr
 
 __all__ = [
     "TrainConfig",
@@ -88,7 +94,7 @@ __all__ = [
     "LOG_COLUMNS",
 ]
 
-MODES = ("branches", "sgd", "swa")  # the CLI's --mode; train() takes the last two
+MODES = ("branches", "sgd", "swa", "fge")  # the CLI's --mode; train() takes the last three
 LOG_COLUMNS = ("phase", "weights", "epoch", "budget", "lr", "train_loss", "train_err", "test_loss", "test_err",
                "time_s")
 
@@ -99,7 +105,7 @@ STATE_FORMAT = "widthkit-train-state"
 STATE_VERSION = 2
 # config fields that may change between a run and its continuation (they do not change the numbers)
 RESUME_FREE_FIELDS = ("data_root",)  # (device, threads, precision are the runtime config's: not in it)
-OUTPUT_GLOBS = ("swa_iter_*.pt", "sgd_iter_*.pt", "swa_budget*.pt")
+OUTPUT_GLOBS = ("swa_iter_*.pt", "sgd_iter_*.pt", "swa_budget*.pt", "fge_*.pt")
 
 
 def budget_file(budget: float) -> str:
@@ -166,15 +172,20 @@ def ordered_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainData, cfg: TrainConfig,
                 generator: torch.Generator, on_batch: Callable[[], None] | None = None,
                 lr_for_step: Callable[[int], float] | None = None,
-                after_step: Callable[[int], None] | None = None, precision: str = "fp32") -> tuple[float, float]:
+                after_step: Callable[[int], None] | None = None, precision: str = "fp32",
+                penalty: Callable[[], torch.Tensor] | None = None) -> tuple[float, float]:
     """One pass of SGD over the training set in shuffled minibatches (augmented when ``cfg.augment``).
 
     Args:
+        cfg: the run's settings: ``batch_size``, ``augment``, ``pad``, ``flip``, ``amp`` (a :class:`TrainConfig`,
+            or a curve's :class:`~widthkit.training.curve.CurveTraining`).
         lr_for_step: ``lr_for_step(k)`` is the learning rate of the epoch's step ``k`` (from 0), set before
             the step (the cyclic schedule); None keeps the optimizer's rate.
         after_step: called with ``k`` after step ``k`` (SWA averages there).
         precision: the runtime precision policy's name; ``"bf16"`` runs the forward passes under bf16 autocast
             (the caller applies the policy's TF32 flags, :func:`widthkit.runtime.precision_policy`).
+        penalty: a term added to each step's loss after the forward pass (a curve's ½·wd·‖φ(t)‖²); the returned
+            loss is the cross-entropy alone.
 
     Returns:
         (mean cross-entropy in nats, error in %) over the images seen, measured on the fly in train mode.
@@ -193,7 +204,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
             logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if penalty is None else loss + penalty()).backward()
         if lr_for_step is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_for_step(k)
@@ -237,6 +248,16 @@ def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int, precision: 
         update_bn(ordered_batches(x, batch_size), model)
 
 
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int, precision: str = "fp32") -> torch.Tensor:
+    """``model``'s outputs (N, C) float32 on ``x`` in eval mode, in batches."""
+    out = []
+    for xb in ordered_batches(x, batch_size):
+        with autocast(x.device, precision):
+            out.append(model(xb).float())
+    return torch.cat(out)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Training runs
 # --------------------------------------------------------------------------------------------------------
@@ -260,9 +281,11 @@ def _plan(cfg: TrainConfig, mode: str) -> list[_Phase]:
     s, b, e = cfg.swa_start_epoch, cfg.epochs, cfg.swa_end_epoch
     if mode == "sgd":
         return [_Phase("sgd", "sgd", 0, b, False, "sgd.pt", "sgd")]
-    if mode == "swa" and cfg.init:
+    if mode in ("swa", "fge") and cfg.init:
         return [_Phase("init", "swa_branch", 0, 0, False, "start.pt", "start"),
-                _Phase("swa", "swa_branch", 0, e, True, "swa.pt", "swa")]
+                _Phase(mode, "swa_branch", 0, e, True, "swa.pt", "swa")]
+    if mode == "fge":  # the SGD schedule up to swa_start, then FGE's cycles
+        return [_Phase("fge", "swa_branch", 0, e, True, "swa.pt", "swa")]
     if mode == "swa":
         return [_Phase("swa", "swa", 0, e, True, "swa.pt", "swa")]
     return [
@@ -283,6 +306,15 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ru
       of every cycle of ``swa_c`` epochs (or steps) past ``swa_start``; the average is evaluated at the
       ``swa_evals`` budgets (``swa_budget<B>.pt``) and, BatchNorm statistics recomputed on the (un-augmented)
       training set, saved as ``swa.pt`` at the end (+ ``swa_iter_XXX.pt`` with ``save_iterates``).
+    - ``mode='fge'``: Fast Geometric Ensembling (Garipov et al. 2018) and SWA of the same snapshots in one run:
+      the SGD schedule up to ``swa_start``, then FGE's triangular cyclic rate (:func:`~widthkit.training.schedule.
+      fge_lr`: ``fge_lr_max`` down to ``fge_lr`` and back over every cycle of ``fge_c`` epochs or steps) to
+      ``swa_budget * epochs``; at the middle of every cycle (the rate at ``fge_lr``) the weights are saved as a
+      snapshot ``fge_XXX.pt`` (the ensemble's members, role ``iterate``, ``extra["snapshot"]`` records the cycle)
+      and added to the equal-weight average, saved as ``swa.pt`` as in ``mode='swa'``. At each ``swa_evals``
+      budget and at the end the log also holds the ensemble of the snapshots so far (``weights = ensemble``: the
+      averaged softmax of the snapshots, each with the BatchNorm statistics it was saved with, as FGE evaluates
+      them). With ``cfg.init`` the run starts from the given weights (FGE from a pre-trained solution).
     - ``mode='swa'`` with ``cfg.init``: the paper's fine-tuning protocol. The given weights (any format
       :func:`~widthkit.inputs.checkpoints.load_checkpoint` reads, e.g. a torchvision ``state_dict`` with
       ``model = 'torchvision:resnet50'``) are evaluated and saved as ``start.pt``; then the SWA phase alone
@@ -291,7 +323,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ru
     Args:
         cfg: the run's configuration.
         out_dir: output folder (created); see the module docstring for what goes into it.
-        mode: ``'sgd'`` or ``'swa'`` (for the paper's paired protocol use :func:`train_branches`).
+        mode: ``'sgd'``, ``'swa'`` or ``'fge'`` (for the paper's paired protocol use :func:`train_branches`).
         runtime: where and how it runs (:class:`~widthkit.runtime.RuntimeConfig`: device, precision policy,
             CPU threads, the evaluations' batch size); default ``RuntimeConfig()``. Its fields may also be
             passed as keywords (``device="cpu"``, ``precision="bf16"``).
@@ -303,11 +335,12 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, mode: str = "sgd", *, ru
         path} of the averages evaluated, ``swa.pt`` for the last), ``'iterates'`` and ``'sgd_iterates'``
         (lists), ``'log'``, ``'state'``.
     """
-    if mode not in ("sgd", "swa"):
-        raise ValueError(f"mode must be 'sgd' or 'swa' (use train_branches for both from one prefix), got {mode!r}")
-    if cfg.init and mode != "swa":
-        raise ValueError(f"init={cfg.init!r} starts an SWA phase from given weights: use mode='swa' (CLI: --mode swa, "
-                         "the default with --init)")
+    if mode not in ("sgd", "swa", "fge"):
+        raise ValueError(f"mode must be 'sgd' or 'swa' (or 'fge'; use train_branches for SGD and SWA from one "
+                         f"prefix), got {mode!r}")
+    if cfg.init and mode == "sgd":
+        raise ValueError(f"init={cfg.init!r} starts an SWA (or FGE) phase from given weights: use mode='swa' or 'fge' "
+                         "(CLI: --mode swa, the default with --init)")
     return _Run.execute(cfg, out_dir, mode, _runtime(runtime, runtime_fields), overwrite=overwrite, progress=progress)
 
 
@@ -478,13 +511,20 @@ class _Run:
             tic = time.perf_counter()
             in_swa = phase.averaging and epoch >= cfg.swa_start_epoch
             first_step = (epoch - cfg.swa_start_epoch) * spe  # steps of the SWA phase before this epoch
-            lr_for_step = _cyclic_steps(cfg, first_step, spe) if in_swa and cfg.swa_schedule == "cyclic" else None
+            if in_swa and self.mode == "fge":
+                lr_for_step = lambda k, first=first_step: fge_step_lr(first + k + 1, cfg, spe)  # noqa: E731
+            elif in_swa and cfg.swa_schedule == "cyclic":
+                lr_for_step = _cyclic_steps(cfg, first_step, spe)
+            else:
+                lr_for_step = None
             lr = lr_for_step(0) if lr_for_step else lr_at(epoch, cfg, phase.schedule)  # cyclic: the first step's
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            collects = fge_snapshot_at if self.mode == "fge" else averages_at
 
             def after_step(k, epoch=epoch, first_step=first_step):
-                if averages_at(first_step + k + 1, cfg, spe):  # the end of a cycle: Algorithm 1
+                # the end of a cycle (Algorithm 1), or the middle of an FGE cycle
+                if collects(first_step + k + 1, cfg, spe):
                     self.average(epoch + (k + 1) / spe)
 
             with _progress_bar(self, phase, epoch) as bar:
@@ -511,13 +551,46 @@ class _Run:
         if self.averaged is None:
             self.averaged = AveragedModel(self.model)
         self.averaged.update_parameters(self.model)
-        if self.cfg.save_iterates:
+        if self.cfg.save_iterates or self.mode == "fge":  # FGE's snapshots are its ensemble: always kept
             n = int(self.averaged.n_averaged)
-            path = self.out / f"swa_iter_{n:03d}.pt"
+            path = self.out / (f"fge_{n:03d}.pt" if self.mode == "fge" else f"swa_iter_{n:03d}.pt")
             self._save_model(path, self.model, "iterate", self._metrics(extra_rows=[]), n_averaged=n,
-                             epoch=_plain_epoch(at_epoch))
+                             epoch=_plain_epoch(at_epoch), snapshot=self._snapshot_record(n))
             if str(path) not in self.iterates:
                 self.iterates.append(str(path))
+
+    def _snapshot_record(self, n: int) -> dict:
+        """What a snapshot's checkpoint records of the schedule it was taken on: its number, the cycle (length and
+        unit) and the learning-rate pair (or the constant rate)."""
+        cfg = self.cfg
+        if self.mode == "fge":
+            return {"index": n, "schedule": "fge", "cycle": cfg.fge_c, "cycle_unit": cfg.fge_c_unit,
+                    "cycle_steps": fge_cycle_steps(cfg, self.steps_per_epoch), "lr_max": cfg.fge_lr_max,
+                    "lr_min": cfg.fge_lr, "taken": "middle of the cycle"}
+        cyclic = cfg.swa_schedule == "cyclic"
+        return {"index": n, "schedule": cfg.swa_schedule, "cycle": cfg.swa_c, "cycle_unit": cfg.swa_c_unit,
+                "cycle_steps": cycle_steps(cfg, self.steps_per_epoch),
+                "lr_max": cfg.cycle_lr_max if cyclic else cfg.swa_lr, "lr_min": cfg.swa_lr, "taken": "end of the cycle"}
+
+    def evaluate_ensemble(self, phase: str, epoch: int, budget: float) -> None:
+        """FGE: the ensemble of the snapshots so far (their averaged softmax, each with its own BatchNorm
+        statistics), logged with ``weights = ensemble``."""
+        bs = self.eval_batch_size
+        models = [load_checkpoint(p).model.to(self.device).eval() for p in self.iterates]
+        row = {"phase": phase, "weights": "ensemble", "epoch": epoch, "budget": budget, "lr": math.nan,
+               "time_s": math.nan}
+        for split, x, y in (("train", self.data.x_train, self.data.y_train), ("test", self.data.x_test, self.data.y_test)):
+            if x is None:
+                row[f"{split}_loss"] = row[f"{split}_err"] = math.nan
+                continue
+            acc = EnsembleAccumulator(y)
+            for model in models:
+                acc.add(_logits(model, x, bs, self.precision))
+            row[f"{split}_loss"], row[f"{split}_err"] = nll_and_error(acc.log_probabilities(), y)
+        self.log = [r for r in self.log if not (r["phase"] == phase and r["weights"] == "ensemble"
+                                                and r["budget"] == budget)] + [row]
+        if self.progress:
+            _print_row(row)
 
     def evaluate_average(self, phase: _Phase, budget: float) -> None:
         """The average at a ``swa_evals`` budget: a copy with its BatchNorm statistics recomputed (the running
@@ -532,6 +605,8 @@ class _Run:
         self._save_model(path, model, "swa", self._metrics([row]), n_averaged=int(self.averaged.n_averaged),
                          budget=budget)
         self.budgets = [(b, p) for b, p in self.budgets if b != budget] + [(budget, str(path))]
+        if self.mode == "fge":
+            self.evaluate_ensemble(phase.name, self.epoch, budget)
 
     def finish_phase(self, phase: _Phase) -> None:
         """Write the phase's checkpoint (idempotent: a rerun after a kill writes the same file)."""
@@ -562,6 +637,8 @@ class _Run:
             _print_row(final)
         self._save_model(self.out / phase.output, model, phase.role, self._metrics([final]), n_averaged=n_averaged,
                          budget=budget)
+        if self.mode == "fge" and phase.averaging:
+            self.evaluate_ensemble("ensemble_final", phase.end, budget)
         self.save_state()
 
     def start_phase(self, phase: _Phase) -> None:
@@ -600,8 +677,10 @@ class _Run:
         return out
 
     def _save_model(self, path: Path, model: nn.Module, role: str, metrics: dict, n_averaged: int | None = None,
-                    budget: float | None = None, epoch: float | None = None) -> None:
+                    budget: float | None = None, epoch: float | None = None, snapshot: dict | None = None) -> None:
         extra = {"seed": self.cfg.seed, "epoch": self.epoch if epoch is None else epoch, "mode": self.mode}
+        if snapshot is not None:
+            extra["snapshot"] = snapshot
         if n_averaged is not None:
             extra["n_averaged"] = n_averaged
         if budget is not None:
@@ -621,9 +700,9 @@ class _Run:
             "format": STATE_FORMAT, "version": STATE_VERSION, "mode": self.mode, "config": self.cfg.resolved(),
             "init_sha256": self.init_sha256, "threads": self.threads,
             "phase": self.phase, "epoch": self.epoch,
-            "model": _cpu(self.model.state_dict()),
-            "optimizer": _cpu(self.optimizer.state_dict()),
-            "averaged": None if self.averaged is None else _cpu(self.averaged.state_dict()),
+            "model": cpu_copy(self.model.state_dict()),
+            "optimizer": cpu_copy(self.optimizer.state_dict()),
+            "averaged": None if self.averaged is None else cpu_copy(self.averaged.state_dict()),
             "n_averaged": 0 if self.averaged is None else int(self.averaged.n_averaged),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -673,6 +752,18 @@ def _check_marks(cfg: TrainConfig, mode: str, n_steps_per_epoch: int) -> list[tu
     if mode == "sgd":
         return []
     start, end = cfg.swa_start_epoch, cfg.swa_end_epoch
+    if mode == "fge":
+        c = fge_cycle_steps(cfg, n_steps_per_epoch)
+        phase = (end - start) * n_steps_per_epoch
+        if c > phase:
+            raise ValueError(f"the FGE cycle (fge_c={cfg.fge_c} {cfg.fge_c_unit}, {c} steps) is longer than the FGE "
+                             f"phase (epochs {start} to {end}: {phase} steps of {n_steps_per_epoch}); lower fge_c or "
+                             "swa_start, or raise swa_budget")
+        if c % 2:
+            raise ValueError(f"the FGE cycle must be an even number of steps (its snapshot sits at the middle), got "
+                             f"fge_c={cfg.fge_c} {cfg.fge_c_unit} = {c} steps of {n_steps_per_epoch} per epoch; use an "
+                             "even fge_c")
+        return budget_marks(cfg, n_steps_per_epoch, first_average=c // 2)
     if cfg.swa_c_unit == "steps" and (end - start) * n_steps_per_epoch < cfg.swa_c:
         raise ValueError(f"SWA would average no model: its {end - start} epochs of {n_steps_per_epoch} steps are "
                          f"fewer than one cycle of swa_c={cfg.swa_c} steps; lower swa_c or raise swa_budget")
@@ -700,7 +791,10 @@ def _print_row(row: dict) -> None:
 
     losses = (f"train loss {row['train_loss']:.4f} err {row['train_err']:5.2f}%  "
               f"test loss {row['test_loss']:.4f} err {row['test_err']:5.2f}%")
-    if row["weights"] == "average" and not row["phase"].endswith("_final"):
+    if row["weights"] == "ensemble":
+        tqdm.write(f"  FGE ensemble after {row['epoch']:4d} epochs ({row['budget']:g} budgets, snapshots' own BN)  "
+                   f"{losses}")
+    elif row["weights"] == "average" and not row["phase"].endswith("_final"):
         tqdm.write(f"  average after {row['epoch']:4d} epochs ({row['budget']:g} budgets, BN recomputed)  {losses}")
     elif math.isnan(row["lr"]):  # a finished model, evaluated in eval mode
         tqdm.write(f"{row['phase']:>9} after {row['epoch']:4d} epochs      {losses}")
@@ -725,14 +819,14 @@ def _finished_paths(out: Path, state: dict, cfg: TrainConfig, mode: str) -> dict
     return paths
 
 
-def _cpu(obj: Any) -> Any:
+def cpu_copy(obj: Any) -> Any:
     """A copy of a (nested) state dict with every tensor detached on the CPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
+        return {k: cpu_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
+        return type(obj)(cpu_copy(v) for v in obj)
     return obj
 
 
@@ -792,7 +886,8 @@ def _check_same_run(state: dict | None, cfg: TrainConfig, mode: str, out: Path) 
     if state["mode"] != mode:
         raise ValueError(f"{out} holds a {state['mode']!r} run, not a {mode!r} one; " + fix)
     old, new = state["config"], cfg.resolved()
-    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new
-               if k not in RESUME_FREE_FIELDS and old.get(k) != new[k]]
+    defaults = TrainConfig().resolved()  # a field added since the run started counts as its default
+    changed = [f"{k}: {old.get(k, defaults.get(k))!r} -> {new[k]!r}" for k in new
+               if k not in RESUME_FREE_FIELDS and old.get(k, defaults.get(k)) != new[k]]
     if changed:
         raise ValueError(f"{out} holds a run with a different config ({'; '.join(changed)}); " + fix)
