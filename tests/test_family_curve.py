@@ -19,6 +19,7 @@ from widthkit.engine.config import EvalConfig
 from widthkit.engine.curves import (CurveModel, barrier, bezier_coefficients, coefficients, curve_basis,
                                     curve_coordinates, curve_points, initial_bends, polychain_coefficients)
 from widthkit.engine.evaluator import Evaluator
+from widthkit.runtime import RuntimeConfig
 from widthkit.engine.space import ThetaLayout
 from widthkit.inputs.checkpoints import safe_load, save_checkpoint
 from widthkit.inputs.data import load_dataset
@@ -94,7 +95,8 @@ def test_a_bezier_curve_with_its_bend_at_the_midpoint_evaluates_like_the_line(en
     """The untrained curve (bend initialised on the segment) is the line: every point, every metric."""
     a, b = widthkit.load_checkpoint(ends["a"]), widthkit.load_checkpoint(ends["b"])
     tr, te = load_dataset("digits", split="train", subset=200), load_dataset("digits", split="test", subset=100)
-    ev = Evaluator(a.model, train=tr, test=te, config=EvalConfig(bn_mode="recompute", device="cpu"), device="cpu")
+    ev = Evaluator(a.model, train=tr, test=te, config=EvalConfig(bn_mode="recompute"),
+                   runtime=RuntimeConfig(device="cpu"))
     wa, wb = ev.theta0, ev.layout.flatten(b.model)
     mid = initial_bends(wa, wb, 1)
     torch.testing.assert_close(mid[0], (wa + wb) / 2)

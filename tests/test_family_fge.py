@@ -20,14 +20,15 @@ from widthkit.training.trainer import TrainConfig, read_log, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 # B = 4: SGD schedule for epochs 0..3 (swa_start 3), then FGE to epoch 8 (swa_budget 2): cycles of 2 epochs, a
 # snapshot at the middle of each (after epochs 4, 6 and 8)
-FGE = dict(epochs=4, device="cpu", swa_budget=2.0, threads=1)
+FGE = dict(epochs=4, swa_budget=2.0)
+CPU = dict(device="cpu", threads=1)  # the runtime: where it trains
 
 
 @pytest.fixture(scope="module")
 def fge_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fge")
     cfg = TrainConfig(**FGE)
-    return cfg, out, train(cfg, out, "fge", progress=False)
+    return cfg, out, train(cfg, out, "fge", progress=False, **CPU)
 
 
 def test_fge_learning_rate_is_the_triangle_of_garipov_et_al():
@@ -101,10 +102,10 @@ def test_the_logged_fge_ensemble_is_the_average_of_the_snapshots_softmaxes(fge_r
 
 def test_a_cycle_longer_than_the_phase_is_refused_before_any_file(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"the FGE cycle \(fge_c=8 epochs, .*\) is longer than the FGE phase"):
-        train(TrainConfig(**{**FGE, "swa_budget": 1.5}, fge_c=8), tmp_path / "a", "fge", progress=False)
+        train(TrainConfig(**{**FGE, "swa_budget": 1.5}, fge_c=8), tmp_path / "a", "fge", progress=False, **CPU)
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
     assert train_main(["--mode", "fge", "--epochs", "4", "--fge-c", "9", "--fge-c-unit", "steps", "--device", "cpu",
-                       "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+                       "--out", str(tmp_path / "b"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "even number of steps" in err and err.count("\n") == 1
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
@@ -138,9 +139,9 @@ def test_an_interrupted_fge_run_continues_to_the_same_snapshots_and_average(fge_
 
     monkeypatch.setattr(trainer, "train_epoch", crash_in_sixth)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path, "fge", progress=False)
+        train(cfg, tmp_path, "fge", progress=False, **CPU)
     monkeypatch.setattr(trainer, "train_epoch", real)
-    paths = train(cfg, tmp_path, "fge", progress=False)
+    paths = train(cfg, tmp_path, "fge", progress=False, **CPU)
     for a, b in zip(ref["iterates"] + [ref["swa"]], paths["iterates"] + [paths["swa"]], strict=True):
         wa = torch.load(a, weights_only=True)["state_dict"]
         wb = torch.load(b, weights_only=True)["state_dict"]

@@ -17,7 +17,7 @@ from widthkit.training.trainer import read_log
 # two epochs: prefix 1, SGD to 2, SWA to 3 (two snapshots); only training, the ensemble and the curve
 ONLY_FAMILY = ["--epochs", "2", "--skip", "rays,line,plane,iterates,trajectory,curvature", "--train-subset", "100",
                "--test-subset", "60", "--bn-subset", "64", "--curve-epochs", "1", "--curve-points", "5",
-               "--curve-plane", "3", "--no-progress", "--format", "png", "--threads", "1"]
+               "--curve-plane", "3", "--quiet", "--format", "png", "--threads", "1"]
 
 
 @pytest.mark.slow

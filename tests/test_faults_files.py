@@ -148,7 +148,7 @@ def test_a_completely_full_disk_is_one_line_and_leaves_no_lock(digits_ckpts, sma
 
 @pytest.mark.subprocess  # mount/umount
 def test_training_onto_a_full_disk_is_one_line_and_loses_nothing(tmp_path, small_disk, capsys):
-    flags = ["--epochs", "2", "--no-progress"]
+    flags = ["--epochs", "2", "--quiet"]
     assert train_cmd.main(flags + ["--out", str(tmp_path / "whole")]) == 0  # the uninterrupted reference
     capsys.readouterr()
     run = small_disk / "run"
@@ -258,7 +258,7 @@ def test_a_pipeline_run_name_may_hold_sub_folders():
 
 @pytest.mark.subprocess  # mount/umount
 def test_training_into_a_read_only_folder_names_it(read_only_folder, capsys):
-    assert train_cmd.main(["--epochs", "2", "--no-progress", "--out", str(read_only_folder / "run")]) == 2
+    assert train_cmd.main(["--epochs", "2", "--quiet", "--out", str(read_only_folder / "run")]) == 2
     assert _one_line(capsys) == (f"error: cannot write to {read_only_folder / 'run'} (Read-only file system); "
                                  "choose another folder (--out, --figures, --root)")
 
@@ -293,7 +293,7 @@ def test_the_train_init_hint_names_trains_own_flags(digits_ckpts, tmp_path, caps
     bare = tmp_path / "mlp-weights.pt"
     torch.save(load_checkpoint(digits_ckpts["mlp"]).state_dict, bare)
     for init in (digits_ckpts["mlp"], bare):
-        assert train_cmd.main(["--init", str(init), "--epochs", "1", "--no-progress", "--out",
+        assert train_cmd.main(["--init", str(init), "--epochs", "1", "--quiet", "--out",
                                str(tmp_path / "run")]) == 2
         err = _one_line(capsys)
         assert "--model digits_mlp" in err and "--arch" not in err and "arch=" not in err.split(": ", 2)[-1], err
@@ -339,7 +339,7 @@ def test_sigterm_of_rays_says_what_was_saved_and_leaves_no_lock(digits_ckpts, tm
 def test_sigterm_of_train_says_what_was_saved_and_leaves_no_lock(tmp_path, spawn):
     run = tmp_path / "run"
     marker = tmp_path / "m"
-    proc, log = spawn(python_child(TRAIN_CHILD, marker, 2, 3, "--epochs", "2", "--no-progress", "--out", run))
+    proc, log = spawn(python_child(TRAIN_CHILD, marker, 2, 3, "--epochs", "2", "--quiet", "--out", run))
     wait_for_marker(marker, proc, log)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait() == 143
@@ -348,4 +348,4 @@ def test_sigterm_of_train_says_what_was_saved_and_leaves_no_lock(tmp_path, spawn
                         "command again to resume"), said
     assert _names(tmp_path) == ["child0.log", "m", "run"]  # no .run.lock
     assert not any(n.startswith(".") for n in _names(run))
-    assert train_cmd.main(["--epochs", "2", "--no-progress", "--out", str(run)]) == 0
+    assert train_cmd.main(["--epochs", "2", "--quiet", "--out", str(run)]) == 0

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     """A real (tiny) SWA run of the bundled trainer: swa.pt and its 5 averaged iterates swa_iter_00k.pt."""
     out = tmp_path_factory.mktemp("swa-run")
     assert train_cli.main(["--out", str(out), "--mode", "swa", "--epochs", "2", "--swa-start", "1",
-                           "--swa-budget", "3", "--save-iterates", "--no-progress", "--device", "cpu"]) == 0
+                           "--swa-budget", "3", "--save-iterates", "--quiet", "--device", "cpu"]) == 0
     iterates = sorted(str(p) for p in out.glob("swa_iter_*.pt"))
     assert len(iterates) == 5
     return {"dir": out, "swa": str(out / "swa.pt"), "iterates": iterates}

@@ -13,7 +13,7 @@ from widthkit.report.store import read
 TINY_CURVATURE = ["--curvature-loss-subset", "64", "--curvature-trace-hvps", "6", "--curvature-slq-probes", "1",
                   "--curvature-slq-steps", "8", "--curvature-lanczos-max-iter", "12"]
 TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--plane-resolution", "3",
-        "--train-subset", "200", "--no-progress", "--format", "png,pdf", "--device", "cpu", *TINY_CURVATURE]
+        "--train-subset", "200", "--quiet", "--format", "png,pdf", "--device", "cpu", *TINY_CURVATURE]
 
 
 @pytest.mark.slow
@@ -72,7 +72,7 @@ def test_pipeline_draws_the_iterate_planes_and_the_hessian(tmp_path, capsys):
 
     argv = ["--root", str(tmp_path), "--run", "it", "--epochs", "4", "--skip", "rays,line,plane",
             "--plane-resolution", "3", "--train-subset", "100", "--test-subset", "60", "--bn-subset", "64",
-            "--no-progress", "--format", "png", *TINY_CURVATURE]
+            "--quiet", "--format", "png", *TINY_CURVATURE]
     assert pipeline.main(argv) == 0
     an, fig = tmp_path / "analyses" / "it", tmp_path / "figures" / "it"
     iterates = read(an / "iterates.h5")

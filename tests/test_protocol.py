@@ -281,7 +281,7 @@ def test_train_cli_with_init_runs_the_swa_phase(tmp_path, capsys):
     torch.save(train_digits(seed=1, epochs=1).state_dict(), path)
     out = tmp_path / "run"
     common = ["--out", str(out), "--init", str(path), "--epochs", "1", "--swa-budget", "2", "--device", "cpu",
-              "--no-progress"]
+              "--quiet"]
     assert train_main([*common, "--mode", "branches"]) == 2
     assert "runs the SWA phase alone from given weights" in capsys.readouterr().err
     assert train_main(common) == 0  # --mode swa implied
@@ -430,7 +430,7 @@ def test_paired_test_and_pool_widths_refuse_what_they_cannot_compare():
 # --------------------------------------------------------------------------------------------------------
 
 TINY = ["--epochs", "2", "--dirs", "2", "--steps", "3", "--line-steps", "3", "--plane-resolution", "3",
-        "--train-subset", "200", "--no-progress", "--format", "png", "--skip", "curvature"]
+        "--train-subset", "200", "--quiet", "--format", "png", "--skip", "curvature"]
 
 
 @pytest.mark.slow

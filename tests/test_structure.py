@@ -219,7 +219,7 @@ def test_a_second_train_into_the_same_folder_is_refused(tmp_path, capsys):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"  # the other run holds the folder now
-        assert train_cmd.main(["--out", str(out), "--epochs", "2", "--no-progress"]) == 2
+        assert train_cmd.main(["--out", str(out), "--epochs", "2", "--quiet"]) == 2
         assert "being written by another widthkit process" in capsys.readouterr().err
         assert not list(tmp_path.rglob("*.pt"))
     finally:

@@ -358,7 +358,7 @@ def test_overwrite_starts_over(tmp_path):
 
 def _cli(out: Path) -> list[str]:
     return [sys.executable, "-m", "widthkit.train", "--recipe", "digits", "--out", str(out), "--epochs", "4",
-            "--device", "cpu", "--save-iterates", "--no-progress"]  # = SMALL
+            "--device", "cpu", "--save-iterates", "--quiet"]  # = SMALL
 
 
 @pytest.mark.subprocess
@@ -424,7 +424,7 @@ def test_cli_flags_override_the_recipe_and_config_file(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--out", str(out), "--config", str(config), "--mode", "sgd", "--epochs", "1", "--lr", "0.1",
                  "--swa_lr", "0.02", "--model-kwargs", '{"width": 4}', "--no-augment", "--device", "cpu",
-                 "--no-progress"]) == 0
+                 "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert f"sgd: {out / 'sgd.pt'}" in printed and f"log: {out / 'log.csv'}" in printed
     recorded = load_checkpoint(out / "sgd.pt").meta["config"]
@@ -443,7 +443,7 @@ def test_cli_flags_override_the_recipe_and_config_file(tmp_path, capsys):
 ])
 def test_cli_errors_are_messages(tmp_path, capsys, argv, match):
     try:  # argparse's own errors exit; values the config refuses return 2 with one "error: ..." line
-        code = main(argv + ["--out", str(tmp_path / "x"), "--no-progress"])
+        code = main(argv + ["--out", str(tmp_path / "x"), "--quiet"])
     except SystemExit as exc:
         code = exc.code
     assert code == 2
