@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import os
 import signal
 import subprocess
@@ -253,3 +254,169 @@ def test_a_decoding_worker_killed_by_the_system_is_one_line(tmp_path):
         f"error: a process decoding 50 train images (as they are (8x8, L)) into {tmp_path / 'cache'} died (killed "
         "by the system: out of memory?); run again to resume the build, with fewer --workers"]
     assert not list((tmp_path / "cache").rglob("meta.json"))
+
+
+# ------------------------------------------------------------------------------- damaged cache entries
+
+
+def _entry_of(cache, split="train"):
+    (entry,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(f"{split}-")]
+    return entry
+
+
+def _damage_truncate(entry):
+    data = (entry / "images.u8").read_bytes()
+    (entry / "images.u8").write_bytes(data[:-64])
+    return r"images\.u8 holds \d+ bytes, not \d+"
+
+
+def _damage_garbage(entry):
+    size = (entry / "images.u8").stat().st_size
+    (entry / "images.u8").write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return r"images 0\.\.\d+ do not match their checksum"
+
+
+def _damage_one_image(entry):
+    with open(entry / "images.u8", "r+b") as f:  # one pixel of the last image: a chunk other than the first
+        f.seek(-1, os.SEEK_END)
+        value = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([value ^ 0xFF]))
+    return r"images \d+\.\.49 do not match their checksum"
+
+
+def _damage_meta_text(entry):
+    (entry / "meta.json").write_text("{not json")
+    return r"meta\.json is not valid \(JSONDecodeError"
+
+
+def _damage_meta_keys(entry):
+    (entry / "meta.json").write_text("{}")
+    return r"meta\.json is not valid \(KeyError"
+
+
+def _damage_meta_list(entry):
+    (entry / "meta.json").write_text("[1, 2]")
+    return r"meta\.json describes list"
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_garbage, _damage_one_image, _damage_meta_text,
+                                    _damage_meta_keys, _damage_meta_list])
+def test_a_damaged_cache_entry_is_named_and_decoded_again(tmp_path, monkeypatch, caplog, damage):
+    root = digits_folder(tmp_path / "digits")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(imagefolder, "CHUNK", 16)  # 50 images: 4 chunks, each with its own checksum
+    first = load_dataset(f"imagefolder:{root}", cache_dir=cache, workers=1, progress=False)
+    reference = first.images.clone()
+    entry = _entry_of(cache)
+    pattern = damage(entry)
+    decoded = []
+    real = imagefolder._decode_chunk
+    monkeypatch.setattr(imagefolder, "_decode_chunk", lambda *a: decoded.append(a[2]) or real(*a))
+    with caplog.at_level("WARNING", logger="widthkit.inputs.imagefolder"):
+        again = load_dataset(f"imagefolder:{root}", cache_dir=cache, workers=1, progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"the image cache entry {entry} is damaged (")
+    assert re.search(pattern, messages[0]) and messages[0].endswith("; decoding it again")
+    assert sorted(decoded) == [0, 16, 32, 48]  # decoded again, all of it
+    assert torch.equal(again.images, reference) and _entry_of(cache) == entry
+    caplog.clear()
+    load_dataset(f"imagefolder:{root}", cache_dir=cache, workers=1, progress=False)
+    assert not caplog.records and len(decoded) == 4  # repaired: read as it is
+
+
+def test_a_damaged_entry_in_a_read_only_cache_is_refused_with_its_path(tmp_path, tiny_disk):
+    root = digits_folder(tmp_path / "digits")
+    cache = tiny_disk / "cache"
+    load_dataset(f"imagefolder:{root}", cache_dir=cache, workers=1, progress=False)
+    entry = _entry_of(cache)
+    _damage_garbage(entry)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    with pytest.raises(OSError, match=rf"the image cache entry {re.escape(str(entry))} is damaged \(images 0\.\.49 do "
+                                      r"not match their checksum\) and cannot be built in .*Read-only file system\); "
+                                      r"pass --cache-dir DIR"):
+        load_dataset(f"imagefolder:{root}", cache_dir=cache, workers=1, progress=False)
+
+
+# ------------------------------------------------------------------------------- a subset from its split's cache
+
+
+def _count_decodes(monkeypatch):
+    decoded = []
+    real = imagefolder._decode_chunk
+    monkeypatch.setattr(imagefolder, "_decode_chunk", lambda *a: decoded.append(len(a[3])) or real(*a))
+    return decoded
+
+
+def test_a_subset_of_a_cached_split_is_read_from_it(tmp_path, monkeypatch):
+    root = digits_folder(tmp_path / "digits")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(imagefolder, "STATS_SAMPLE", 20)  # the statistics come from a subset of the 50 train images
+    decoded = _count_decodes(monkeypatch)
+    full = load_dataset(f"imagefolder:{root}", cache_dir=cache, workers=1, normalize="dataset", progress=False)
+    assert sum(decoded) == 50  # once: the statistics' sample was read from the split's entry, not decoded again
+    entries = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert len(entries) == 1
+    sample = widthkit.runtime.random_subset(50, 20, 0)
+    mean = full.images[sample].double().mean().item() / 255
+    assert full.mean == pytest.approx((mean,), rel=1e-12)  # the sample's statistics
+    sub = load_dataset(f"imagefolder:{root}", subset=7, subset_seed=5, cache_dir=cache, workers=1, progress=False)
+    assert sum(decoded) == 50 and sorted(p.name for p in cache.iterdir() if p.is_dir()) == entries
+    assert torch.equal(sub.images, full.images[widthkit.runtime.random_subset(50, 7, 5)])
+    assert sub.full_size == 50 and sub.mean == full.mean and sub.fingerprint != full.fingerprint
+    # a subset asked for first decodes only its own files, into an entry of its own
+    only = load_dataset(f"imagefolder:{root}", split="test", subset=6, cache_dir=cache, workers=1, progress=False)
+    assert sum(decoded) == 56 and len([p for p in cache.iterdir() if p.is_dir()]) == 2
+    assert torch.equal(only.images[0], torch.from_numpy(np.asarray(Image.open(
+        sorted((root / "test").rglob("*.png"), key=lambda p: (p.parent.name, p.name))[
+            int(widthkit.runtime.random_subset(30, 6, 0)[0])]))[None].copy()))
+
+
+SLOW_BUILDER = STOP_HERE + """
+# argv: ROOT CACHE MARKER GO: builds the whole train split (chunks of 8, one process); the first chunk tells the
+# test that the build lock is held (MARKER) and waits for GO before it decodes
+from widthkit.inputs import imagefolder
+from widthkit.inputs.data import load_dataset
+
+root, cache, marker, go = sys.argv[1:5]
+imagefolder.CHUNK = 8
+real = imagefolder._decode_chunk
+
+
+def decode(target, shape, start, paths, transform):
+    if start == 0:
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+        while not os.path.exists(go):
+            time.sleep(0.01)
+    return real(target, shape, start, paths, transform)
+
+
+imagefolder._decode_chunk = decode
+load_dataset("imagefolder:" + root, workers=1, cache_dir=cache, normalize="dataset", progress=False)
+"""
+
+
+def test_a_subset_waits_for_its_split_being_cached_and_reads_from_it(tmp_path, spawn, monkeypatch):
+    import threading
+
+    root = digits_folder(tmp_path / "digits")
+    cache = tmp_path / "cache"
+    proc, log = spawn(python_child(SLOW_BUILDER, root, cache, tmp_path / "marker", tmp_path / "go"))
+    wait_for_marker(tmp_path / "marker", proc, log)  # the other process holds the whole split's build lock
+    decoded = _count_decodes(monkeypatch)
+    got = {}
+    reader = threading.Thread(target=lambda: got.setdefault("ds", load_dataset(
+        f"imagefolder:{root}", subset=9, cache_dir=cache, workers=1, normalize="dataset", progress=False)))
+    reader.start()
+    while not any(line.split()[1] == "->" and line.split()[5] == str(os.getpid()) for line in open("/proc/locks")):
+        assert reader.is_alive()  # until this process waits for the build lock (no deadline: pytest-timeout)
+    (tmp_path / "go").touch()
+    reader.join()
+    assert proc.wait() == 0
+    assert decoded == []  # this process decoded nothing: it waited for the other and read its rows
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+    full = load_dataset(f"imagefolder:{root}", cache_dir=cache, progress=False)
+    assert torch.equal(got["ds"].images, full.images[widthkit.runtime.random_subset(50, 9, 0)])

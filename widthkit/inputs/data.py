@@ -559,23 +559,25 @@ def _load_imagefolder(name: str, split: str, *, subset, subset_seed, image_size,
         same = sample is None and idx is None or sample is not None and idx is not None and torch.equal(sample, idx)
         stats_part = part if split == "train" and same else imagefolder.cached_split(
             listing, "train", transform, cache, sample, workers, progress)
-        mean, std = _cached_stats(stats_part.folder, stats_part.images)
+        mean, std = _cached_stats(stats_part)
     return Dataset(name=name, images=part.images, labels=part.labels, num_classes=len(listing.classes), mean=mean,
-                   std=std, split=split, classes=listing.classes, full_size=part.full_size, cache=str(part.folder),
+                   std=std, split=split, classes=listing.classes, full_size=part.full_size,
+                   cache=str(part.folder) if part.mapped else None,
                    fingerprint=imagefolder.digest([part.key, mean, std]))
 
 
-def _cached_stats(folder: Path, images: torch.Tensor):
-    """channel_stats of cached images, remembered beside them (a pass over a large cache takes a while)."""
+def _cached_stats(part: imagefolder.CachedSplit):
+    """channel_stats of cached images, remembered beside them (a pass over a large cache takes a while), under
+    the images' own key (a subset read from its split's entry has its own)."""
     import json
 
-    memo = folder / "stats.json"
+    memo = part.folder / f"stats-{part.key[:20]}.json"
     try:
         d = json.loads(memo.read_text())
         return tuple(d["mean"]), tuple(d["std"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    mean, std = channel_stats(images)
+    mean, std = channel_stats(part.images)
     try:
         atomic_write(memo, to_json({"mean": mean, "std": std}))
     except OSError:

@@ -13,10 +13,14 @@ on the PIL image, pixel for pixel (tests compare them).
 **Cache.** Each split is decoded once, by worker processes, into ``<cache>/<split>-<key>/images.u8``, a raw
 uint8 ``(N, C, H, W)`` array that every later command (and every torchrun rank) memory-maps instead of
 decoding. The key covers the files' relative names, sizes and modification times, their labels, the
-transform and the subset, so any change to the folder builds a new cache. Building is resumable (finished
-chunks are marked in ``done.bin``; a killed build continues where it stopped), and concurrent processes wait
-for the one that builds (a blocking ``flock``). The cache lives in ``PATH/.widthkit-cache`` when PATH is
-writable, else in ``$XDG_CACHE_HOME/widthkit`` (``~/.cache/widthkit``); ``cache_dir`` chooses another place.
+transform and the subset, so any change to the folder builds a new cache. A subset of a split whose whole
+entry exists (or is being built) is read from it instead of decoded again. Building is resumable (finished
+chunks are marked in ``done.bin``; a killed build continues where it stopped, and its worker processes die
+with it), and concurrent processes wait for the one that builds (a blocking ``flock``). The file's disk space
+is reserved before decoding starts (a full disk is one error line, not a crash). ``meta.json`` records the
+CRC-32 of every chunk; each open checks the sizes and chunks' checksums, and a damaged entry is decoded
+again. The cache lives in ``PATH/.widthkit-cache`` when PATH is writable, else in ``$XDG_CACHE_HOME/widthkit``
+(``~/.cache/widthkit``); ``cache_dir`` chooses another place.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import random
+import struct
 import sys
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +44,8 @@ import torch
 
 from ..fileio import atomic_write, to_json
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,6 +53,7 @@ PHOTO_SIZE = 224
 CACHE_VERSION = 1
 CHUNK = 256  # images per decoding task (and per done-mark)
 STATS_SAMPLE = 10_000  # train images the "dataset" normalisation statistics come from (a fixed sample)
+VERIFY_BYTES = 64 * 2**20  # bytes of an entry whose checksums are verified at every open (all of a smaller one)
 _GRAY_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L")
 
 
@@ -252,11 +263,10 @@ def digest(parts) -> str:
 
 
 @contextmanager
-def _build_lock(path: Path):
-    """A blocking exclusive ``flock``: one process builds a cache entry, the others wait and then reuse it.
-    Yields the lock's file descriptor (forked decoding workers close their copy: see :func:`_worker_start`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _build_lock(fd: int):
+    """A blocking exclusive ``flock`` on the open lock file ``fd`` (closed at the end): one process builds a
+    cache entry, the others wait and then reuse it. Yields ``fd`` (forked decoding workers close their copy:
+    see :func:`_worker_start`)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield fd
@@ -295,8 +305,9 @@ def _worker_start(parent: int, inherited_lock: int | None) -> None:
         os._exit(1)
 
 
-def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], transform: Transform) -> int:
-    """Decode ``paths`` into rows ``start..`` of the memory-mapped ``target`` (runs in a worker process)."""
+def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], transform: Transform) -> tuple[int, int]:
+    """Decode ``paths`` into rows ``start..`` of the memory-mapped ``target`` (runs in a worker process).
+    Returns (images decoded, CRC-32 of the rows written)."""
     from PIL import Image
 
     images = np.memmap(target, dtype=np.uint8, mode="r+", shape=shape)
@@ -309,8 +320,9 @@ def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], trans
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot decode image {p}: {e}") from None
     images.flush()
+    crc = zlib.crc32(images[start:start + len(paths)])
     del images
-    return len(paths)
+    return len(paths), crc
 
 
 def _allocate(path: Path, nbytes: int) -> None:
@@ -356,13 +368,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | None, progress: bool,
-           what: str, lock_fd: int | None = None) -> None:
-    """Decode ``paths`` into ``entry/images.u8`` (resuming a killed build), then mark it complete. ``lock_fd``:
-    the build lock, which forked workers must not hold."""
+           what: str, meta: dict, lock_fd: int | None = None) -> None:
+    """Decode ``paths`` into ``entry/images.u8`` (resuming a killed build), then mark it complete: ``meta`` and
+    the chunks' CRC-32 go to ``meta.json``. ``lock_fd``: the build lock, which forked workers must not hold.
+
+    While it runs, ``done.bin`` holds one byte per chunk (0 to do, 2 done with its CRC-32 in ``crc.bin``; 1 done by
+    a version that kept no CRC) and ``crc.bin`` a little-endian uint32 per chunk.
+    """
     n = len(paths)
     shape = (n, transform.channels, *transform.out_hw)
     partial = entry / "images.u8.partial"
-    done_path = entry / "done.bin"
+    done_path, crc_path = entry / "done.bin", entry / "crc.bin"
     n_chunks = (n + CHUNK - 1) // CHUNK
     entry.mkdir(parents=True, exist_ok=True)
     nbytes = int(np.prod(shape))
@@ -372,23 +388,30 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
         with open(partial, "wb") as f:
             f.truncate(nbytes)
         done_path.write_bytes(bytes(n_chunks))
+    if not crc_path.exists() or crc_path.stat().st_size != 4 * n_chunks:
+        crc_path.write_bytes(bytes(4 * n_chunks))
     try:
         _allocate(partial, nbytes)
     except OSError:
         if fresh:  # nothing decoded yet: hold no space
-            partial.unlink(missing_ok=True)
-            done_path.unlink(missing_ok=True)
+            for p in (partial, done_path, crc_path):
+                p.unlink(missing_ok=True)
         raise
     done = bytearray(done_path.read_bytes())
     todo = [c for c in range(n_chunks) if not done[c]]
     workers = workers or min(os.cpu_count() or 1, 16)
     bar = _progress(n, f"decoding {what} into the cache", progress)
     bar.update(sum(min(CHUNK, n - c * CHUNK) for c in range(n_chunks) if done[c]))
-    with open(done_path, "r+b") as marks:
-        def mark(c: int, count: int) -> None:
+    with open(done_path, "r+b") as marks, open(crc_path, "r+b") as crcs:
+        def mark(c: int, result: tuple[int, int]) -> None:
+            count, crc = result
+            crcs.seek(4 * c)
+            crcs.write(struct.pack("<I", crc))
+            crcs.flush()
             marks.seek(c)
-            marks.write(b"\x01")
+            marks.write(b"\x02")
             marks.flush()
+            done[c] = 2
             bar.update(count)
 
         args = [(str(partial), shape, c * CHUNK, [str(p) for p in paths[c * CHUNK:(c + 1) * CHUNK]], transform)
@@ -418,18 +441,132 @@ def _build(entry: Path, paths: list[Path], transform: Transform, workers: int | 
                 raise
             pool.shutdown()
     bar.close()
-    fd = os.open(partial, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sums = list(struct.unpack(f"<{n_chunks}I", crc_path.read_bytes()))
+    row = nbytes // n if n else 0
+    with open(partial, "rb") as f:
+        for c in range(n_chunks):
+            if done[c] != 2:  # decoded by a version that kept no CRC
+                f.seek(c * CHUNK * row)
+                sums[c] = zlib.crc32(f.read(min(CHUNK, n - c * CHUNK) * row))
+        os.fsync(f.fileno())
+    # the description first, then the images: a kill in between leaves the finished partial file to rename
+    atomic_write(entry / "meta.json", to_json({**meta, "version": CACHE_VERSION, "shape": list(shape),
+                                               "nbytes": nbytes, "chunk": CHUNK, "crc32": sums}, indent=1))
     os.replace(partial, entry / "images.u8")
     done_path.unlink(missing_ok=True)
+    crc_path.unlink(missing_ok=True)
+
+
+def _check_entry(entry: Path, shape: tuple) -> str | None:
+    """What is wrong with a cache entry (None: nothing). Checks that ``meta.json`` parses and describes
+    ``shape``, that ``images.u8`` has its exact size, and the CRC-32 of chunks of it against those recorded when
+    they were written: every chunk of an entry up to :data:`VERIFY_BYTES`, else the first, the last and random
+    others up to that many bytes (a different choice at every open). Entries of versions that recorded no CRC
+    are checked by size only."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if not isinstance(meta, dict) or list(meta["shape"]) != list(shape):
+            got = meta.get("shape") if isinstance(meta, dict) else type(meta).__name__
+            return f"meta.json describes {got}, not {list(shape)}"
+        crcs = meta.get("crc32")
+        chunk = int(meta.get("chunk", CHUNK))
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        return f"meta.json is not valid ({type(e).__name__}: {e})"
+    images = entry / "images.u8"
+    nbytes = int(np.prod(shape))
+    try:
+        size = images.stat().st_size
+    except FileNotFoundError:
+        return "images.u8 is missing"
+    if size != nbytes:
+        return f"images.u8 holds {size} bytes, not {nbytes}"
+    if crcs is None:
+        return None
+    n = shape[0]
+    n_chunks = (n + chunk - 1) // chunk if chunk > 0 else -1
+    if not isinstance(crcs, list) or len(crcs) != n_chunks or not all(isinstance(v, int) for v in crcs):
+        return f"meta.json's crc32 list is not one checksum per chunk of {chunk} images"
+    row = nbytes // n if n else 0
+    per_chunk = chunk * row
+    if nbytes <= VERIFY_BYTES:
+        check = list(range(n_chunks))
+    else:
+        others = list(range(1, n_chunks - 1))
+        random.shuffle(others)
+        check = [0, n_chunks - 1] + others[:max(1, VERIFY_BYTES // max(per_chunk, 1) - 2)]
+    with open(images, "rb") as f:
+        for c in sorted(set(check)):
+            f.seek(c * per_chunk)
+            if zlib.crc32(f.read(min(chunk, n - c * chunk) * row)) != crcs[c]:
+                return f"images {c * chunk}..{min(n, (c + 1) * chunk) - 1} do not match their checksum"
+    return None
+
+
+def _entry(cache: Path, name: str, paths: list[Path], transform: Transform, workers: int | None, progress: bool,
+           what: str, meta: dict) -> np.memmap:
+    """The cache entry ``cache/name`` of ``paths``, memory-mapped (copy-on-write: never altered), built first
+    when it is missing and built again when it is damaged (see :func:`_check_entry`)."""
+    entry = cache / name
+    shape = (len(paths), transform.channels, *transform.out_hw)
+    problem = _check_entry(entry, shape) if (entry / "meta.json").exists() else "missing"
+    if problem is not None:
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create the image cache folder {cache}: {e.strerror}; pass --cache-dir DIR "
+                          "(a writable folder with room for the decoded images)") from None
+        try:
+            fd = os.open(cache / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            state = "is not built yet" if problem == "missing" else f"is damaged ({problem})"
+            raise OSError(f"the image cache entry {entry} {state} and cannot be built in {cache} ({e.strerror}); "
+                          "pass --cache-dir DIR (a writable folder with room for the decoded images)") from None
+        with _build_lock(fd) as lock_fd:
+            # another process may have built (or repaired) it while this one waited
+            problem = _check_entry(entry, shape) if (entry / "meta.json").exists() else "missing"
+            if problem is not None:
+                if problem != "missing":
+                    log.warning(f"the image cache entry {entry} is damaged ({problem}); decoding it again")
+                    try:
+                        for p in (entry / "meta.json", entry / "images.u8"):
+                            p.unlink(missing_ok=True)
+                    except OSError as e:
+                        raise ValueError(f"the image cache entry {entry} is damaged ({problem}) and cannot be "
+                                         f"rebuilt there ({e.strerror}); delete it, or pass --cache-dir DIR") from None
+                try:
+                    _build(entry, paths, transform, workers, progress, what, meta, lock_fd)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise _no_room(cache, what, int(np.prod(shape))) from None
+                    raise
+                problem = _check_entry(entry, shape)
+                if problem is not None:  # written and read back wrong: the disk or memory is failing
+                    raise OSError(f"the image cache entry {entry} was just written but reads back wrong ({problem}); "
+                                  "check the disk, or pass --cache-dir DIR elsewhere")
+    return np.memmap(entry / "images.u8", dtype=np.uint8, mode="c", shape=shape)
+
+
+def _building(cache: Path, name: str) -> bool:
+    """Whether another process is building the entry ``cache/name`` now (it holds its lock)."""
+    try:
+        fd = os.open(cache / f".{name}.lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 @dataclass
 class CachedSplit:
-    """One decoded split: ``images`` uint8 (N, C, H, W) memory-mapped from the cache, ``labels`` (N,)."""
+    """One decoded split: ``images`` uint8 (N, C, H, W), memory-mapped from the entry ``folder`` (``mapped``) or
+    rows read from it into memory, ``labels`` (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -437,43 +574,35 @@ class CachedSplit:
     transform: Transform
     full_size: int
     key: str  # SHA-256 of the files' names, sizes and mtimes, their labels, the transform and the subset
+    mapped: bool = True
 
 
 def cached_split(listing: Listing, split: str, transform: Transform, cache: Path, indices: torch.Tensor | None,
                  workers: int | None = None, progress: bool = True) -> CachedSplit:
-    """The split's images (those at ``indices``, or all) from the cache, building it first when needed."""
-    paths, labels = listing.files[split], listing.labels[split]
-    full_size = len(paths)
+    """The split's images (those at ``indices``, or all) from the cache, building it first when needed.
+
+    A subset (``indices``) is read from the whole split's entry when that one is complete or being built by
+    another process (waiting for it); else only the subset's files are decoded, into an entry of its own.
+    """
+    all_paths, all_labels = listing.files[split], listing.labels[split]
+    full_size = len(all_paths)
+    paths, labels = all_paths, all_labels
     if indices is not None:
         idx = indices.tolist()
-        paths, labels = [paths[i] for i in idx], [labels[i] for i in idx]
+        paths, labels = [all_paths[i] for i in idx], [all_labels[i] for i in idx]
     key = digest([CACHE_VERSION, split, asdict(transform), labels, listing.entries(paths)])
-    entry = cache / f"{split}-{key[:20]}"
-    shape = (len(paths), transform.channels, *transform.out_hw)
-    meta_path = entry / "meta.json"
-    if not meta_path.exists():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"cannot create the image cache folder {cache}: {e.strerror}; pass --cache-dir DIR "
-                          "(a writable folder with room for the decoded images)") from None
-        with _build_lock(cache / f".{entry.name}.lock") as lock_fd:
-            if not meta_path.exists():  # another process may have built it while this one waited
-                what = f"{len(paths)} {split} images ({transform.describe()})"
-                try:
-                    _build(entry, paths, transform, workers, progress, what, lock_fd)
-                    atomic_write(meta_path, to_json({"version": CACHE_VERSION, "split": split, "shape": list(shape),
-                                                     "transform": asdict(transform), "root": str(listing.root),
-                                                     "classes": list(listing.classes), "n_files": full_size},
-                                                    indent=1))
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                        raise _no_room(cache, what, int(np.prod(shape))) from None
-                    raise
-    meta = json.loads(meta_path.read_text())
-    if list(meta["shape"]) != list(shape):
-        raise ValueError(f"the image cache {entry} does not match its folder (shape {meta['shape']} vs {list(shape)});"
-                         f" delete {entry} and run again")
-    images = np.memmap(entry / "images.u8", dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never altered
-    return CachedSplit(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), entry, transform, full_size,
-                       key)
+    meta = {"split": split, "transform": asdict(transform), "root": str(listing.root),
+            "classes": list(listing.classes), "n_files": full_size}
+    y = torch.tensor(labels, dtype=torch.int64)
+    if indices is not None:
+        full_key = digest([CACHE_VERSION, split, asdict(transform), all_labels, listing.entries(all_paths)])
+        full_name = f"{split}-{full_key[:20]}"
+        if (cache / full_name / "meta.json").exists() or _building(cache, full_name):
+            what = f"{full_size} {split} images ({transform.describe()})"
+            full = _entry(cache, full_name, all_paths, transform, workers, progress, what, meta)
+            rows = torch.from_numpy(np.ascontiguousarray(full[np.asarray(idx, dtype=np.int64)]))
+            return CachedSplit(rows, y, cache / full_name, transform, full_size, key, mapped=False)
+    name = f"{split}-{key[:20]}"
+    images = _entry(cache, name, paths, transform, workers, progress,
+                    f"{len(paths)} {split} images ({transform.describe()})", meta)
+    return CachedSplit(torch.from_numpy(images), y, cache / name, transform, full_size, key)
