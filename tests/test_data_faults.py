@@ -5,6 +5,7 @@ unreadable class folders, and a model that does not fit the folder found before 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import re
 import os
@@ -21,7 +22,7 @@ from PIL import Image
 from conftest import STOP_HERE, kill9, python_child, wait_for_marker
 
 import widthkit
-from widthkit.inputs import imagefolder
+from widthkit.inputs import data, imagefolder
 from widthkit.inputs.data import load_dataset
 from widthkit.report.store import ConfigMismatch, read
 
@@ -420,3 +421,50 @@ def test_a_subset_waits_for_its_split_being_cached_and_reads_from_it(tmp_path, s
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
     full = load_dataset(f"imagefolder:{root}", cache_dir=cache, progress=False)
     assert torch.equal(got["ds"].images, full.images[widthkit.runtime.random_subset(50, 9, 0)])
+
+
+# ------------------------------------------------------------------------------- a model that does not fit
+
+
+def _no_decoding(*a, **k):
+    raise AssertionError("the folder was decoded before the model was checked against it")
+
+
+def test_a_class_count_the_model_lacks_is_found_before_decoding(digits_ckpts, tmp_path, monkeypatch, capsys):
+    root = digits_folder(tmp_path / "digits")
+    for split in ("train", "test"):  # two more classes than the checkpoint's 10 outputs
+        for c in ("x1", "x2"):
+            (root / split / c).mkdir()
+            Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(root / split / c / "0.png")
+    monkeypatch.setattr(imagefolder, "_decode_chunk", _no_decoding)
+    rays_cli = importlib.import_module("widthkit.rays")
+    out = tmp_path / "r.h5"
+    assert rays_cli.main(["--ckpt", digits_ckpts["sgd"], "--data", f"imagefolder:{root}", "--cache-dir",
+                          str(tmp_path / "cache"), "--out", str(out), "--no-plot", "--dirs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the imagefolder:{root} train labels run from 0 to 11, but "
+                                               "the model has 10 outputs")
+    assert not out.exists() and not list((tmp_path / "cache").glob("*/images.u8*"))
+
+
+def test_a_channel_count_the_model_lacks_is_found_before_decoding(digits_ckpts, tmp_path, monkeypatch):
+    root = digits_folder(tmp_path / "digits")
+    for p in root.rglob("*.png"):  # RGB photos of the digits: 3 channels for a 1-channel model
+        with Image.open(p) as img:
+            rgb = img.convert("RGB")
+        rgb.save(p)
+    monkeypatch.setattr(imagefolder, "_decode_chunk", _no_decoding)
+    with pytest.raises(ValueError, match=rf"the model cannot take the imagefolder:{re.escape(str(root))} inputs, "
+                                         r"shaped \(3, 8, 8\) per example"):
+        widthkit.rays(digits_ckpts["sgd"], f"imagefolder:{root}", dirs=1, steps=2, cache_dir=tmp_path / "cache",
+                      device="cpu")
+    assert not list((tmp_path / "cache").glob("*/images.u8*"))
+
+
+def test_the_preview_is_what_the_full_load_gives(tmp_path):
+    root = digits_folder(tmp_path / "digits")
+    train, test = data.preview_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
+    full = load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache", progress=False)
+    assert train.labels.tolist() == [0, 9] and train.num_classes == full.num_classes == 10
+    assert torch.equal(train.images[0], full.images[0]) and torch.equal(train.images[1], full.images[45])
+    assert test.images.shape == (2, 1, 8, 8) and data.preview_dataset("digits") is None

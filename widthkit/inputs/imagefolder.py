@@ -563,6 +563,24 @@ def _building(cache: Path, name: str) -> bool:
         os.close(fd)
 
 
+def probe(listing: Listing, split: str, transform: Transform) -> tuple[np.ndarray, list[int]]:
+    """The first image of the first class and the first of the last class of ``split``, decoded directly (no
+    cache): uint8 ``(2, C, H, W)`` and their labels ``[0, classes - 1]``. Enough to check a model against the
+    folder (channels, size, number of classes) before the whole split is decoded."""
+    from PIL import Image
+
+    files, labels = listing.files[split], listing.labels[split]
+    picks = [0, labels.index(labels[-1])]
+    images = []
+    for i in picks:
+        try:
+            with Image.open(files[i]) as img:
+                images.append(transform.apply(img))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot decode image {files[i]}: {e}") from None
+    return np.stack(images), [labels[i] for i in picks]
+
+
 @dataclass
 class CachedSplit:
     """One decoded split: ``images`` uint8 (N, C, H, W), memory-mapped from the entry ``folder`` (``mapped``) or
