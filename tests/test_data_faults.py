@@ -10,8 +10,10 @@ import json
 import re
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 
 import h5py
 import numpy as np
@@ -468,3 +470,35 @@ def test_the_preview_is_what_the_full_load_gives(tmp_path):
     assert train.labels.tolist() == [0, 9] and train.num_classes == full.num_classes == 10
     assert torch.equal(train.images[0], full.images[0]) and torch.equal(train.images[1], full.images[45])
     assert test.images.shape == (2, 1, 8, 8) and data.preview_dataset("digits") is None
+
+
+# ------------------------------------------------------------------------------- a decompression bomb
+
+
+def _png_claiming(path, width, height):
+    """A PNG whose header claims ``width`` x ``height`` 8-bit gray pixels (the IHDR chunk with its CRC), with one
+    tiny IDAT: opening it reads only the header, as a decompression bomb is met."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("image_size, workers", [(None, 1), (16, 1), (16, 2)])
+def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch, image_size, workers):
+    from PIL import Image as PILImage
+
+    root = digits_folder(tmp_path / "digits")
+    bomb = root / "train" / "3" / "bomb.png"
+    _png_claiming(bomb, 30000, 30000)
+    with pytest.raises(PILImage.DecompressionBombError):
+        PILImage.open(bomb)  # what PIL itself does with it
+    monkeypatch.setattr(imagefolder, "CHUNK", 8)  # several chunks: with 2 workers a process pool decodes
+    with pytest.raises(ValueError) as err:
+        load_dataset(f"imagefolder:{root}", image_size=image_size, workers=workers, cache_dir=tmp_path / "c",
+                     progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"image {bomb} claims more pixels than PIL decodes safely")
+    assert "900000000 pixels" in message and "remove it from the folder" in message

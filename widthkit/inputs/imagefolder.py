@@ -196,14 +196,29 @@ def no_test_split(root: Path) -> FileNotFoundError:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _unreadable(path, err: Exception) -> ValueError:
+    """The one-line error of an image PIL cannot (or refuses to) decode."""
+    if type(err).__name__ == "DecompressionBombError":
+        return ValueError(f"image {path} claims more pixels than PIL decodes safely ({err}); remove it from the "
+                          "folder (a damaged or hostile file), or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine")
+    return ValueError(f"cannot read image {path}: {err}")
+
+
+def _image_errors() -> tuple[type[Exception], ...]:
+    """What decoding a bad file raises (PIL.UnidentifiedImageError is an OSError)."""
+    from PIL import Image
+
+    return OSError, ValueError, Image.DecompressionBombError
+
+
 def _header(path: Path) -> tuple[str, tuple[int, int]]:
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             return img.mode, img.size
-    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except _image_errors() as e:
+        raise _unreadable(path, e) from None
 
 
 def choose_transform(listing: Listing, image_size: int | None, cache: Path) -> Transform:
@@ -317,8 +332,8 @@ def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], trans
         try:
             with Image.open(p) as img:
                 images[start + i] = transform.apply(img)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot decode image {p}: {e}") from None
+        except _image_errors() as e:
+            raise _unreadable(p, e) from None
     images.flush()
     crc = zlib.crc32(images[start:start + len(paths)])
     del images
@@ -576,8 +591,8 @@ def probe(listing: Listing, split: str, transform: Transform) -> tuple[np.ndarra
         try:
             with Image.open(files[i]) as img:
                 images.append(transform.apply(img))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot decode image {files[i]}: {e}") from None
+        except _image_errors() as e:
+            raise _unreadable(files[i], e) from None
     return np.stack(images), [labels[i] for i in picks]
 
 
