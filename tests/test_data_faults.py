@@ -7,13 +7,14 @@ from __future__ import annotations
 import fcntl
 import importlib
 import json
-import re
 import os
+import re
 import signal
 import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import STOP_HERE, kill9, python_child, wait_for_marker
+from conftest import STOP_HERE, python_child, wait_for_marker
 
 import widthkit
 from widthkit.inputs import data, imagefolder
@@ -502,3 +503,59 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch,
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"image {bomb} claims more pixels than PIL decodes safely")
     assert "900000000 pixels" in message and "remove it from the folder" in message
+
+
+# ------------------------------------------------------------------------------- an unreadable class folder
+
+
+def _as_unprivileged_user(fn) -> str:
+    """``fn()`` in a forked child that first drops root to the user nobody (root reads any folder, whatever its
+    mode: only another user meets a chmod 000 folder as users do). Returns what it returned or raised, as text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                text = f"ok: {fn()}"
+            except Exception as e:
+                text = f"{type(e).__name__}: {e}"
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_an_unreadable_class_folder_is_named_as_unreadable(tmp_path):
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="widthkit-perm-"))  # under /tmp, which the user nobody can enter
+    try:
+        base.chmod(0o755)
+        root = digits_folder(base / "digits")
+        listed = _as_unprivileged_user(lambda: len(imagefolder.list_folder(root, "x").files["train"]))
+        assert listed == "ok: 50"  # as that user, the folder as it is lists
+        (root / "test" / "4").chmod(0o000)
+        (root / "train" / "7" / "deeper").mkdir()
+        got = _as_unprivileged_user(lambda: load_dataset(f"imagefolder:{root}", split="test", progress=False))
+        assert got == (f"PermissionError: the image folder {root / 'test' / '4'} cannot be read (Permission denied); "
+                       "give this user read and search permission on it (chmod a+rx), or move it out of the class "
+                       "folders"), got
+        (root / "test" / "4").chmod(0o755)
+        (root / "train" / "7" / "deeper").chmod(0o300)  # a sub-folder of a class: searchable, not listable
+        got = _as_unprivileged_user(lambda: imagefolder.list_folder(root, "x"))
+        assert got.startswith(f"PermissionError: the image folder {root / 'train' / '7' / 'deeper'} cannot be read")
+    finally:
+        for p in base.rglob("*"):
+            if p.is_dir():
+                p.chmod(0o755)
+        shutil.rmtree(base)

@@ -119,17 +119,37 @@ def class_files(folder: Path) -> dict[str, list[Path]]:
     """{class name: sorted image paths} for the non-hidden sub-folders of ``folder`` (searched recursively)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder.resolve()} does not exist")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except PermissionError as e:
+        raise _unreadable_folder(folder, e) from None
     if not classes:
         raise FileNotFoundError(f"{folder.resolve()} has no class sub-folders; expected {folder}/<class>/<image> "
                                 f"with one sub-folder of images per class")
-    files = {c: sorted(p for p in (folder / c).rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
+    files = {c: _images_under(folder / c) for c in classes}
     empty = [c for c, fs in files.items() if not fs]
     if empty:
         raise FileNotFoundError(f"class folder(s) {', '.join(empty)} in {folder.resolve()} hold no images "
                                 f"(extensions {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")
     return files
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files under ``folder`` and its sub-folders (not following links to folders), sorted. A folder
+    that cannot be read is an error naming it (not a class without images)."""
+    def fail(err: OSError):
+        raise _unreadable_folder(Path(err.filename) if err.filename else folder, err)
+
+    found = []
+    for where, _, names in os.walk(folder, onerror=fail):
+        found += [p for p in (Path(where) / n for n in names)
+                  if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(found)
+
+
+def _unreadable_folder(folder: Path, err: OSError) -> PermissionError:
+    return PermissionError(f"the image folder {folder.resolve()} cannot be read ({err.strerror or err}); give this "
+                           "user read and search permission on it (chmod a+rx), or move it out of the class folders")
 
 
 @dataclass
