@@ -5,12 +5,16 @@ unreadable class folders, and a model that does not fit the folder found before 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
-import re
 import os
+import re
 import signal
+import struct
 import subprocess
 import sys
+import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -18,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import STOP_HERE, kill9, python_child, wait_for_marker
+from conftest import STOP_HERE, python_child, wait_for_marker
 
 import widthkit
-from widthkit.inputs import imagefolder
+from widthkit.inputs import data, imagefolder
 from widthkit.inputs.data import load_dataset
 from widthkit.report.store import ConfigMismatch, read
 
@@ -420,3 +424,138 @@ def test_a_subset_waits_for_its_split_being_cached_and_reads_from_it(tmp_path, s
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
     full = load_dataset(f"imagefolder:{root}", cache_dir=cache, progress=False)
     assert torch.equal(got["ds"].images, full.images[widthkit.runtime.random_subset(50, 9, 0)])
+
+
+# ------------------------------------------------------------------------------- a model that does not fit
+
+
+def _no_decoding(*a, **k):
+    raise AssertionError("the folder was decoded before the model was checked against it")
+
+
+def test_a_class_count_the_model_lacks_is_found_before_decoding(digits_ckpts, tmp_path, monkeypatch, capsys):
+    root = digits_folder(tmp_path / "digits")
+    for split in ("train", "test"):  # two more classes than the checkpoint's 10 outputs
+        for c in ("x1", "x2"):
+            (root / split / c).mkdir()
+            Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(root / split / c / "0.png")
+    monkeypatch.setattr(imagefolder, "_decode_chunk", _no_decoding)
+    rays_cli = importlib.import_module("widthkit.rays")
+    out = tmp_path / "r.h5"
+    assert rays_cli.main(["--ckpt", digits_ckpts["sgd"], "--data", f"imagefolder:{root}", "--cache-dir",
+                          str(tmp_path / "cache"), "--out", str(out), "--no-plot", "--dirs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the imagefolder:{root} train labels run from 0 to 11, but "
+                                               "the model has 10 outputs")
+    assert not out.exists() and not list((tmp_path / "cache").glob("*/images.u8*"))
+
+
+def test_a_channel_count_the_model_lacks_is_found_before_decoding(digits_ckpts, tmp_path, monkeypatch):
+    root = digits_folder(tmp_path / "digits")
+    for p in root.rglob("*.png"):  # RGB photos of the digits: 3 channels for a 1-channel model
+        with Image.open(p) as img:
+            rgb = img.convert("RGB")
+        rgb.save(p)
+    monkeypatch.setattr(imagefolder, "_decode_chunk", _no_decoding)
+    with pytest.raises(ValueError, match=rf"the model cannot take the imagefolder:{re.escape(str(root))} inputs, "
+                                         r"shaped \(3, 8, 8\) per example"):
+        widthkit.rays(digits_ckpts["sgd"], f"imagefolder:{root}", dirs=1, steps=2, cache_dir=tmp_path / "cache",
+                      device="cpu")
+    assert not list((tmp_path / "cache").glob("*/images.u8*"))
+
+
+def test_the_preview_is_what_the_full_load_gives(tmp_path):
+    root = digits_folder(tmp_path / "digits")
+    train, test = data.preview_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache")
+    full = load_dataset(f"imagefolder:{root}", cache_dir=tmp_path / "cache", progress=False)
+    assert train.labels.tolist() == [0, 9] and train.num_classes == full.num_classes == 10
+    assert torch.equal(train.images[0], full.images[0]) and torch.equal(train.images[1], full.images[45])
+    assert test.images.shape == (2, 1, 8, 8) and data.preview_dataset("digits") is None
+
+
+# ------------------------------------------------------------------------------- a decompression bomb
+
+
+def _png_claiming(path, width, height):
+    """A PNG whose header claims ``width`` x ``height`` 8-bit gray pixels (the IHDR chunk with its CRC), with one
+    tiny IDAT: opening it reads only the header, as a decompression bomb is met."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("image_size, workers", [(None, 1), (16, 1), (16, 2)])
+def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, monkeypatch, image_size, workers):
+    from PIL import Image as PILImage
+
+    root = digits_folder(tmp_path / "digits")
+    bomb = root / "train" / "3" / "bomb.png"
+    _png_claiming(bomb, 30000, 30000)
+    with pytest.raises(PILImage.DecompressionBombError):
+        PILImage.open(bomb)  # what PIL itself does with it
+    monkeypatch.setattr(imagefolder, "CHUNK", 8)  # several chunks: with 2 workers a process pool decodes
+    with pytest.raises(ValueError) as err:
+        load_dataset(f"imagefolder:{root}", image_size=image_size, workers=workers, cache_dir=tmp_path / "c",
+                     progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"image {bomb} claims more pixels than PIL decodes safely")
+    assert "900000000 pixels" in message and "remove it from the folder" in message
+
+
+# ------------------------------------------------------------------------------- an unreadable class folder
+
+
+def _as_unprivileged_user(fn) -> str:
+    """``fn()`` in a forked child that first drops root to the user nobody (root reads any folder, whatever its
+    mode: only another user meets a chmod 000 folder as users do). Returns what it returned or raised, as text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                text = f"ok: {fn()}"
+            except Exception as e:
+                text = f"{type(e).__name__}: {e}"
+            os.write(w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_an_unreadable_class_folder_is_named_as_unreadable(tmp_path):
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="widthkit-perm-"))  # under /tmp, which the user nobody can enter
+    try:
+        base.chmod(0o755)
+        root = digits_folder(base / "digits")
+        listed = _as_unprivileged_user(lambda: len(imagefolder.list_folder(root, "x").files["train"]))
+        assert listed == "ok: 50"  # as that user, the folder as it is lists
+        (root / "test" / "4").chmod(0o000)
+        (root / "train" / "7" / "deeper").mkdir()
+        got = _as_unprivileged_user(lambda: load_dataset(f"imagefolder:{root}", split="test", progress=False))
+        assert got == (f"PermissionError: the image folder {root / 'test' / '4'} cannot be read (Permission denied); "
+                       "give this user read and search permission on it (chmod a+rx), or move it out of the class "
+                       "folders"), got
+        (root / "test" / "4").chmod(0o755)
+        (root / "train" / "7" / "deeper").chmod(0o300)  # a sub-folder of a class: searchable, not listable
+        got = _as_unprivileged_user(lambda: imagefolder.list_folder(root, "x"))
+        assert got.startswith(f"PermissionError: the image folder {root / 'train' / '7' / 'deeper'} cannot be read")
+    finally:
+        for p in base.rglob("*"):
+            if p.is_dir():
+                p.chmod(0o755)
+        shutil.rmtree(base)

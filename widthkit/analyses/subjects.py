@@ -4,6 +4,7 @@ plane) and directions read from files (Hessian eigenvectors)."""
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import re
@@ -18,7 +19,7 @@ from ..engine.config import EvalConfig
 from ..engine.evaluator import EvalSet
 from ..engine.objectives import Objective
 from ..inputs.checkpoints import Checkpoint, CheckpointError, load_checkpoint
-from ..inputs.data import load_dataset
+from ..inputs.data import load_dataset, preview_dataset
 from ..runtime import random_subset
 
 
@@ -139,6 +140,12 @@ def resolve_data(data, subjects: Sequence[Subject], cfg: EvalConfig, device):
                     "--data-root DIR, --data imagefolder:PATH)"
                 )
             name = recorded.pop()
+        preview = preview_dataset(name, image_size=cfg.image_size, normalize=cfg.normalize, cache_dir=cfg.cache_dir)
+        if preview is not None and subjects:  # a photo folder: the model checked on two images before decoding
+            probe_train = EvalSet.from_dataset(preview[0], device)
+            probe_test = probe_train if preview[1] is None else EvalSet.from_dataset(preview[1], device)
+            model = copy.deepcopy(subjects[0].model).to(device=device, dtype=torch.float32).eval()
+            check_model_fits_data(model, probe_train, probe_test, name, cfg.objective())
         splits, fingerprints = {}, {}
         for split, k, seed in (("train", cfg.train_subset, cfg.seed), ("test", cfg.test_subset, cfg.seed + 1)):
             # the subset is drawn before anything is decoded (an image folder decodes only those files)

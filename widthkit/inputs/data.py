@@ -566,6 +566,39 @@ def _load_imagefolder(name: str, split: str, *, subset, subset_seed, image_size,
                    fingerprint=imagefolder.digest([part.key, mean, std]))
 
 
+def preview_dataset(name: str, *, image_size: int | None = None, normalize: str = "auto",
+                    cache_dir: str | os.PathLike | None = None) -> tuple[Dataset, Dataset | None] | None:
+    """Two images of each split of an image folder (the first of its first class and of its last class, labels
+    0 and classes-1), decoded directly, as ``(train, test or None)`` Datasets shaped and labelled as
+    :func:`load_dataset` would give them; None for any other dataset (those cost nothing to load). Lets a
+    model be checked against the folder (channels, size, class count) before the whole folder is decoded.
+
+    Their ``mean``/``std`` are those :func:`load_dataset` uses where they are constants (ImageNet's), else
+    the two images' own (a stand-in: only shapes and labels are to be checked on them).
+    """
+    if not isinstance(name, str) or not name.startswith(IMAGEFOLDER_PREFIX) or not name[len(IMAGEFOLDER_PREFIX):]:
+        return None
+    path = Path(name[len(IMAGEFOLDER_PREFIX):]).expanduser()
+    listing = imagefolder.list_folder(path, name)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else imagefolder.default_cache_dir(path)
+    transform = imagefolder.choose_transform(listing, image_size, cache)
+    out = []
+    for split in SPLITS:
+        if split not in listing.files:
+            out.append(None)
+            continue
+        images, labels = imagefolder.probe(listing, split, transform)
+        x = torch.from_numpy(images)
+        if normalize == "imagenet" or normalize == "auto" and transform.photos:
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if transform.channels == 3 else channel_stats(x)
+        else:
+            mean, std = channel_stats(x)
+        out.append(Dataset(name=name, images=x, labels=torch.tensor(labels, dtype=torch.int64),
+                           num_classes=len(listing.classes), mean=mean, std=std, split=split,
+                           classes=listing.classes))
+    return out[0], out[1]
+
+
 def _cached_stats(part: imagefolder.CachedSplit):
     """channel_stats of cached images, remembered beside them (a pass over a large cache takes a while), under
     the images' own key (a subset read from its split's entry has its own)."""

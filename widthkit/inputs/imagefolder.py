@@ -119,17 +119,37 @@ def class_files(folder: Path) -> dict[str, list[Path]]:
     """{class name: sorted image paths} for the non-hidden sub-folders of ``folder`` (searched recursively)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder.resolve()} does not exist")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except PermissionError as e:
+        raise _unreadable_folder(folder, e) from None
     if not classes:
         raise FileNotFoundError(f"{folder.resolve()} has no class sub-folders; expected {folder}/<class>/<image> "
                                 f"with one sub-folder of images per class")
-    files = {c: sorted(p for p in (folder / c).rglob("*") if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in IMAGE_EXTENSIONS) for c in classes}
+    files = {c: _images_under(folder / c) for c in classes}
     empty = [c for c, fs in files.items() if not fs]
     if empty:
         raise FileNotFoundError(f"class folder(s) {', '.join(empty)} in {folder.resolve()} hold no images "
                                 f"(extensions {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)")
     return files
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files under ``folder`` and its sub-folders (not following links to folders), sorted. A folder
+    that cannot be read is an error naming it (not a class without images)."""
+    def fail(err: OSError):
+        raise _unreadable_folder(Path(err.filename) if err.filename else folder, err)
+
+    found = []
+    for where, _, names in os.walk(folder, onerror=fail):
+        found += [p for p in (Path(where) / n for n in names)
+                  if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(found)
+
+
+def _unreadable_folder(folder: Path, err: OSError) -> PermissionError:
+    return PermissionError(f"the image folder {folder.resolve()} cannot be read ({err.strerror or err}); give this "
+                           "user read and search permission on it (chmod a+rx), or move it out of the class folders")
 
 
 @dataclass
@@ -196,14 +216,29 @@ def no_test_split(root: Path) -> FileNotFoundError:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _unreadable(path, err: Exception) -> ValueError:
+    """The one-line error of an image PIL cannot (or refuses to) decode."""
+    if type(err).__name__ == "DecompressionBombError":
+        return ValueError(f"image {path} claims more pixels than PIL decodes safely ({err}); remove it from the "
+                          "folder (a damaged or hostile file), or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine")
+    return ValueError(f"cannot read image {path}: {err}")
+
+
+def _image_errors() -> tuple[type[Exception], ...]:
+    """What decoding a bad file raises (PIL.UnidentifiedImageError is an OSError)."""
+    from PIL import Image
+
+    return OSError, ValueError, Image.DecompressionBombError
+
+
 def _header(path: Path) -> tuple[str, tuple[int, int]]:
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             return img.mode, img.size
-    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except _image_errors() as e:
+        raise _unreadable(path, e) from None
 
 
 def choose_transform(listing: Listing, image_size: int | None, cache: Path) -> Transform:
@@ -317,8 +352,8 @@ def _decode_chunk(target: str, shape: tuple, start: int, paths: list[str], trans
         try:
             with Image.open(p) as img:
                 images[start + i] = transform.apply(img)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot decode image {p}: {e}") from None
+        except _image_errors() as e:
+            raise _unreadable(p, e) from None
     images.flush()
     crc = zlib.crc32(images[start:start + len(paths)])
     del images
@@ -561,6 +596,24 @@ def _building(cache: Path, name: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def probe(listing: Listing, split: str, transform: Transform) -> tuple[np.ndarray, list[int]]:
+    """The first image of the first class and the first of the last class of ``split``, decoded directly (no
+    cache): uint8 ``(2, C, H, W)`` and their labels ``[0, classes - 1]``. Enough to check a model against the
+    folder (channels, size, number of classes) before the whole split is decoded."""
+    from PIL import Image
+
+    files, labels = listing.files[split], listing.labels[split]
+    picks = [0, labels.index(labels[-1])]
+    images = []
+    for i in picks:
+        try:
+            with Image.open(files[i]) as img:
+                images.append(transform.apply(img))
+        except _image_errors() as e:
+            raise _unreadable(files[i], e) from None
+    return np.stack(images), [labels[i] for i in picks]
 
 
 @dataclass
