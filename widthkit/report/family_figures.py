@@ -8,7 +8,6 @@ figure from a stored file's dict (:func:`widthkit.report.store.read`); :func:`wr
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -17,8 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .figures import PANEL_SIZE, checkpoint_colors, is_error, metric_label, plot_plane
-from .render import PNG_DPI, check_formats
-from .spectrum import SAVE_RC
+from .render import check_formats, save_figure
 
 ENSEMBLE_COLOR = "tab:purple"
 MEMBER_COLOR = "0.45"
@@ -35,16 +33,8 @@ def write_figure(fig: Figure, out_stem, formats: Sequence[str] = ("png", "pdf"))
     """Save ``fig`` as ``<out_stem>.<fmt>`` for each format (PNG at the report's dpi, PDF fonts embedded as
     TrueType) and close it; returns the paths."""
     formats = check_formats(formats)
-    out_stem = Path(out_stem)
     try:
-        out_stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = []
-        with plt.rc_context(SAVE_RC):
-            for fmt in formats:
-                path = out_stem.with_name(f"{out_stem.name}.{fmt}")
-                fig.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
-                paths.append(str(path))
-        return paths
+        return save_figure(fig, out_stem, formats)
     finally:
         plt.close(fig)
 

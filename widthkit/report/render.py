@@ -528,19 +528,25 @@ def plot_analysis(data, out_stem, formats: Sequence[str] = ("png", "pdf"), metri
     before = set(plt.get_fignums())
     try:
         figures = figures_of(data, metric, plane_kind)
-        out_stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = []
-        with plt.rc_context(_SAVE_RC):
-            for suffix, fig in figures:
-                for fmt in formats:
-                    path = out_stem.with_name(f"{out_stem.name}{suffix}.{fmt}")
-                    # through a temporary file: a full disk leaves no empty or half figure behind
-                    atomic_write(path, lambda f, fig=fig, fmt=fmt: fig.savefig(f, format=fmt, dpi=PNG_DPI,
-                                                                                bbox_inches="tight"))
-                    paths.append(str(path))
+        paths = [p for suffix, fig in figures for p in save_figure(fig, out_stem, formats, suffix)]
     finally:
         for num in set(plt.get_fignums()) - before:
             plt.close(num)
+    return paths
+
+
+def save_figure(fig, out_stem, formats: Sequence[str], suffix: str = "") -> list[str]:
+    """Write ``fig`` as ``<out_stem><suffix>.<fmt>`` for each format (PNG at the report's dpi, PDF fonts embedded
+    as TrueType), each through a temporary file, so a full disk leaves no empty or half figure behind. The one
+    place figure files are written; the figure is left open (the caller closes it). Returns the paths."""
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with plt.rc_context(_SAVE_RC):
+        for fmt in formats:
+            path = out_stem.with_name(f"{out_stem.name}{suffix}.{fmt}")
+            atomic_write(path, lambda f, fmt=fmt: fig.savefig(f, format=fmt, dpi=PNG_DPI, bbox_inches="tight"))
+            paths.append(str(path))
     return paths
 
 

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 
 from .curvature_store import completeness, read_curvature
 from .figures import checkpoint_colors
-from .render import PNG_DPI, check_formats
+from .render import check_formats, save_figure
 
 __all__ = ["curvature_markdown", "curvature_table", "plot_log_spectral_density", "plot_spectral_density",
            "sharpness_table", "spectrum_figure", "write_spectrum_figure"]
@@ -32,9 +32,6 @@ DENSITY_XLABEL = "eigenvalue λ of the Hessian of the train loss"
 DENSITY_YLABEL = "spectral density (per unit λ)"
 LOG_XLABEL = "log₁₀ |λ|"
 LOG_YLABEL = "density (per decade of |λ|)"
-SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42}
-
-
 def _new_axes() -> Axes:
     _, ax = plt.subplots(figsize=(5.0, 3.6), layout="constrained")
     return ax
@@ -149,17 +146,9 @@ def spectrum_figure(data) -> Figure:
 def write_spectrum_figure(data, out_stem, formats: Sequence[str] = ("png", "pdf")) -> list[str]:
     """Write :func:`spectrum_figure` to ``<out_stem>.<fmt>`` for each format; returns the paths (figure closed)."""
     formats = check_formats(formats)
-    out_stem = Path(out_stem)
     fig = spectrum_figure(data)
     try:
-        out_stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = []
-        with plt.rc_context(SAVE_RC):
-            for fmt in formats:
-                path = out_stem.with_name(f"{out_stem.name}.{fmt}")
-                fig.savefig(path, format=fmt, dpi=PNG_DPI, bbox_inches="tight")
-                paths.append(str(path))
-        return paths
+        return save_figure(fig, out_stem, formats)
     finally:
         plt.close(fig)
 
